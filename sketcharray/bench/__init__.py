@@ -1,0 +1,1 @@
+"""Benchmarks run by ``sketcharray bench ...`` (scripts in ``benchmarks/`` call the same code)."""

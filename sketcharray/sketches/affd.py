@@ -1,0 +1,103 @@
+"""The paper's lookup-free sketches AFFD (eq. 6) and AFJL (eq. 7)."""
+
+from __future__ import annotations
+
+import math
+
+from . import random as rnd
+from . import transforms as tf
+from .base import SketchOperator
+from .precond import Mixing, padded_length
+
+
+class _LookupFree(SketchOperator):
+    option_defaults = {"precond": "hadamard", "max_factor": 64}
+
+    @property
+    def n_pad(self) -> int:
+        return padded_length(self.opts["precond"], self.n_in)
+
+    def _mix(self, name: str, n_out: int, permute: str) -> Mixing:
+        o = self.opts
+        return Mixing(o["precond"], self.n_pad, self.key(name), n_out, permute, o["max_factor"])
+
+    def _signs(self, xp, device, dtype):
+        # The "kron" preconditioner is random itself; SPEC drops the sign diagonal with it.
+        if self.opts["precond"] == "kron":
+            return None
+        return rnd.signs(xp, self.key("B"), self.n_in, dtype=dtype, device=device)
+
+    def _signed_padded(self, xp, x, state):
+        if state["B"] is not None:
+            x = x * state["B"]
+        return tf.pad_columns(xp, x, self.n_pad)
+
+    def _unsign(self, x, state):
+        x = x[:, : self.n_in]
+        return x if state["B"] is None else x * state["B"]
+
+    @property
+    def _scale(self) -> float:
+        return math.sqrt(self.n_pad / self.n_out)
+
+
+class AFFD(_LookupFree):
+    """``R_D( sqrt(N/D) H^{pi2} G H^{pi1} B x )``: one full Kronecker transform plus a truncated one.
+
+    State: signs and a Gaussian diagonal of length N plus the small permuted
+    factors -- independent of D; no gather anywhere.
+    """
+
+    method = "affd"
+
+    def _state_floats(self) -> int:
+        return 2 * self.n_pad + self._mix("H1", self.n_pad, "rows").state_floats + self._mix(
+            "H2", self.n_out, "cols"
+        ).state_floats
+
+    def _build_state(self, xp, device, dtype) -> dict:
+        g = rnd.normal(xp, self.key("G"), 0, self.n_pad, dtype=dtype, device=device)
+        return {
+            "B": self._signs(xp, device, dtype),
+            "G": g * self._scale,
+            "H1": self._mix("H1", self.n_pad, "rows").build(xp, device, dtype),
+            "H2": self._mix("H2", self.n_out, "cols").build(xp, device, dtype),
+        }
+
+    def _apply(self, xp, x, state):
+        u = self._mix("H1", self.n_pad, "rows").forward(xp, self._signed_padded(xp, x, state), state["H1"])
+        return self._mix("H2", self.n_out, "cols").forward(xp, u * state["G"], state["H2"])
+
+    def _adjoint(self, xp, y, state):
+        v = self._mix("H2", self.n_out, "cols").adjoint(xp, y, state["H2"]) * state["G"]
+        return self._unsign(self._mix("H1", self.n_pad, "rows").adjoint(xp, v, state["H1"]), state)
+
+
+class AFJL(_LookupFree):
+    """``R_D( sqrt(N/D) G H^{pi1} B x )``: AFFD without the second transform.
+
+    Only the first D outputs of the transform are needed, so it costs about
+    one pass over the input.  State: signs and the Gaussian diagonal (length
+    N; the first D entries are used) and the small permuted factors.
+    """
+
+    method = "afjl"
+
+    def _state_floats(self) -> int:
+        return 2 * self.n_pad + self._mix("H1", self.n_out, "rows").state_floats
+
+    def _build_state(self, xp, device, dtype) -> dict:
+        # The whole diagonal G (length N, as in AFFD) so the state does not depend on D.
+        g = rnd.normal(xp, self.key("G"), 0, self.n_pad, dtype=dtype, device=device)
+        return {
+            "B": self._signs(xp, device, dtype),
+            "G": g * self._scale,
+            "H1": self._mix("H1", self.n_out, "rows").build(xp, device, dtype),
+        }
+
+    def _apply(self, xp, x, state):
+        u = self._mix("H1", self.n_out, "rows").forward(xp, self._signed_padded(xp, x, state), state["H1"])
+        return u * state["G"][: self.n_out]
+
+    def _adjoint(self, xp, y, state):
+        return self._unsign(self._mix("H1", self.n_out, "rows").adjoint(xp, y * state["G"][: self.n_out], state["H1"]), state)

@@ -1,0 +1,232 @@
+"""The sketch operator value: validation, dtypes, per-backend state, spec."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import array_api_compat
+
+from . import random as rnd
+
+
+class SketchMemoryError(MemoryError):
+    """Raised before allocating when a sketch's state cannot fit in memory."""
+
+
+def available_memory(device=None) -> int:
+    """Bytes free for a new allocation on ``device`` (host memory when None or CPU)."""
+    dev = str(device) if device is not None else "cpu"
+    if dev.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(dev))
+        return int(free)
+    if "Device(" in dev:  # a cupy device
+        import cupy
+
+        with cupy.cuda.Device(int(dev.split("(")[1].rstrip(")"))):
+            free, _ = cupy.cuda.runtime.memGetInfo()
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True, eq=True)
+class SketchOperator:
+    """A random linear map ``Phi: R^n_in -> R^n_out`` (SPEC.md, "The sketches").
+
+    An operator is an immutable value defined by ``(method, n_in, n_out, seed,
+    options)``: two operators with the same spec are equal, hash alike and
+    compute the same numbers on every backend and in every process.  The
+    random factors are derived from the seed when a backend first needs them
+    and cached per (library, device, dtype); nothing is computed at
+    construction.
+
+    Use :func:`sketcharray.sketches.make_sketch` to build one.
+    """
+
+    method: ClassVar[str] = ""
+    #: option names and defaults accepted by this method (besides n_in, n_out, seed)
+    option_defaults: ClassVar[dict[str, Any]] = {}
+
+    n_in: int
+    n_out: int
+    seed: int
+    options: tuple = ()
+    _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+    _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False, hash=False)
+
+    # ------------------------------------------------------------------ spec
+    @property
+    def opts(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """A plain dict that rebuilds this operator: ``make_sketch(**op.spec)``."""
+        return {
+            "method": self.method,
+            "n_in": self.n_in,
+            "n_out": self.n_out,
+            "seed": self.seed,
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options},
+        }
+
+    def key(self, *names: object):
+        """Counter-generator key of the random stream ``names`` of this operator."""
+        return rnd.stream_key(self.seed, self.method, *names)
+
+    # --------------------------------------------------------------- sizing
+    @property
+    def n_pad(self) -> int:
+        """Length the input is zero-padded to internally."""
+        return self.n_in
+
+    @property
+    def max_n_out(self) -> int:
+        """Largest n_out this method allows for this n_in (and options)."""
+        return self.n_pad
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of random state the operator holds on one backend (float32 compute)."""
+        return 4 * self._state_floats()
+
+    def _state_floats(self) -> int:
+        raise NotImplementedError
+
+    def check_fits(self, device=None) -> None:
+        """Raise :class:`SketchMemoryError` if the state cannot be allocated on ``device``."""
+        need = self.state_nbytes
+        have = available_memory(device)
+        if need > have:
+            raise SketchMemoryError(
+                f"sketch {self.method!r} with n_in={self.n_in}, n_out={self.n_out} needs "
+                f"{need:,} bytes of state ({need / 2**30:.2f} GiB) but only {have:,} bytes "
+                f"({have / 2**30:.2f} GiB) are available on {device or 'cpu'}; "
+                "use a lookup-free method ('affd', 'afjl', 'qk') or a smaller n_out"
+            )
+
+    # --------------------------------------------------------------- public
+    def apply(self, x, *, check_finite: bool = True):
+        """Sketch a batch: ``(B, n_in) -> (B, n_out)``; a 1-D ``x`` gives a 1-D result.
+
+        Parameters
+        ----------
+        x : numpy.ndarray, torch.Tensor or cupy.ndarray
+            float16, bfloat16, float32 or float64 rows of length ``n_in``.
+        check_finite : bool
+            Raise ``ValueError`` when ``x`` holds NaN or inf (checked on the
+            ``n_out``-sized result, so it costs almost nothing).
+
+        Returns
+        -------
+        array on the input's library and device; float64 for float64 input,
+        float32 otherwise (accumulation is at least float32).
+        """
+        xp, x, squeeze = self._prepare(x, self.n_in, "x", "n_in")
+        y = self._apply(xp, x, self._state(xp, x))
+        if check_finite:
+            self._check_finite(xp, x, y, "x")
+        return y[0] if squeeze else y
+
+    def adjoint(self, y, *, check_finite: bool = True):
+        """The transpose ``Phi^T``: ``(B, n_out) -> (B, n_in)``; a 1-D ``y`` gives a 1-D result."""
+        xp, y, squeeze = self._prepare(y, self.n_out, "y", "n_out")
+        x = self._adjoint(xp, y, self._state(xp, y))
+        if check_finite:
+            self._check_finite(xp, y, x, "y")
+        return x[0] if squeeze else x
+
+    def __call__(self, x, **kwargs):
+        return self.apply(x, **kwargs)
+
+    # -------------------------------------------------------------- helpers
+    def _prepare(self, x, length: int, name: str, what: str):
+        try:
+            xp = array_api_compat.array_namespace(x)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be a numpy array, torch tensor or cupy array; got {type(x).__name__}"
+            ) from None
+        dtype_name = str(x.dtype).rsplit(".", 1)[-1]
+        if dtype_name not in _FLOAT_NAMES:
+            raise TypeError(
+                f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); "
+                f"got {x.dtype}"
+            )
+        if x.ndim not in (1, 2):
+            raise ValueError(
+                f"{name} must have shape ({what},) or (batch, {what}) with {what}={length}; "
+                f"got shape {tuple(x.shape)}"
+            )
+        if int(x.shape[-1]) != length:
+            raise ValueError(
+                f"{name} has trailing dimension {int(x.shape[-1])}; expected {what}={length} "
+                f"for sketch {self.method!r}"
+            )
+        squeeze = x.ndim == 1
+        if squeeze:
+            x = xp.reshape(x, (1, length))
+        compute = xp.float64 if dtype_name == "float64" else xp.float32
+        if x.dtype != compute:
+            x = xp.astype(x, compute)
+        return xp, x, squeeze
+
+    def _check_finite(self, xp, given, result, name: str) -> None:
+        if bool(xp.all(xp.isfinite(result))):
+            return
+        bad_rows = xp.nonzero(~xp.all(xp.isfinite(given), axis=1))[0]
+        rows = [int(i) for i in bad_rows[:10]]
+        if rows:
+            raise ValueError(
+                f"{name} contains non-finite values (NaN or inf) in row(s) {rows}; "
+                "expected finite values (pass check_finite=False to skip this check)"
+            )
+        raise ValueError(
+            f"sketch {self.method!r} overflowed on finite {name} (values too large for "
+            f"{result.dtype}); scale the input or use float64"
+        )
+
+    def _state(self, xp, like) -> dict:
+        device = array_api_compat.device(like)
+        cache_key = (xp.__name__, str(device), str(like.dtype))
+        state = self._cache.get(cache_key)
+        if state is None:
+            with self._lock:
+                state = self._cache.get(cache_key)
+                if state is None:
+                    self.check_fits(device)
+                    state = self._build_state(xp, device, like.dtype)
+                    self._cache[cache_key] = state
+        return state
+
+    def _build_state(self, xp, device, dtype) -> dict:
+        raise NotImplementedError
+
+    def _apply(self, xp, x, state):
+        raise NotImplementedError
+
+    def _adjoint(self, xp, y, state):
+        raise NotImplementedError
+
+    def __getstate__(self):
+        # Pickle the spec only: the cached state is rebuilt identically where it lands.
+        return {"n_in": self.n_in, "n_out": self.n_out, "seed": self.seed, "options": self.options}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_cache", {})
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options)
+        return f"{type(self).__name__}(n_in={self.n_in}, n_out={self.n_out}, seed={self.seed}{opts})"
+

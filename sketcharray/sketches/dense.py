@@ -1,0 +1,73 @@
+"""Dense Gaussian JL sketches: ``dense`` (stored) and ``dense-otf`` (regenerated)."""
+
+from __future__ import annotations
+
+import math
+
+from . import random as rnd
+from .base import SketchOperator
+
+#: Entries of one regenerated block of ``dense-otf`` (bounds its working memory).
+OTF_BLOCK_ENTRIES = 1 << 20
+
+
+class Dense(SketchOperator):
+    """``Phi x = G x / sqrt(D)``, ``G`` in R^{D x N} i.i.d. N(0, 1), held in memory (D*N floats)."""
+
+    method = "dense"
+
+    def _state_floats(self) -> int:
+        return self.n_out * self.n_in
+
+    def _build_state(self, xp, device, dtype) -> dict:
+        # Generated block by block (as dense-otf does) so the float64 draws never
+        # exceed one block on top of the stored matrix.
+        g = xp.empty((self.n_out, self.n_in), dtype=dtype, device=device)
+        for r0, r1, block in gaussian_row_blocks(self, xp, dtype, device):
+            g[r0:r1, :] = block
+        return {"G": g}
+
+    def _apply(self, xp, x, state):
+        return xp.matmul(x, xp.matrix_transpose(state["G"]))
+
+    def _adjoint(self, xp, y, state):
+        return xp.matmul(y, state["G"])
+
+
+class DenseOTF(SketchOperator):
+    """The same matrix as ``dense`` with the same seed, regenerated block by block on every call.
+
+    Holds no state (TRAK's on-the-fly projection); each call regenerates
+    ``D x N`` Gaussians from the counter-based generator, in row blocks of at
+    most ``OTF_BLOCK_ENTRIES`` entries.
+    """
+
+    method = "dense-otf"
+
+    def _state_floats(self) -> int:
+        return 0
+
+    def _build_state(self, xp, device, dtype) -> dict:
+        return {"device": device, "dtype": dtype}
+
+    def _apply(self, xp, x, state):
+        blocks = gaussian_row_blocks(self, xp, state["dtype"], state["device"])
+        return xp.concat([xp.matmul(x, xp.matrix_transpose(g)) for _, _, g in blocks], axis=1)
+
+    def _adjoint(self, xp, y, state):
+        out = None
+        for r0, r1, g in gaussian_row_blocks(self, xp, state["dtype"], state["device"]):
+            part = xp.matmul(y[:, r0:r1], g)
+            out = part if out is None else out + part
+        return out
+
+
+def gaussian_row_blocks(op: SketchOperator, xp, dtype, device):
+    """Rows ``r0:r1`` of the dense sketch matrix G / sqrt(D), a block at a time."""
+    rows = max(1, OTF_BLOCK_ENTRIES // op.n_in)
+    inv = 1.0 / math.sqrt(op.n_out)
+    key = rnd.stream_key(op.seed, "dense", "G")  # dense and dense-otf share the matrix
+    for r0 in range(0, op.n_out, rows):
+        r1 = min(op.n_out, r0 + rows)
+        g = rnd.normal(xp, key, r0 * op.n_in, (r1 - r0) * op.n_in, dtype=dtype, device=device)
+        yield r0, r1, xp.reshape(g, (r1 - r0, op.n_in)) * inv

@@ -1,0 +1,133 @@
+"""The method registry and :func:`make_sketch`, the one way operators are built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import transforms as tf
+from .affd import AFFD, AFJL
+from .base import SketchOperator
+from .dense import Dense, DenseOTF
+from .fastfood import FFD
+from .fjl import FJL
+from .precond import PRECONDITIONERS
+from .qk import QK
+
+#: method name -> operator class
+METHODS: dict[str, type[SketchOperator]] = {
+    cls.method: cls for cls in (Dense, DenseOTF, FJL, FFD, AFFD, AFJL, QK)
+}
+
+#: methods that hold no state growing with D and need no gather
+LOOKUP_FREE = ("affd", "afjl", "qk")
+
+
+def make_sketch(method: str, n_in: int, n_out: int, *, seed: int = 0, **options: Any) -> SketchOperator:
+    """Build the sketch operator ``method`` mapping R^n_in to R^n_out.
+
+    Parameters
+    ----------
+    method : str
+        One of ``dense``, ``dense-otf``, ``fjl``, ``ffd``, ``affd``, ``afjl``, ``qk``.
+    n_in : int
+        Input length N (any positive integer; padding is internal).
+    n_out : int
+        Sketch dimension D, ``1 <= D <=`` the method's limit (the padded N).
+    seed : int
+        Seed of every random factor; the same spec gives the same operator
+        on every backend and in every process.
+    **options
+        ``precond`` ("hadamard", "fft", "kron") and ``max_factor`` (largest
+        Kronecker factor, a power of two <= 1024) for fjl, ffd, affd, afjl;
+        ``q`` (density) for fjl; ``blocks`` and ``out_factors`` for qk.
+
+    Returns
+    -------
+    SketchOperator
+        An immutable value; nothing is computed until ``apply``.
+
+    Raises
+    ------
+    ValueError
+        Unknown method, bad sizes, an n_out the method cannot produce.
+    TypeError
+        An option the method does not take.
+    SketchMemoryError
+        The operator's state would not fit in the memory available.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown sketch method {method!r}; expected one of {sorted(METHODS)}")
+    cls = METHODS[method]
+    for name, value in (("n_in", n_in), ("n_out", n_out), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if n_in < 1:
+        raise ValueError(f"n_in must be >= 1; got n_in={n_in}")
+    if n_out < 1:
+        raise ValueError(f"n_out must be >= 1; got n_out={n_out}")
+    unknown = sorted(set(options) - set(cls.option_defaults))
+    if unknown:
+        allowed = sorted(cls.option_defaults) or "none"
+        raise TypeError(f"sketch {method!r} got unknown option(s) {unknown}; allowed options: {allowed}")
+    opts = {**cls.option_defaults, **options}
+    _check_options(method, opts)
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items()))
+    op = cls(n_in=n_in, n_out=n_out, seed=seed, options=frozen)
+    _check_sizes(op)
+    op.check_fits()
+    return op
+
+
+def sketch_from_spec(spec: dict[str, Any]) -> SketchOperator:
+    """Rebuild an operator from its :attr:`SketchOperator.spec` (e.g. read from a store's attrs)."""
+    spec = dict(spec)
+    return make_sketch(spec.pop("method"), spec.pop("n_in"), spec.pop("n_out"), seed=spec.pop("seed"), **spec)
+
+
+def _check_options(method: str, opts: dict[str, Any]) -> None:
+    if "precond" in opts and opts["precond"] not in PRECONDITIONERS:
+        raise ValueError(f"precond must be one of {list(PRECONDITIONERS)}; got {opts['precond']!r}")
+    if "max_factor" in opts:
+        m = opts["max_factor"]
+        if not isinstance(m, int) or m < 2 or m > tf.MAX_FACTOR or m & (m - 1):
+            raise ValueError(f"max_factor must be a power of two in [2, {tf.MAX_FACTOR}]; got {m!r}")
+    if method == "fjl" and opts["q"] is not None and not 0.0 < float(opts["q"]) <= 1.0:
+        raise ValueError(f"q (fjl density) must be in (0, 1]; got q={opts['q']!r}")
+    if method == "qk":
+        for name in ("blocks", "out_factors"):
+            v = opts[name]
+            if v is not None and (not all(isinstance(b, int) and b >= 1 for b in v)):
+                raise ValueError(f"qk option {name} must be a sequence of positive ints; got {v!r}")
+        if opts["out_factors"] is not None and opts["blocks"] is None:
+            raise ValueError("qk option out_factors needs blocks too (the B_i the D_i belong to)")
+
+
+def _check_sizes(op: SketchOperator) -> None:
+    method = op.method
+    if op.n_out > op.max_n_out:
+        raise ValueError(
+            f"n_out={op.n_out} exceeds the padded input length {op.max_n_out} for method {method!r}"
+        )
+    if method == "ffd" and op.opts["precond"] != "fft" and op.n_out & (op.n_out - 1):
+        raise ValueError(
+            f"ffd with precond={op.opts['precond']!r} needs n_out a power of two (the block "
+            f"Hadamard H_D); got n_out={op.n_out}. Use a power of two or precond='fft'"
+        )
+    if method == "qk":
+        blocks, factors = op.blocks, op.out_factors
+        if op.n_pad < op.n_in:
+            raise ValueError(f"qk blocks {list(blocks)} multiply to {op.n_pad} < n_in={op.n_in}")
+        if factors is None:
+            raise ValueError(
+                f"n_out={op.n_out} cannot be written as a product of {len(blocks)} factors D_i <= "
+                f"B_i for qk blocks {list(blocks)}; choose an n_out with small prime factors "
+                "or pass out_factors="
+            )
+        if len(factors) != len(blocks) or any(d > b for d, b in zip(factors, blocks)):
+            raise ValueError(
+                f"qk out_factors {list(factors)} must pair with blocks {list(blocks)} with each D_i <= B_i"
+            )
+        import math
+
+        if math.prod(factors) != op.n_out:
+            raise ValueError(f"qk out_factors {list(factors)} multiply to {math.prod(factors)}, not n_out={op.n_out}")

@@ -1,0 +1,189 @@
+"""Orthogonal transforms the sketches are composed of (SPEC.md, "Notation").
+
+* Kronecker products of small dense matrices applied factor by factor to the
+  reshaped input (the Kronecker Hadamard ``H_N = H_{b1} x ... x H_{bK}`` and
+  Kronecker products of Haar-random orthogonal matrices), optionally keeping
+  only the first ``D`` outputs ``R_D`` -- computed without the rest;
+* the orthonormal discrete Hartley transform through the FFT;
+* small helpers for padding, sizes and scatter-adds.
+
+All functions take the array namespace ``xp`` of their input (numpy, torch or
+cupy through ``array_api_compat``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import random as rnd
+
+#: Largest Kronecker factor of the Hadamard and orthogonal preconditioners.
+MAX_FACTOR = 1024
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def pow2_factors(n_pad: int, max_factor: int) -> tuple[int, ...]:
+    """Split a power of two into the fewest, most balanced power-of-two factors <= max_factor."""
+    bits = n_pad.bit_length() - 1
+    max_bits = max_factor.bit_length() - 1
+    k = max(1, math.ceil(bits / max_bits))
+    base, extra = divmod(bits, k)
+    return tuple(1 << (base + (1 if i < extra else 0)) for i in range(k))
+
+
+def hadamard(b: int, *, dtype=np.float64) -> np.ndarray:
+    """Orthonormal Sylvester-Walsh-Hadamard matrix of size ``b`` (a power of two)."""
+    i = np.arange(b)
+    parity = np.zeros((b, b), dtype=np.int64)
+    anded = i[:, None] & i[None, :]
+    while anded.any():
+        parity ^= anded & 1
+        anded >>= 1
+    return ((1 - 2 * parity) / math.sqrt(b)).astype(dtype)
+
+
+def haar_orthogonal(key, b: int, rows: int | None = None) -> np.ndarray:
+    """First ``rows`` rows of a Haar-random ``b x b`` orthogonal matrix (float64, host).
+
+    QR of a Gaussian matrix from the project's generator, with the signs of
+    ``R``'s diagonal folded into ``Q`` so that the distribution is exactly Haar.
+    """
+    g = rnd.normal(np, key, 0, b * b).reshape(b, b)
+    q, r = np.linalg.qr(g)
+    q *= np.sign(np.diag(r))[None, :]
+    return q[: (b if rows is None else rows)].copy()
+
+
+def kept_rows(factors: tuple[int, ...], n_out: int) -> tuple[int, ...]:
+    """Rows of each Kronecker factor needed for the first ``n_out`` outputs (row-major).
+
+    Leading factors whose whole block of trailing outputs exceeds ``n_out``
+    need only row 0; the first factor that ``n_out`` cuts needs
+    ``ceil(n_out / trailing)`` rows; later factors need all rows.  The product
+    set of kept rows, flattened row-major, begins with the first ``n_out``
+    outputs.
+    """
+    rows = []
+    cut = False
+    for k, b in enumerate(factors):
+        trailing = math.prod(factors[k + 1 :])
+        if cut:
+            rows.append(b)
+        elif n_out <= trailing:
+            rows.append(1)
+        else:
+            rows.append(min(b, -(-n_out // trailing)))
+            cut = True
+    return tuple(rows)
+
+
+def kron_apply(xp, x, mats, *, transpose: bool = False):
+    """Apply ``mats[0] x mats[1] x ...`` to the rows of ``x``.
+
+    Parameters
+    ----------
+    x : array, shape (B, prod(in_sizes))
+        Rows in row-major Kronecker order.
+    mats : sequence of arrays, ``mats[k]`` of shape (r_k, b_k)
+        The factors; with ``transpose=True`` their transposes are applied
+        (``x`` then has ``prod(r_k)`` columns and the result ``prod(b_k)``).
+
+    Returns
+    -------
+    array, shape (B, prod(out_sizes))
+
+    Notes
+    -----
+    Factors that shrink the data most are contracted first, so a truncated
+    transform (``R_D``) costs about one pass over the input.  Each
+    contraction is one batched matrix product on a (pre, b, post) view.
+    """
+    ops = [xp.matrix_transpose(m) if transpose else m for m in mats]
+    dims = [int(m.shape[1]) for m in ops]
+    batch = int(x.shape[0])
+    order = sorted(range(len(ops)), key=lambda k: int(ops[k].shape[0]) / dims[k])
+    for k in order:
+        m = ops[k]
+        r, b = int(m.shape[0]), dims[k]
+        pre = batch * math.prod(dims[:k])
+        post = math.prod(dims[k + 1 :])
+        if post == 1:
+            x = xp.matmul(xp.reshape(x, (pre, b)), xp.matrix_transpose(m))
+        else:
+            x = xp.matmul(m, xp.reshape(x, (pre, b, post)))
+        dims[k] = r
+    return xp.reshape(x, (batch, math.prod(dims)))
+
+
+def hartley(xp, x):
+    """Orthonormal discrete Hartley transform along the last axis: (Re F x - Im F x)/sqrt(n).
+
+    Real, symmetric and its own inverse, for any length ``n``.
+    """
+    n = int(x.shape[-1])
+    spec = xp.fft.rfft(x, axis=-1)
+    re, im = xp.real(spec), xp.imag(spec)
+    m = int(spec.shape[-1])
+    head = re - im
+    tail = xp.flip((re + im)[..., 1 : n - m + 1], axis=-1)
+    out = xp.concat([head, tail], axis=-1) if n - m > 0 else head
+    return out * (1.0 / math.sqrt(n))
+
+
+def roll(xp, x, shift: int):
+    """Cyclic shift along the last axis by a fixed amount: two contiguous slices, no gather."""
+    n = int(x.shape[-1])
+    shift %= n
+    if shift == 0:
+        return x
+    return xp.concat([x[..., n - shift :], x[..., : n - shift]], axis=-1)
+
+
+def pad_columns(xp, x, n_pad: int):
+    """Zero-pad the rows of ``x`` (B, n) to length ``n_pad``."""
+    n = int(x.shape[-1])
+    if n == n_pad:
+        return x
+    zeros = xp.zeros((int(x.shape[0]), n_pad - n), dtype=x.dtype, device=_device(x))
+    return xp.concat([x, zeros], axis=-1)
+
+
+def scatter_add_rows(values, index, n: int):
+    """``out[b, index[j]] += values[b, j]`` for a batch of rows; returns (B, n).
+
+    Scatter-add is not in the array API standard, so this dispatches on the
+    array library (torch's ``index_add``, numpy/cupy ``bincount``).
+    """
+    lib = _library(values)
+    batch = int(values.shape[0])
+    if lib.__name__ == "torch":
+        out = lib.zeros((batch, n), dtype=values.dtype, device=values.device)
+        return out.index_add_(1, index, values)
+    offsets = lib.arange(batch, dtype=lib.int64)[:, None] * n
+    flat = (index[None, :] + offsets).reshape(-1)
+    summed = lib.bincount(flat, weights=values.reshape(-1), minlength=batch * n)
+    return summed.reshape(batch, n).astype(values.dtype, copy=False)
+
+
+def _library(x):
+    name = type(x).__module__.split(".")[0]
+    if name == "torch":
+        import torch
+
+        return torch
+    if name == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _device(x):
+    from array_api_compat import device
+
+    return device(x)

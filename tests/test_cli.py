@@ -1,0 +1,59 @@
+"""The ``sketcharray`` command and the sketch benchmark it runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sketcharray import cli
+from sketcharray.bench import sketch as bench_sketch
+from sketcharray.bench._util import Device
+from sketcharray.sketches import base
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["bench", "--help"], ["bench", "sketch", "--help"]])
+def test_help_explains_each_subcommand(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: sketcharray" in out
+
+
+def test_unknown_subcommand_exits_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["frobnicate"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def test_bench_sketch_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = cli.main(["bench", "sketch", "--n", "2^12,3000", "--d", "2^6,2^8", "--methods", "afjl,qk,dense",
+                   "--preconds", "hadamard", "--repeat", "1", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "x memcpy" in text and "afjl" in text
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert {r["method"] for r in rows} == {"memcpy", "afjl", "qk", "dense"}
+    ok = [r for r in rows if r["method"] != "memcpy"]
+    assert len(ok) == 2 * 2 * 3 and all(r["status"] == "ok" for r in ok)
+    assert all(r["ms_per_example"] > 0 and r["ratio"] > 0 and r["peak_bytes"] >= 0 for r in ok)
+
+
+def test_bench_records_operators_that_cannot_be_built(monkeypatch):
+    monkeypatch.setattr(base, "available_memory", lambda device=None: 1000)
+    args = bench_sketch.build_parser().parse_args(["--dense-budget", "2^40"])
+    x = Device("cpu").random((2, 4096))
+    row = bench_sketch.run_case("fjl", "hadamard", 4096, 256, x, Device("cpu"), args)
+    assert row["status"].startswith("out of memory: sketch 'fjl'")
+    assert "bytes of state" in row["status"]
+
+
+def test_console_script_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "sketcharray.cli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("sketcharray ")

@@ -15,15 +15,17 @@ def _bench_sketch(args) -> int:
 
 
 def _demo(args) -> int:
-    # Until the streaming pipeline lands, the demo runs the sketch benchmark at a small size.
-    from .bench import sketch
+    from .demo import run_demo
 
-    bench_args = sketch.build_parser().parse_args(
-        ["--n", "2^16,2^20", "--d", "2^10,2^12", "--device", args.device, "--dense-budget", "2^26",
-         "--json", f"{args.out}/bench-sketch.json", "--repeat", "2", "--preconds", "hadamard"]
-    )
-    print("sketcharray demo: sketch operators on a CPU-sized batch (the full pipeline arrives with streaming)")
-    return sketch.main(args=bench_args)
+    run_demo(args.out, workload=args.workload, device=args.device, method=args.method, n_out=args.n_out,
+             batch_size=args.batch_size)
+    return 0
+
+
+def _bench_stream(args) -> int:
+    from .bench import stream
+
+    return stream.main(args=args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run the main job on the embedded default workload.")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--out", default="sketcharray-demo", help="folder for the results")
+    demo.add_argument("--workload", default="digits", help="embedded workload: digits (default) or minilm")
+    demo.add_argument("--method", default="afjl", help="sketch method (default afjl)")
+    demo.add_argument("--n-out", type=int, default=512, help="sketch dimension D (default 512)")
+    demo.add_argument("--batch-size", type=int, default=64, help="examples per batch / chunk (default 64)")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)",
@@ -49,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                               description=sketch.__doc__)
     sketch.build_parser(sk)
     sk.set_defaults(func=_bench_sketch)
+    from .bench import stream
+
+    sm = bench_sub.add_parser("stream", help="streaming gradient sketches: time split and throughput",
+                              description=stream.__doc__)
+    stream.build_parser(sm)
+    sm.set_defaults(func=_bench_stream)
     return parser
 
 

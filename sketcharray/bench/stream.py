@@ -1,0 +1,143 @@
+"""Benchmark of streaming gradient sketches (issue: streaming).
+
+For each embedded workload and lookup-free method at D = 4096 (or the largest
+power of two the workload's N allows), measured in one run on the same
+batches: time per example in per-example gradients, in sketching and in
+storage (a Zarr region write), the ratio (sketch + store) / gradients, the
+end-to-end throughput of ``sketch_gradients`` into a store, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import store as st
+from ..collect import sketch_gradients
+from ..sketches import make_sketch
+from ..torch import per_example_gradients, select_params
+from ..torch.grads import to_device
+from ..workloads import WORKLOADS
+from ._util import format_table, write_json
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(workload, method: str, n_out: int, batch_size: int, n_batches: int, device: str, tmp: Path) -> dict:
+    w = WORKLOADS[workload]()
+    dev = torch.device(device)
+    model = w.model().to(dev)
+    paramset = select_params(model)
+    op = make_sketch(method, paramset.n, n_out, seed=0)
+    n = min(len(w.train), batch_size * n_batches)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(w.train, range(n)), batch_size=batch_size)
+    path = tmp / f"{workload}-{method}.zarr"
+    st.create_store(path, variable="grad", row_dim="example", n_rows=n, n_out=n_out, chunk=batch_size,
+                    ids=list(range(n)), has_label=False, attrs={"sketch_spec": op.spec})
+    t = {"grad": 0.0, "sketch": 0.0, "store": 0.0}
+    for i, batch in enumerate(loader):
+        batch = to_device(batch, dev)
+        if i == 0:  # warm-up: builds the sketch state, compiles nothing else
+            g, _ = per_example_gradients(model, w.loss_fn, batch, paramset, forward=w.forward)
+            op.apply(g)
+        t0 = time.perf_counter()
+        g, losses = per_example_gradients(model, w.loss_fn, batch, paramset, forward=w.forward)
+        _sync(dev)
+        t1 = time.perf_counter()
+        sk = op.apply(g)
+        _sync(dev)
+        t2 = time.perf_counter()
+        start = i * batch_size
+        st.write_batch(path, i, start, start + len(losses), {
+            "grad": sk.float().cpu().numpy(), "valid": np.ones(len(losses), bool)})
+        t3 = time.perf_counter()
+        t["grad"] += t1 - t0
+        t["sketch"] += t2 - t1
+        t["store"] += t3 - t2
+        del g
+    end_to_end = tmp / f"{workload}-{method}-e2e.zarr"
+    t0 = time.perf_counter()
+    sketch_gradients(w.model_factory, w.loss_fn, torch.utils.data.Subset(w.train, range(n)), op,
+                     batch_size=batch_size, store=end_to_end, device=device, progress=False, forward=w.forward)
+    e2e = time.perf_counter() - t0
+    row = {
+        "workload": workload, "method": method, "N": paramset.n, "D": n_out, "batch": batch_size, "examples": n,
+        "grad_ms": 1e3 * t["grad"] / n, "sketch_ms": 1e3 * t["sketch"] / n, "store_ms": 1e3 * t["store"] / n,
+        "overhead": (t["sketch"] + t["store"]) / t["grad"], "examples_per_s": n / e2e,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if dev.type == "cuda":
+        row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return row
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="bench_stream", description=__doc__)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workloads", type=lambda s: s.split(","), default=None,
+                   help="comma-separated (default: digits, and minilm when its extra is installed)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["afjl", "qk", "affd"])
+    p.add_argument("--n-out", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=None, help="examples per batch (default 64 digits, 8 minilm)")
+    p.add_argument("--batches", type=int, default=6, help="timed batches per case")
+    p.add_argument("--json", default="bench-out/bench-stream.json")
+    return p
+
+
+def main(argv=None, args=None) -> int:
+    args = args or build_parser().parse_args(argv)
+    workloads = args.workloads
+    if workloads is None:
+        from ..workloads import minilm_available
+
+        workloads = ["digits"] + (["minilm"] if minilm_available() else [])
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="sketcharray-bench-stream-"))
+    try:
+        for workload in workloads:
+            for method in args.methods:
+                batch = args.batch or (64 if workload == "digits" else 8)
+                n_params = WORKLOADS[workload]().info["n_params"]
+                d = min(args.n_out, 1 << (int(n_params).bit_length() - 2))
+                row = measure(workload, method, d, batch, args.batches, args.device, tmp)
+                rows.append(row)
+                print(f"  {workload} {method} D={d}: grad {row['grad_ms']:.2f} ms/ex, sketch {row['sketch_ms']:.3f}, "
+                      f"store {row['store_ms']:.3f}, overhead {100 * row['overhead']:.1f}%", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shown = [{
+        "workload": r["workload"], "method": r["method"], "N": r["N"], "D": r["D"], "batch": r["batch"],
+        "grad": f"{r['grad_ms']:.3f}", "sketch": f"{r['sketch_ms']:.3f}", "store": f"{r['store_ms']:.3f}",
+        "overhead": f"{100 * r['overhead']:.1f}%", "ex/s": f"{r['examples_per_s']:.1f}",
+        "rss": f"{r['peak_rss_bytes'] / 2**30:.2f} GiB",
+    } for r in rows]
+    print()
+    print(format_table(shown, [(k, h) for k, h in [
+        ("workload", "workload"), ("method", "method"), ("N", "N"), ("D", "D"), ("batch", "batch"),
+        ("grad", "grad ms/ex"), ("sketch", "sketch ms/ex"), ("store", "store ms/ex"),
+        ("overhead", "(sketch+store)/grad"), ("ex/s", "end-to-end ex/s"), ("rss", "peak RSS")]]))
+    limit = 0.25 if args.device == "cpu" else 0.15
+    targets = []
+    for workload in workloads:
+        best = min((r for r in rows if r["workload"] == workload), key=lambda r: r["overhead"])
+        targets.append(f"target {workload}: best lookup-free {best['method']} overhead {100 * best['overhead']:.1f}% "
+                       f"(<= {100 * limit:.0f}%): {'MET' if best['overhead'] <= limit else 'MISSED'}")
+    print("\n" + "\n".join(targets))
+    write_json(args.json, {"benchmark": "stream", "device": args.device, "rows": rows, "targets": targets})
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""Lazy dask arrays of sketched per-example gradients and HVPs, and their stores.
+
+One dask task per batch owns that batch: it builds (or reuses, per thread)
+the model, computes the batch's per-example gradients or HVPs, sketches
+them and returns (or writes) only the D-dimensional rows.  No
+(examples x N) array ever exists.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from . import __version__
+from . import store as st
+from .sketches import SketchOperator, make_sketch
+from .sketches import random as rnd
+from .torch import HVP, SubspaceHessian, model_fingerprint, select_params, sketch_batch
+from .torch.grads import batch_labels, to_device
+
+_local = threading.local()
+
+
+# ------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class DataSource:
+    """Batches by index range: a map-style dataset, or a list of pre-made batches."""
+
+    dataset: Any = None
+    batches: tuple = ()
+    batch_size: int = 0
+
+    @classmethod
+    def from_data(cls, data, batch_size: int | None) -> "DataSource":
+        if isinstance(data, torch.utils.data.DataLoader):
+            if batch_size is None:
+                batch_size = data.batch_size
+            data = data.dataset
+        if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple)):
+            if batch_size is None or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive int for a dataset; got {batch_size!r}")
+            return cls(dataset=data, batch_size=int(batch_size))
+        batches = tuple(data)
+        if not batches:
+            raise ValueError("data holds no batches")
+        return cls(batches=batches)
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        if self.dataset is not None:
+            n = len(self.dataset)
+            return [(s, min(n, s + self.batch_size)) for s in range(0, n, self.batch_size)]
+        from .torch.grads import batch_size_of
+
+        out, start = [], 0
+        for b in self.batches:
+            size = batch_size_of(b)
+            out.append((start, start + size))
+            start += size
+        return out
+
+    def load(self, index: int, start: int, stop: int):
+        if self.dataset is None:
+            return self.batches[index]
+        items = [self.dataset[i] for i in range(start, stop)]
+        return torch.utils.data.default_collate(items)
+
+
+def resolve_sketch(sketch, n_params: int) -> SketchOperator:
+    """An operator for N = n_params from an operator, a spec dict, or (method, n_out[, seed])."""
+    if isinstance(sketch, SketchOperator):
+        op = sketch
+    elif isinstance(sketch, dict):
+        spec = dict(sketch)
+        n_in = spec.pop("n_in", n_params)
+        op = make_sketch(spec.pop("method"), n_in, spec.pop("n_out"), seed=spec.pop("seed", 0), **spec)
+    elif isinstance(sketch, (tuple, list)) and 2 <= len(sketch) <= 3:
+        op = make_sketch(sketch[0], n_params, int(sketch[1]), seed=int(sketch[2]) if len(sketch) == 3 else 0)
+    else:
+        raise TypeError(f"sketch must be a SketchOperator, a spec dict or (method, n_out[, seed]); got {sketch!r}")
+    if op.n_in != n_params:
+        raise ValueError(f"sketch has n_in={op.n_in} but the selected parameters have N={n_params}")
+    return op
+
+
+def _model_from(source) -> nn.Module:
+    """This thread's copy of the model (functional_call swaps parameters, so threads must not share)."""
+    cache = getattr(_local, "models", None)
+    if cache is None:
+        cache = _local.models = {}
+    key = id(source) if isinstance(source, nn.Module) else dask.base.tokenize(source)
+    model = cache.get(key)
+    if model is None:
+        if isinstance(source, nn.Module):
+            import copy
+
+            model = source if not getattr(_local, "copied", False) and threading.current_thread() is threading.main_thread() else copy.deepcopy(source)
+        else:
+            model = source()
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model factory returned {type(model).__name__}, expected a torch.nn.Module")
+        cache[key] = model
+    return model
+
+
+def _device_of(device) -> torch.device:
+    return torch.device(device or "cpu")
+
+
+def _to_host(t: torch.Tensor, cuda_chunks: bool):
+    t = t.detach()
+    if cuda_chunks:
+        import cupy
+
+        return cupy.from_dlpack(t.contiguous())
+    return t.cpu().numpy()
+
+
+# ---------------------------------------------------------------- gradients
+def _gradient_task(model_src, loss_fn, forward, data: DataSource, index, start, stop, op, params,
+                   mode, device, per_example, store_path):
+    dev = _device_of(device)
+    model = _model_from(model_src).to(dev)
+    paramset = select_params(model, params)
+    batch = to_device(data.load(index, start, stop), dev)
+    out = sketch_batch(model, loss_fn, batch, paramset, op, mode=mode, forward=forward, per_example=per_example)
+    cuda_chunks = dev.type == "cuda" and store_path is None
+    result = {
+        "grad": _to_host(out["grad"].float(), cuda_chunks),
+        "loss": out["loss"].float().cpu().numpy(),
+        "valid": out["valid"].cpu().numpy(),
+    }
+    labels = batch_labels(batch)
+    if isinstance(labels, torch.Tensor):
+        result["label"] = labels.cpu().numpy()
+    if store_path is not None:
+        host = {k: (v.get() if hasattr(v, "get") and not isinstance(v, np.ndarray) else v) for k, v in result.items()}
+        st.write_batch(store_path, index, start, stop, host)
+        return int((~result["valid"]).sum())
+    return result
+
+
+def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, batch_size: int | None = None,
+                     mode: str = "explicit", device=None, ids=None, store=None, checkpoint=None,
+                     forward: Callable | None = None, dtype: str = "float32", per_example: str = "auto",
+                     progress: bool = True, scheduler=None) -> xr.Dataset:
+    """Sketched per-example gradients ``Phi g_i`` as a labeled Dataset.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or callable
+        The model, or a picklable factory returning it (needed under
+        ``dask.distributed``: the factory travels, each worker builds once).
+    loss_fn : callable
+        ``loss_fn(output, batch) -> per-example losses`` (shape ``(B,)``).
+    data : torch Dataset, DataLoader or iterable of batches
+        Batches are tuples/lists ``(inputs, labels, ...)`` or dicts of tensors.
+    sketch : SketchOperator, spec dict or (method, n_out[, seed])
+        A spec without ``n_in`` is completed with N of the selected parameters.
+    params : None, name or glob pattern(s)
+        Which parameters make up N (default: all that require grad).
+    batch_size : int
+        Examples per batch (= per dask chunk, = per Zarr chunk) for datasets.
+    mode : {"explicit", "implicit"}
+        Explicit: per-example gradients, then ``Phi g``.  Implicit:
+        ``grad_omega L(theta + Phi^T omega)`` at 0 (same numbers).
+    device : None, "cpu", "cuda", ...
+        Where the model runs; with CUDA the ``grad`` chunks are CuPy arrays.
+    ids : sequence, optional
+        Example ids (default: dataset indices).
+    store : path, optional
+        Write to this Zarr store (computes now, with progress) and return it
+        opened lazily.  Rerunning the same call resumes an interrupted run.
+    checkpoint : str or int, optional
+        Recorded in attrs and as a scalar coordinate.
+    forward : callable, optional
+        ``forward(model, batch) -> output`` when ``model(batch[0])`` won't do.
+    dtype : {"float32", "float16", "bfloat16"}
+        Storage dtype of ``grad`` in a store (arithmetic is float32 or wider).
+    per_example : {"auto", "vmap", "loop"}
+        How per-example gradients are computed (see ``per_example_gradients``).
+    progress : bool
+        Show a progress bar while writing a store.
+    scheduler : optional
+        Passed to ``dask.compute`` (default: the active client, else threads).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``grad`` (example, sketch), ``loss``, ``valid`` (and ``label``) as
+        lazy dask arrays, one chunk per batch; attrs with the sketch spec,
+        parameter names and sizes, model fingerprint, checkpoint, version.
+        Computing it runs one model forward/backward per batch.
+    """
+    if mode not in ("explicit", "implicit"):
+        raise ValueError(f"mode must be 'explicit' or 'implicit'; got {mode!r}")
+    if dtype not in st.STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {list(st.STORAGE_DTYPES)}; got {dtype!r}")
+    driver_model = model if isinstance(model, nn.Module) else model()
+    if not isinstance(driver_model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a factory returning one; got {type(driver_model).__name__}")
+    paramset = select_params(driver_model, params)
+    op = resolve_sketch(sketch, paramset.n)
+    source = DataSource.from_data(data, batch_size)
+    bounds = source.bounds
+    n = bounds[-1][1]
+    ids = list(range(n)) if ids is None else list(ids)
+    if len(ids) != n:
+        raise ValueError(f"ids has {len(ids)} entries but data has {n} examples")
+    if len(set(map(str, ids))) != n:
+        raise ValueError("ids must be unique")
+    chunk = bounds[0][1] - bounds[0][0]
+    if any(b - a != chunk for a, b in bounds[:-1]):
+        raise ValueError("all batches but the last must have the same size (one Zarr chunk per batch)")
+    first = source.load(0, *bounds[0])
+    labels = batch_labels(first)
+    has_label = isinstance(labels, torch.Tensor)
+    attrs = {
+        "sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": model_fingerprint(driver_model),
+        "mode": mode, "n_examples": n, "batch_size": chunk, "storage_dtype": dtype,
+        "checkpoint": checkpoint, "variable": "grad", "sketcharray_version": __version__,
+    }
+    model_src = driver_model if isinstance(model, nn.Module) else model
+    task_args = (loss_fn, forward, source)
+
+    if store is None:
+        return _lazy_dataset(model_src, task_args, bounds, op, params, mode, device, per_example,
+                             ids, has_label, labels, attrs, checkpoint)
+
+    existing = st.read_attrs(store)
+    if existing is None:
+        st.create_store(store, variable="grad", row_dim="example", n_rows=n, n_out=op.n_out, chunk=chunk,
+                        ids=ids, has_label=has_label, label_dtype=labels.cpu().numpy().dtype if has_label else None,
+                        storage_dtype=dtype, attrs=attrs)
+    else:
+        st.check_compatible(store, existing, attrs, ids=ids)
+    todo = st.pending_batches(store)
+    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, nn.Module) else model_src
+    token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
+    tasks = [
+        dask.delayed(_gradient_task, pure=True)(
+            model_d, *task_args, int(i), *bounds[i], op, params, mode, device, per_example, str(store),
+            dask_key_name=(f"sketch-gradients-{token}", int(i)))
+        for i in todo
+    ]
+    invalid = _compute(tasks, progress, scheduler, f"sketching {len(todo)} of {len(bounds)} batches to {store}")
+    if sum(invalid):
+        warnings.warn(f"{sum(invalid)} example(s) had non-finite gradients or losses; stored with valid=False",
+                      RuntimeWarning, stacklevel=2)
+    ds = st.open_sketches(store)
+    return ds.assign_coords(checkpoint=checkpoint) if checkpoint is not None else ds
+
+
+def _compute(tasks, progress: bool, scheduler, message: str):
+    if not tasks:
+        return []
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        client = None
+    if progress:
+        print(message, flush=True)
+    if client is not None and scheduler is None:
+        if progress:
+            print(f"dask dashboard: {client.dashboard_link}", flush=True)
+        return list(dask.compute(*tasks))
+    kwargs = {"scheduler": scheduler or "threads"}
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return list(dask.compute(*tasks, **kwargs))
+    return list(dask.compute(*tasks, **kwargs))
+
+
+def _lazy_dataset(model_src, task_args, bounds, op, params, mode, device, per_example, ids, has_label,
+                  labels, attrs, checkpoint) -> xr.Dataset:
+    cuda = _device_of(device).type == "cuda"
+    meta = None
+    if cuda:
+        import cupy
+
+        meta = cupy.empty((0, 0), dtype=np.float32)
+    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, nn.Module) else model_src
+    cols = {"grad": [], "loss": [], "valid": [], "label": []}
+    token = dask.base.tokenize(op, params, mode, device, attrs["model_fingerprint"], ids)
+    for i, (a, b) in enumerate(bounds):
+        t = dask.delayed(_gradient_task, pure=True)(
+            model_d, *task_args, i, a, b, op, params, mode, device, per_example, None,
+            dask_key_name=(f"sketch-gradients-{token}", i))
+        cols["grad"].append(da.from_delayed(t["grad"], (b - a, op.n_out), dtype=np.float32, meta=meta))
+        cols["loss"].append(da.from_delayed(t["loss"], (b - a,), dtype=np.float32))
+        cols["valid"].append(da.from_delayed(t["valid"], (b - a,), dtype=bool))
+        if has_label:
+            cols["label"].append(da.from_delayed(t["label"], (b - a,), dtype=labels.cpu().numpy().dtype))
+    data_vars = {
+        "grad": (("example", "sketch"), da.concatenate(cols["grad"])),
+        "loss": (("example",), da.concatenate(cols["loss"])),
+        "valid": (("example",), da.concatenate(cols["valid"])),
+    }
+    if has_label:
+        data_vars["label"] = (("example",), da.concatenate(cols["label"]))
+    coords = {"example": st._ids_array(ids), "sketch": np.arange(op.n_out)}
+    if checkpoint is not None:
+        coords["checkpoint"] = checkpoint
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs.update({**attrs, "param_names": list(attrs["param_names"]), "param_sizes": list(attrs["param_sizes"])})
+    return ds
+
+
+# --------------------------------------------------------------------- HVPs
+def random_probes(n_params: int, k: int, seed: int = 0) -> np.ndarray:
+    """k unit-norm Gaussian probe directions (float32), from the project's counter generator."""
+    v = rnd.normal(np, rnd.stream_key(seed, "probes"), 0, k * n_params).reshape(k, n_params)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _hvp_task(model_src, loss_fn, forward, data: DataSource, probes, op, params, device, hvp_mode):
+    dev = _device_of(device)
+    model = _model_from(model_src).to(dev)
+    paramset = select_params(model, params)
+    batches = [data.load(i, a, b) for i, (a, b) in enumerate(data.bounds)]
+    hvp = HVP(model, loss_fn, batches, paramset, forward=forward, mode=hvp_mode, device=dev)
+    ref = next(iter(hvp.theta.values()))
+    hv = hvp(torch.as_tensor(probes, dtype=ref.dtype, device=dev))
+    return _to_host(op.apply(hv).float(), dev.type == "cuda")
+
+
+def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int = 0, params=None,
+                batch_size: int | None = None, device=None, forward=None, hvp_mode: str = "auto",
+                probes_per_task: int = 4) -> xr.Dataset:
+    """Sketched Hessian-vector products ``Phi H v_p`` of the mean loss over ``data``.
+
+    ``probes``: an int (that many random unit Gaussian directions from
+    ``seed``) or an array (k, N).  Lazy: one dask task per
+    ``probes_per_task`` probes, each a full pass over ``data``.  Returns a
+    Dataset with ``hvp`` (probe, sketch) and the probes' norms.
+    """
+    driver_model = model if isinstance(model, nn.Module) else model()
+    paramset = select_params(driver_model, params)
+    op = resolve_sketch(sketch, paramset.n)
+    source = DataSource.from_data(data, batch_size)
+    if isinstance(probes, (int, np.integer)):
+        v = random_probes(paramset.n, int(probes), seed)
+    else:
+        v = np.asarray(probes, dtype=np.float32)
+        if v.ndim != 2 or v.shape[1] != paramset.n:
+            raise ValueError(f"probes must have shape (k, {paramset.n}); got {v.shape}")
+    model_src = driver_model if isinstance(model, nn.Module) else model
+    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, nn.Module) else model_src
+    meta = None
+    if _device_of(device).type == "cuda":
+        import cupy
+
+        meta = cupy.empty((0, 0), dtype=np.float32)
+    parts = []
+    for s in range(0, len(v), probes_per_task):
+        block = v[s : s + probes_per_task]
+        t = dask.delayed(_hvp_task, pure=True)(
+            model_d, loss_fn, forward, source, block, op, params, device, hvp_mode,
+            dask_key_name=(f"sketch-hvps-{dask.base.tokenize(block, op, params)}", s))
+        parts.append(da.from_delayed(t, (len(block), op.n_out), dtype=np.float32, meta=meta))
+    ds = xr.Dataset(
+        {"hvp": (("probe", "sketch"), da.concatenate(parts))},
+        coords={"probe": np.arange(len(v)), "sketch": np.arange(op.n_out)},
+    )
+    ds.attrs.update({"sketch_spec": op.spec, **paramset.to_attrs(),
+                     "model_fingerprint": model_fingerprint(driver_model), "probe_seed": seed,
+                     "sketcharray_version": __version__})
+    return ds
+
+
+def subspace_hessian(model, loss_fn: Callable, data, sketch, *, params=None, batch_size: int | None = None,
+                     device=None, forward=None, hvp_mode: str = "auto") -> SubspaceHessian:
+    """The reusable operator ``K w = Phi H Phi^T w`` (batched over several w) for the spectrum."""
+    model = model if isinstance(model, nn.Module) else model()
+    dev = _device_of(device)
+    model = model.to(dev)
+    paramset = select_params(model, params)
+    op = resolve_sketch(sketch, paramset.n)
+    source = DataSource.from_data(data, batch_size)
+    batches = [source.load(i, a, b) for i, (a, b) in enumerate(source.bounds)]
+    return SubspaceHessian(HVP(model, loss_fn, batches, paramset, forward=forward, mode=hvp_mode, device=dev), op)

@@ -1,0 +1,11 @@
+"""The only part of sketcharray that knows PyTorch: parameters, per-example gradients,
+Hessian-vector products, implicit sketches and the subspace reparametrisation."""
+
+from .grads import per_example_gradients, sketch_batch
+from .hvp import HVP, SubspaceHessian
+from .params import ParamSet, model_fingerprint, select_params
+
+__all__ = [
+    "HVP", "ParamSet", "SubspaceHessian", "model_fingerprint", "per_example_gradients",
+    "select_params", "sketch_batch",
+]

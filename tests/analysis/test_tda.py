@@ -1,0 +1,155 @@
+"""Attribution scores, top-k, influence and self-influence against direct NumPy computations."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from sketcharray.analysis import attribute, compare_with_exact, gram, self_influence
+from sketcharray.analysis.tda import exact_gradient_scores
+
+
+def make_train(n=57, d=8, chunk=10, seed=0, invalid=(3, 40), checkpoints=None):
+    g = np.random.default_rng(seed)
+    shape = (n, d) if checkpoints is None else (n, d, checkpoints)
+    grad = g.standard_normal(shape)
+    valid = np.ones(n, bool)
+    valid[list(invalid)] = False
+    grad[list(invalid)] = np.nan
+    dims = ("example", "sketch") if checkpoints is None else ("example", "sketch", "checkpoint")
+    chunks = (chunk,) + shape[1:]
+    ds = xr.Dataset(
+        {"grad": (dims, da.from_array(grad, chunks=chunks)), "valid": ("example", da.from_array(valid, chunks=chunk))},
+        coords={"example": [f"ex-{i}" for i in range(n)], "sketch": np.arange(d)},
+    )
+    return ds, grad, valid
+
+
+def make_queries(m=5, d=8, seed=1):
+    q = np.random.default_rng(seed).standard_normal((m, d))
+    return xr.DataArray(q, dims=("query", "sketch"), coords={"query": [f"q{i}" for i in range(m)]}), q
+
+
+def test_dot_and_cosine_equal_numpy_and_exclude_invalid():
+    ds, grad, valid = make_train()
+    qa, q = make_queries()
+    dot = attribute(ds, qa, score="dot")
+    assert isinstance(dot.data, da.Array) and dot.dims == ("query", "example")
+    expected = q @ np.where(valid[:, None], grad, 0).T
+    np.testing.assert_allclose(dot.values[:, valid], expected[:, valid], rtol=1e-12)
+    assert np.isnan(dot.values[:, ~valid]).all()
+    assert list(dot.example.values[:2]) == ["ex-0", "ex-1"] and list(dot["query"].values) == [f"q{i}" for i in range(5)]
+    cos = attribute(ds, qa, score="cosine").values
+    gn = grad[valid] / np.linalg.norm(grad[valid], axis=1, keepdims=True)
+    np.testing.assert_allclose(cos[:, valid], (q / np.linalg.norm(q, axis=1, keepdims=True)) @ gn.T, rtol=1e-12)
+
+
+def test_influence_uses_the_damped_gram_or_a_given_matrix():
+    ds, grad, valid = make_train()
+    qa, q = make_queries()
+    g = grad[valid]
+    f = g.T @ g / len(g)
+    np.testing.assert_allclose(gram(ds).values, f, rtol=1e-12)
+    lam = 0.1 * np.trace(f) / f.shape[0]
+    expected = q @ np.linalg.inv(f + lam * np.eye(8)) @ g.T
+    got = attribute(ds, qa, score="influence")
+    assert got.attrs["damping"] == pytest.approx(lam)
+    np.testing.assert_allclose(got.values[:, valid], expected, rtol=1e-10)
+    h = np.diag(np.arange(1.0, 9.0))
+    got = attribute(ds, qa, score="influence", preconditioner=h, damping=0.5)
+    np.testing.assert_allclose(got.values[:, valid], q @ np.linalg.inv(h + 0.5 * np.eye(8)) @ g.T, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"preconditioner must be 8 x 8 \(sketch x sketch\); got shape \(3, 3\)"):
+        attribute(ds, qa, score="influence", preconditioner=np.eye(3))
+
+
+@pytest.mark.parametrize("which", ["top", "bottom"])
+def test_top_k_equals_argsort_with_labels(which):
+    ds, grad, valid = make_train(n=103, chunk=7)
+    qa, q = make_queries()
+    k = 6
+    out = attribute(ds, qa, k=k, which=which)
+    assert isinstance(out.score.data, da.Array) and out.score.dims == ("query", "rank")
+    full = q @ np.where(valid[:, None], grad, 0).T
+    full[:, ~valid] = -np.inf if which == "top" else np.inf
+    order = np.argsort(-full if which == "top" else full, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(out.index.values, order)
+    np.testing.assert_allclose(out.score.values, np.take_along_axis(full, order, axis=1), rtol=1e-12)
+    assert out.example.values[0, 0] == f"ex-{order[0, 0]}"
+    assert not set(out.index.values.ravel()) & {3, 40}
+
+
+def test_top_k_ties_prefer_the_lower_index_and_k_is_checked():
+    grad = np.zeros((20, 2))
+    grad[:, 0] = [1.0, 2.0, 2.0, 0.5] * 5  # many ties
+    ds = xr.Dataset({"grad": (("example", "sketch"), da.from_array(grad, chunks=(3, 2)))},
+                    coords={"example": np.arange(100, 120)})
+    out = attribute(ds, np.array([1.0, 0.0]), k=4).compute()
+    assert out.index.values.tolist() == [[1, 2, 5, 6]]
+    assert out.example.values.tolist() == [[101, 102, 105, 106]]
+    with pytest.raises(ValueError, match=r"k must be an int between 1 and the number of valid training examples \(20\); got 21"):
+        attribute(ds, np.array([1.0, 0.0]), k=21)
+
+
+def test_top_k_streams_the_store_chunk_by_chunk():
+    """Out of core: one task per training chunk, merges of at most 8 partial results, no full matrix."""
+    ds, _, _ = make_train(n=1000, chunk=10, invalid=())
+    qa, _ = make_queries(m=3)
+    out = attribute(ds, qa, k=5)
+    graph = dict(out.score.data.__dask_graph__())
+    names = [dask.utils.key_split(key) for key in graph]
+    assert names.count("chunk_topk") == 100
+    # a tree of fan-in 8: 13 + 2 + 1 merges, then the final sort
+    assert names.count("merge_topk") == 13 + 2 + 1 + 1
+    for key, task in graph.items():
+        if dask.utils.key_split(key) == "merge_topk":
+            assert len(task.dependencies) <= 9
+    assert out.score.shape == (3, 5)
+
+
+def test_checkpoints_combine_tracin_cp_and_self_influence():
+    ds, grad, valid = make_train(checkpoints=3)
+    qa3 = xr.DataArray(np.random.default_rng(2).standard_normal((4, 8, 3)), dims=("query", "sketch", "checkpoint"))
+    w = [0.5, 0.25, 0.125]
+    s = attribute(ds, qa3, checkpoint_weights=w).values
+    expected = sum(w[c] * qa3.values[:, :, c] @ np.where(valid[:, None], grad[:, :, c], 0).T for c in range(3))
+    np.testing.assert_allclose(s[:, valid], expected[:, valid], rtol=1e-12)
+    top = attribute(ds, qa3, checkpoint_weights=w, k=3).compute()
+    full = np.where(valid[None, :], expected, -np.inf)
+    np.testing.assert_array_equal(top.index.values, np.argsort(-full, axis=1, kind="stable")[:, :3])
+    si = self_influence(ds, checkpoint_weights=w).values
+    np.testing.assert_allclose(si[valid], sum(w[c] * np.sum(grad[valid, :, c] ** 2, axis=1) for c in range(3)))
+    with pytest.raises(ValueError, match="checkpoint_weights has 2 entries for 3 checkpoints"):
+        attribute(ds, qa3, checkpoint_weights=[1, 2])
+
+
+def test_self_influence_and_accessor():
+    ds, grad, valid = make_train()
+    si = ds.sketcharray.self_influence()
+    assert isinstance(si.data, da.Array)
+    np.testing.assert_allclose(si.values[valid], np.sum(grad[valid] ** 2, axis=1), rtol=1e-12)
+    assert np.isnan(si.values[~valid]).all()
+    qa, _ = make_queries()
+    xr.testing.assert_allclose(ds.sketcharray.attribute(qa), attribute(ds, qa))
+
+
+def test_compare_with_exact():
+    _, grad, valid = make_train(invalid=())
+    _, q = make_queries()
+    exact = exact_gradient_scores(grad, q)
+    noisy = exact + 0.01 * np.random.default_rng(0).standard_normal(exact.shape)
+    res = compare_with_exact(noisy, exact, k=5)
+    assert res.pearson > 0.99 and res.spearman > 0.99 and res.sizes["query"] == 5
+    assert float(compare_with_exact(exact, exact, k=5).topk_overlap.min()) == 1.0
+
+
+def test_bad_inputs():
+    ds, _, _ = make_train()
+    with pytest.raises(ValueError, match="score must be one of"):
+        attribute(ds, np.zeros(8), score="l2")
+    with pytest.raises(ValueError, match="queries have D=3 but train has D=8"):
+        attribute(ds, np.zeros(3))
+    with pytest.raises(TypeError, match="train must be an xarray Dataset or DataArray"):
+        attribute(np.zeros((3, 8)), np.zeros(8))

@@ -22,6 +22,18 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench_tda(args) -> int:
+    from .bench import tda
+
+    return tda.main(args=args)
+
+
+def _bench_tda_scale(args) -> int:
+    from .bench import tda_scale
+
+    return tda_scale.main(args=args)
+
+
 def _bench_stream(args) -> int:
     from .bench import stream
 
@@ -61,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                               description=stream.__doc__)
     stream.build_parser(sm)
     sm.set_defaults(func=_bench_stream)
+    from .bench import tda
+
+    td = bench_sub.add_parser("tda", help="TDA accuracy per sketch method (the paper's Tables 6 and 1)",
+                              description=tda.__doc__)
+    tda.build_parser(td)
+    td.set_defaults(func=_bench_tda)
+    from .bench import tda_scale
+
+    ts = bench_sub.add_parser("tda-scale", help="out-of-core top-k over a store larger than the memory allowed",
+                              description=tda_scale.__doc__)
+    tda_scale.build_parser(ts)
+    ts.set_defaults(func=_bench_tda_scale)
     return parser
 
 

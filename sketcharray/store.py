@@ -52,8 +52,12 @@ def _numpy_dtype(storage_dtype: str):
 
 def create_store(path, *, variable: str, row_dim: str, n_rows: int, n_out: int, chunk: int, ids,
                  has_label: bool, label_dtype=None, storage_dtype: str = "float32",
-                 attrs: dict[str, Any]) -> None:
-    """Pre-allocate a store: metadata, coordinates and an all-zero progress record."""
+                 attrs: dict[str, Any], compressors="default") -> None:
+    """Pre-allocate a store: metadata, coordinates and an all-zero progress record.
+
+    ``compressors=None`` stores the sketches uncompressed (random-looking
+    floats barely compress; reading them is then pure I/O).
+    """
     n_batches = -(-n_rows // chunk)
     rows = (chunk,)
     data_vars = {
@@ -71,6 +75,8 @@ def create_store(path, *, variable: str, row_dim: str, n_rows: int, n_out: int, 
     ds.attrs.update(storage_dtype=storage_dtype, sketcharray_version=__version__,
                     variable=variable, row_dim=row_dim)
     encoding = {PROGRESS: {"chunks": (1,)}}
+    if compressors != "default":
+        encoding[variable] = {"compressors": compressors}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         ds.to_zarr(str(path), mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)

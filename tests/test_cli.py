@@ -57,3 +57,24 @@ def test_bench_records_operators_that_cannot_be_built(monkeypatch):
 def test_console_script_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "sketcharray.cli", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("sketcharray ")
+
+
+def test_bench_tda_writes_tables_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "tda.json", tmp_path / "tda.png"
+    assert cli.main(["bench", "tda", "--seeds", "1", "--log2d", "5,8", "--n-train", "64", "--n-query", "8",
+                     "--json", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "Table 6 analogue" in text and "Table 1 analogue" in text
+    res = json.loads(out.read_text())["results"][0]
+    assert set(res["pearson"]) == {"dense", "fjl", "ffd", "affd", "afjl", "qk"}
+    assert all(-1 <= r <= 1 for rs in res["pearson"].values() for r in rs.values())
+    assert png.stat().st_size > 10_000
+
+
+def test_bench_tda_scale_small(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    assert cli.main(["bench", "tda-scale", "--gb", "0.02", "--d", "64", "--chunk-rows", "2048",
+                     "--dir", str(tmp_path / "stores"), "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2 and all(r["topk_rows_per_s"] > 0 and r["peak_rss_topk"] > 0 for r in results)
+    assert "of read" in capsys.readouterr().out

@@ -153,3 +153,14 @@ def test_bad_inputs():
         attribute(ds, np.zeros(3))
     with pytest.raises(TypeError, match="train must be an xarray Dataset or DataArray"):
         attribute(np.zeros((3, 8)), np.zeros(8))
+
+
+def test_top_k_under_distributed_equals_local(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    ds, _, _ = make_train(n=300, chunk=25)
+    qa, _ = make_queries()
+    local = attribute(ds, qa, k=7, score="influence").compute()
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
+            distributed.Client(c):
+        dist = attribute(ds, qa, k=7, score="influence").compute()
+    xr.testing.assert_allclose(dist, local)

@@ -34,6 +34,12 @@ def _bench_tda_scale(args) -> int:
     return tda_scale.main(args=args)
 
 
+def _bench_spectrum(args) -> int:
+    from .bench import spectrum
+
+    return spectrum.main(args=args)
+
+
 def _bench_stream(args) -> int:
     from .bench import stream
 
@@ -85,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                               description=tda_scale.__doc__)
     tda_scale.build_parser(ts)
     ts.set_defaults(func=_bench_tda_scale)
+    from .bench import spectrum
+
+    sp = bench_sub.add_parser("spectrum", help="Hessian-spectrum accuracy and solver speed (Tables 7 and 1, Fig. 2)",
+                              description=spectrum.__doc__)
+    spectrum.build_parser(sp)
+    sp.set_defaults(func=_bench_spectrum)
     return parser
 
 

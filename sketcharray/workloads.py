@@ -59,6 +59,23 @@ def build_digits_model(hidden: int, state: dict | None = None) -> nn.Module:
     return model.eval()
 
 
+def digits_checkpoints(steps=(10, 50, 300), hidden: int = 32, seed: int = 0) -> dict[str, dict]:
+    """State dicts of the digits MLP along its training run (same data, seed and optimiser as :func:`digits`)."""
+    w = digits(hidden=hidden, steps=max(steps), seed=seed)
+    x, y = w.train[:]
+    torch.manual_seed(seed)
+    model = _digits_mlp(hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    out = {}
+    for step in range(1, max(steps) + 1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step in steps:
+            out[f"step-{step}"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return out
+
+
 @functools.lru_cache(maxsize=4)
 def digits(hidden: int = 32, steps: int = 300, seed: int = 0, n_test: int = 297) -> Workload:
     """scikit-learn's digits with a 2-hidden-layer tanh MLP trained by Adam (full batch).

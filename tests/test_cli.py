@@ -78,3 +78,14 @@ def test_bench_tda_scale_small(tmp_path, capsys):
     results = json.loads(out.read_text())["results"]
     assert len(results) == 2 and all(r["topk_rows_per_s"] > 0 and r["peak_rss_topk"] > 0 for r in results)
     assert "of read" in capsys.readouterr().out
+
+
+def test_bench_spectrum_small(tmp_path, capsys):
+    out, png = tmp_path / "sp.json", tmp_path / "sp.png"
+    assert cli.main(["bench", "spectrum", "--n-examples", "50", "--log2d", "5", "--seeds", "1",
+                     "--perf-workloads", "digits", "--json", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "Table 7 analogue" in text and "Figure 2 analogue" in text and "HVP/s" in text
+    payload = json.loads(out.read_text())
+    assert len(payload["exact_top10"]) == 10 and payload["performance"][0]["hvps"] > 0
+    assert png.stat().st_size > 10_000

@@ -1,0 +1,275 @@
+"""Extreme eigenvalues of the sketched Hessian K = Phi H Phi^T (SPEC, "HVP sketches and the Hessian spectrum").
+
+Two eigen-solvers on a symmetric operator given by a batched ``matvec``
+(``(b, D) -> (b, D)``); both compute now (they iterate) and show progress:
+
+* :func:`lanczos` -- symmetric Lanczos with full reorthogonalisation: one
+  product per iteration, a Krylov basis of D-dimensional vectors, Ritz values
+  at both ends of the spectrum, stopping when the wanted Ritz residuals fall
+  below ``tol`` x the spectral scale, or at ``max_iter``.
+* :func:`randomized` -- randomized block Krylov iteration with Rayleigh-Ritz,
+  each step one batch of ``k + 10`` products: the form that maps onto batched
+  HVPs (and dask tasks).
+
+:func:`hessian_spectrum` runs either on a model, over one or several
+checkpoints, and returns a labeled Dataset; :func:`spectrum_statistics` gives
+the paper's RNEG, R_n and outlier counts.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+WHICH = ("both", "top", "bottom")
+
+
+class _Progress:
+    """A one-line terminal progress indicator (quiet when ``enabled`` is False)."""
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.label, self.total, self.enabled, self.t0 = label, total, enabled, time.perf_counter()
+
+    def update(self, i: int, extra: str = "") -> None:
+        if self.enabled:
+            width = 30
+            done = int(width * i / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label} [{'#' * done}{' ' * (width - done)}] {i}/{self.total} "
+                             f"{time.perf_counter() - self.t0:.1f} s {extra}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _select(vals, vecs, res, k, which):
+    order = np.argsort(vals)
+    top, bottom = order[::-1][:k], order[:k]
+    out = {}
+    if which in ("both", "top"):
+        out["positive"] = (vals[top], vecs[:, top], res[top])
+    if which in ("both", "bottom"):
+        out["negative"] = (vals[bottom], vecs[:, bottom], res[bottom])
+    return out
+
+
+def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int | None = None,
+            tol: float = 1e-6, seed: int = 0, check_every: int = 5, progress: bool = True) -> dict:
+    """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Returns ``{"positive"|"negative": (values, vectors (dim, k), residuals)}``
+    plus ``"iterations"``.  Residuals are the Ritz residual norms
+    ``|beta_m s_{m,i}|`` = ||K v_i - lambda_i v_i||.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {list(WHICH)}; got {which!r}")
+    m_max = min(dim, max_iter or max(4 * k + 20, 60))
+    if k > m_max:
+        raise ValueError(f"k={k} exceeds the Krylov dimension available ({m_max})")
+    rng = np.random.default_rng(seed)
+    basis = np.zeros((m_max + 1, dim))
+    v = rng.standard_normal(dim)
+    basis[0] = v / np.linalg.norm(v)
+    alpha, beta = np.zeros(m_max), np.zeros(m_max)
+    bar = _Progress("lanczos", m_max, progress)
+    m = 0
+    result = None
+    for j in range(m_max):
+        w = np.asarray(matvec(basis[j][None, :]), dtype=np.float64)[0]
+        alpha[j] = basis[j] @ w
+        w -= basis[: j + 1].T @ (basis[: j + 1] @ w)  # full reorthogonalisation, twice is enough
+        w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta[j] = np.linalg.norm(w)
+        m = j + 1
+        bar.update(m)
+        invariant = beta[j] <= 1e-12 * max(1.0, np.abs(alpha[: j + 1]).max())
+        if m >= k and (m % check_every == 0 or invariant or m == m_max):
+            t = np.diag(alpha[:m]) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
+            theta, s = np.linalg.eigh(t)
+            res = np.abs(beta[m - 1] * s[-1, :])
+            result = _select(theta, s, res, k, which)
+            scale = np.abs(theta).max()
+            if invariant or all(r.max() <= tol * scale for _, _, r in result.values()):
+                break
+        if invariant:
+            break
+        basis[j + 1] = w / beta[j]
+    bar.close()
+    out = {key: (vals, basis[:m].T @ s, res) for key, (vals, s, res) in result.items()}
+    out["iterations"] = m
+    return out
+
+
+def randomized(matvec, dim: int, k: int = 10, *, which: str = "both", block: int | None = None,
+               n_iter: int = 30, tol: float = 1e-6, seed: int = 0, progress: bool = True) -> dict:
+    """Extreme eigenpairs by randomized block Krylov iteration with Rayleigh-Ritz.
+
+    Starts from a random Gaussian block of ``block`` (default k + 10)
+    vectors and grows the basis [Q, KQ, K^2 Q, ...] one block per
+    iteration, each block one batched product (``block`` HVPs at once),
+    orthogonalised against the basis.  Rayleigh-Ritz on the basis gives both
+    ends of the spectrum (a Krylov space, unlike plain subspace iteration, is
+    not slowed at the negative end by a dominant positive part).  Stops when
+    the wanted Ritz residuals fall below ``tol`` x the spectral scale, after
+    ``n_iter`` blocks, or when the basis spans the space.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {list(WHICH)}; got {which!r}")
+    p = min(dim, block or k + 10)
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((dim, p)))
+    basis, images = [q], []
+    bar = _Progress("randomized", n_iter, progress)
+    result, it = None, 0
+    for it in range(1, n_iter + 1):
+        bar.update(it)
+        images.append(np.asarray(matvec(basis[-1].T), dtype=np.float64).T)  # K Q_i: one batched product
+        v, kv = np.hstack(basis), np.hstack(images)
+        theta, s = np.linalg.eigh(v.T @ kv)
+        res = np.linalg.norm(kv @ s - (v @ s) * theta, axis=0)
+        result = _select(theta, v @ s, res, min(k, theta.size), which)
+        scale = np.abs(theta).max()
+        room = dim - v.shape[1]
+        if all(r.max() <= tol * scale for _, _, r in result.values()) or room == 0:
+            break
+        z = images[-1]
+        for _ in range(2):  # block Gram-Schmidt against the whole basis, twice
+            z = z - v @ (v.T @ z)
+        q, r = np.linalg.qr(z)
+        keep = np.abs(np.diag(r)) > 1e-10 * max(1.0, np.abs(np.diag(r)).max())
+        if not keep.any():
+            break  # the Krylov space is invariant: Ritz values are exact
+        basis.append(q[:, keep][:, :room])
+    bar.close()
+    out = dict(result)
+    out["iterations"] = it
+    return out
+
+
+SOLVERS = {"lanczos": lanczos, "randomized": randomized}
+
+
+def _spectrum_dataset(result: dict, k: int, eigenvectors: bool) -> xr.Dataset:
+    signs = [s for s in ("positive", "negative") if s in result]
+    vals = np.stack([result[s][0] for s in signs])
+    res = np.stack([result[s][2] for s in signs])
+    data = {"eigenvalue": (("sign", "rank"), vals), "residual": (("sign", "rank"), res)}
+    if eigenvectors:
+        data["eigenvector"] = (("sign", "rank", "sketch"), np.stack([result[s][1].T for s in signs]))
+    return xr.Dataset(data, coords={"sign": signs, "rank": np.arange(1, k + 1)})
+
+
+def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = "both", method: str = "lanczos",
+                     checkpoints=None, params=None, batch_size: int | None = None, device=None, forward=None,
+                     eigenvectors: bool = False, store=None, progress: bool = True, **solver_options) -> xr.Dataset:
+    """Top-k positive and k most negative eigenvalues of K = Phi H Phi^T (computes now).
+
+    Parameters
+    ----------
+    model : nn.Module or factory
+    loss_fn, data, batch_size, params, device, forward : as for ``sketch_gradients``
+        H is the Hessian of the mean loss over ``data``.
+    sketch : operator, spec dict or (method, n_out[, seed])
+    k : int
+    which : {"both", "top", "bottom"}
+    method : {"lanczos", "randomized"}
+    checkpoints : dict name -> state_dict (or path to a ``torch.save``d one), optional
+        Compute the spectrum at each; results gain a ``checkpoint`` dimension.
+    eigenvectors : bool
+        Also return the Ritz vectors in sketch space (sign, rank, sketch).
+    store : path, optional
+        A folder: each checkpoint's result is saved there as it completes
+        (Zarr), and a rerun loads finished checkpoints instead of recomputing.
+    **solver_options
+        ``tol``, ``max_iter`` (lanczos), ``n_iter``, ``block`` (randomized), ``seed``.
+
+    Returns
+    -------
+    xarray.Dataset with ``eigenvalue`` and ``residual`` (``[checkpoint,] sign, rank``),
+    ``sign`` in ("positive", "negative"): the top end and the bottom end.  Attrs
+    record the method, HVP count and the time split between HVPs and the rest.
+    """
+    import torch
+
+    from ..collect import subspace_hessian
+
+    if method not in SOLVERS:
+        raise ValueError(f"method must be one of {list(SOLVERS)}; got {method!r}")
+    base = model if isinstance(model, torch.nn.Module) else model()
+    items = [(None, None)] if checkpoints is None else list(checkpoints.items())
+    results = []
+    for name, state in items:
+        path = None if store is None or name is None else Path(store) / f"checkpoint-{name}.zarr"
+        if path is not None and path.exists():
+            results.append(xr.open_zarr(str(path), consolidated=False).load())
+            continue
+        if state is not None:
+            if isinstance(state, (str, Path)):
+                state = torch.load(state, map_location="cpu", weights_only=True)
+            base.load_state_dict(state)
+        K = subspace_hessian(base, loss_fn, data, sketch, params=params, batch_size=batch_size, device=device,
+                             forward=forward)
+        t0 = time.perf_counter()
+        res = SOLVERS[method](K.matvec, K.shape[0], k, which=which, progress=progress, **solver_options)
+        total = time.perf_counter() - t0
+        ds = _spectrum_dataset(res, k, eigenvectors)
+        ds.attrs.update(method=method, iterations=res["iterations"], hvps=K.hvp.count, seconds=total,
+                        hvp_seconds=K.hvp_seconds, other_seconds=total - K.hvp_seconds,
+                        hvp_mode=K.hvp.mode, sketch_spec=str(K.op.spec))
+        if name is not None:
+            ds = ds.expand_dims(checkpoint=[name])
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.to_zarr(str(path), mode="w", consolidated=False)
+        results.append(ds)
+    if checkpoints is None:
+        return results[0]
+    return xr.concat(results, dim="checkpoint", combine_attrs="drop_conflicts")
+
+
+def spectrum_statistics(spectrum: xr.Dataset, outlier_ratio: float = 0.2) -> xr.Dataset:
+    """The paper's statistics: RNEG = |lambda_min| / lambda_max, R_n = lambda_n / lambda_1,
+    and the number of outliers (positive eigenvalues with R_n > ``outlier_ratio``, lambda_1 included)."""
+    top = spectrum.eigenvalue.sel(sign="positive")
+    lam1 = top.sel(rank=1)
+    out = xr.Dataset({"R": top / lam1, "lambda_max": lam1})
+    out["outliers"] = (out.R > outlier_ratio).sum("rank")
+    if "negative" in spectrum.sign.values:
+        lam_min = spectrum.eigenvalue.sel(sign="negative", rank=1)
+        out["lambda_min"] = lam_min
+        out["RNEG"] = np.abs(lam_min) / lam1
+    return out.drop_vars("sign", errors="ignore")
+
+
+def plot_spectrum_evolution(stats: xr.Dataset, path) -> None:
+    """The paper's Figure 2: RNEG over checkpoints, and R_n against n per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if "checkpoint" not in stats.dims:
+        stats = stats.expand_dims(checkpoint=["-"])
+    labels = [str(c) for c in stats.checkpoint.values]
+    if "RNEG" in stats:
+        a.plot(labels, stats.RNEG.values, marker="o")
+    a.set_xlabel("checkpoint")
+    a.set_ylabel("RNEG = |lambda_min| / lambda_max")
+    a.set_title("negative eigenvalues over training")
+    for c, lab in zip(stats.checkpoint.values, labels):
+        r = stats.R.sel(checkpoint=c)
+        b.plot(r["rank"].values, r.values, marker=".", label=lab)
+    b.axhline(0.2, color="grey", ls=":", lw=0.8)
+    b.set_xlabel("n")
+    b.set_ylabel("R_n = lambda_n / lambda_1")
+    b.set_title("outliers: R_n > 0.2")
+    b.legend(title="checkpoint", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

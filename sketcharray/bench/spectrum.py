@@ -1,0 +1,160 @@
+"""Hessian-spectrum reproduction and performance (issue: spectrum).
+
+* Table 7 analogue: relative error of the top-10 eigenvalues of K = Phi H Phi^T
+  against those of the exact Hessian H of an embedded model, per method and
+  log2 D, and the smallest log2 D with error < 0.2, 0.1, 0.05 (median over
+  seeds; error = max over the 10 of |lambda_i(K) - lambda_i(H)| / |lambda_i(H)|).
+* Table 1 analogue: the same error for one layer's diagonal block of H.
+* Figure 2 analogue: RNEG, R_n and outliers at checkpoints along training.
+* Performance: HVPs per second and the time of a Lanczos and a randomized
+  solve, split between HVPs and everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from ..analysis.eigen import hessian_spectrum, plot_spectrum_evolution, spectrum_statistics
+from ..collect import DataSource
+from ..sketches import make_sketch
+from ..torch import HVP, select_params
+from ..workloads import WORKLOADS, digits_checkpoints
+from ._util import format_table, write_json
+from .tda import layer_groups, smallest_log2d
+
+THRESHOLDS = (0.2, 0.1, 0.05)
+METHODS = ("dense", "fjl", "ffd", "affd", "afjl", "qk")
+
+
+def exact_hessian(w, n_examples: int, batch: int) -> tuple[np.ndarray, object, list]:
+    model = w.model().double()
+    ps = select_params(model)
+    src = DataSource.from_data(torch.utils.data.Subset(w.train, range(n_examples)), batch)
+    batches = [tuple(t.double() if t.is_floating_point() else t for t in src.load(i, a, b))
+               for i, (a, b) in enumerate(src.bounds)]
+    hvp = HVP(model, w.loss_fn, batches, ps)
+    eye = torch.eye(ps.n, dtype=torch.float64)
+    h = torch.cat([hvp(eye[s : s + 256]) for s in range(0, ps.n, 256)]).numpy()
+    return (h + h.T) / 2, ps, batches
+
+
+def top10_error(vals: np.ndarray, ref: np.ndarray) -> float:
+    k = min(10, len(vals))
+    return float(np.max(np.abs(vals[:k] - ref[:k]) / np.abs(ref[:k])))
+
+
+def table7(h, ps, log2ds, seeds):
+    ref = np.linalg.eigvalsh(h)[::-1]
+    errors = {}
+    for method in METHODS:
+        errors[method] = {}
+        for ld in log2ds:
+            errs = []
+            for seed in range(seeds):
+                try:
+                    op = make_sketch(method, ps.n, 1 << ld, seed=seed)
+                except ValueError:
+                    break
+                phi = op.apply(np.eye(ps.n)).T
+                errs.append(top10_error(np.linalg.eigvalsh(phi @ h @ phi.T)[::-1], ref))
+            if errs:
+                errors[method][ld] = float(np.median(errs))
+        print("  " + method + ": " + " ".join(f"2^{ld}:{e:.3f}" for ld, e in errors[method].items()), flush=True)
+    layers = {}
+    for name, slices in layer_groups(ps).items():
+        idx = np.concatenate([np.arange(s.start, s.stop) for s in slices])
+        block = np.linalg.eigvalsh(h[np.ix_(idx, idx)])[::-1]
+        layers[name] = {"n_params": int(idx.size), "top10_error": top10_error(block, ref)}
+    return errors, layers, ref[:10]
+
+
+def performance(workload: str, n_out: int, k: int, n_examples: int, batch: int, device: str) -> list[dict]:
+    w = WORKLOADS[workload]()
+    data = torch.utils.data.Subset(w.train, range(min(n_examples, len(w.train))))
+    rows = []
+    for method in ("lanczos", "randomized"):
+        ds = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": "affd", "n_out": n_out}, k=k,
+                              method=method, batch_size=batch, device=device, forward=w.forward, progress=False,
+                              tol=1e-4, **({"max_iter": 4 * k + 20} if method == "lanczos" else {"n_iter": 6}))
+        a = ds.attrs
+        rows.append({"workload": workload, "solver": method, "D": n_out, "examples": len(data), "hvps": a["hvps"],
+                     "seconds": a["seconds"], "hvps_per_s": a["hvps"] / a["hvp_seconds"],
+                     "other_fraction": a["other_seconds"] / a["seconds"], "hvp_mode": a["hvp_mode"],
+                     "lambda_max": float(ds.eigenvalue.sel(sign="positive", rank=1)),
+                     "lambda_min": float(ds.eigenvalue.sel(sign="negative", rank=1))})
+        r = rows[-1]
+        print(f"  {workload} {method}: {r['hvps']} HVPs in {r['seconds']:.1f} s, {r['hvps_per_s']:.1f} HVP/s, "
+              f"other {100 * r['other_fraction']:.1f}%", flush=True)
+    return rows
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="bench_spectrum", description=__doc__)
+    p.add_argument("--n-examples", type=int, default=500, help="training examples the loss averages over")
+    p.add_argument("--log2d", type=lambda s: [int(v) for v in s.split(",")], default=list(range(4, 13)))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--perf-workloads", type=lambda s: s.split(","), default=None,
+                   help="workloads for the timing (default digits, and minilm when installed)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default="bench-out/bench-spectrum.json")
+    p.add_argument("--plot", default="bench-out/bench-spectrum.png")
+    return p
+
+
+def main(argv=None, args=None) -> int:
+    args = args or build_parser().parse_args(argv)
+    w = WORKLOADS["digits"]()
+    print(f"exact Hessian of the digits MLP (N={w.info['n_params']}) over {args.n_examples} examples ...", flush=True)
+    h, ps, _ = exact_hessian(w, args.n_examples, 250)
+    errors, layers, ref = table7(h, ps, args.log2d, args.seeds)
+    print("\nTable 7 analogue (digits, exact Hessian): smallest log2 D with top-10 eigenvalue relative error "
+          f"below the threshold (median of {args.seeds} seeds; '-' = never up to 2^{max(args.log2d)})")
+    rows = [{"method": m, **{str(t): "-" if smallest_log2d({ld: -e for ld, e in errors[m].items()}, -t) is None
+                             else str(smallest_log2d({ld: -e for ld, e in errors[m].items()}, -t))
+                             for t in THRESHOLDS}} for m in METHODS]
+    print(format_table(rows, [("method", "method")] + [(str(t), f"error < {t}") for t in THRESHOLDS]))
+    print("\nTable 1 analogue (digits): top-10 eigenvalues of one layer's diagonal Hessian block vs all parameters")
+    print(format_table([{"layer": k, "n": f"{v['n_params']:,}", "e": f"{v['top10_error']:.3f}"} for k, v in layers.items()],
+                       [("layer", "layer"), ("n", "parameters"), ("e", "top-10 relative error")]))
+    print("\nFigure 2 analogue: spectrum along the digits training run (AFFD, D = 1024, Lanczos)", flush=True)
+    ckpts = digits_checkpoints()
+    data = torch.utils.data.Subset(w.train, range(args.n_examples))
+    spec = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": "affd", "n_out": 1024}, k=10,
+                            checkpoints=ckpts, batch_size=250, progress=False, tol=1e-6)
+    stats = spectrum_statistics(spec)
+    print(format_table([{"ckpt": str(c), "lmax": f"{float(stats.lambda_max.sel(checkpoint=c)):.4g}",
+                         "lmin": f"{float(stats.lambda_min.sel(checkpoint=c)):.4g}",
+                         "rneg": f"{float(stats.RNEG.sel(checkpoint=c)):.3f}",
+                         "out": str(int(stats.outliers.sel(checkpoint=c)))} for c in stats.checkpoint.values],
+                       [("ckpt", "checkpoint"), ("lmax", "lambda_max"), ("lmin", "lambda_min"), ("rneg", "RNEG"),
+                        ("out", "outliers (R > 0.2)")]))
+    plot_spectrum_evolution(stats, args.plot)
+    print("\nPerformance (AFFD sketch, k = 10):", flush=True)
+    perf_workloads = args.perf_workloads
+    if perf_workloads is None:
+        from ..workloads import minilm_available
+
+        perf_workloads = ["digits"] + (["minilm"] if minilm_available() else [])
+    perf = []
+    for wl in perf_workloads:
+        perf += performance(wl, 1024 if wl == "digits" else 4096, 10, 500 if wl == "digits" else 16,
+                            250 if wl == "digits" else 8, args.device)
+    print(format_table([{"w": r["workload"], "s": r["solver"], "D": r["D"], "h": r["hvps"], "t": f"{r['seconds']:.1f}",
+                         "r": f"{r['hvps_per_s']:.1f}", "o": f"{100 * r['other_fraction']:.1f}%"} for r in perf],
+                       [("w", "workload"), ("s", "solver"), ("D", "D"), ("h", "HVPs"), ("t", "solve s"),
+                        ("r", "HVP/s"), ("o", "non-HVP share")]))
+    targets = [f"target non-HVP share <= 10%: {r['workload']} {r['solver']} {100 * r['other_fraction']:.1f}% "
+               f"{'MET' if r['other_fraction'] <= 0.1 else 'MISSED'}" for r in perf]
+    print("\n" + "\n".join(targets))
+    write_json(args.json, {"benchmark": "spectrum", "table7": errors, "layers": layers, "exact_top10": ref.tolist(),
+                           "checkpoints": stats.to_dict(), "performance": perf, "targets": targets})
+    print(f"\nwrote {args.json} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Eigen-solvers on the sketched Hessian against dense eigenvalues of Phi H Phi^T."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sketcharray.collect
+from sketcharray.analysis import hessian_spectrum, lanczos, randomized, spectrum_statistics
+from sketcharray.analysis.eigen import plot_spectrum_evolution
+from sketcharray.sketches import make_sketch
+from sketcharray.workloads import cross_entropy_per_example
+
+from ..torch.test_grads import tiny_batch, tiny_model
+from ..torch.test_hvp import exact_hessian
+
+
+@pytest.mark.parametrize("solver", [lanczos, randomized])
+def test_solvers_find_both_ends_of_a_known_spectrum(solver):
+    rng = np.random.default_rng(0)
+    d = 200
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    ev = np.concatenate([[40.0, 25.0, 9.0], rng.uniform(-1, 1, d - 6), [-2.0, -6.0, -15.0]])
+    a = (q * ev) @ q.T
+    out = solver(lambda x: x @ a, d, 3, tol=1e-9, progress=False)
+    np.testing.assert_allclose(out["positive"][0], [40, 25, 9], rtol=1e-7)
+    np.testing.assert_allclose(out["negative"][0], [-15, -6, -2], rtol=1e-7)
+    vecs = out["positive"][1]
+    np.testing.assert_allclose(np.abs(vecs[:, 0] @ q[:, 0]), 1.0, atol=1e-6)
+    assert out["positive"][2].max() < 1e-6 * 40
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    model = tiny_model()
+    batches = [tiny_batch(40, seed=3)]
+    h, ps = exact_hessian(model, batches)
+    return model, batches, h.numpy(), ps
+
+
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+def test_spectrum_equals_dense_eigenvalues_of_phi_h_phi_t(small_problem, method):
+    model, batches, h, ps = small_problem
+    op = make_sketch("affd", ps.n, 32, seed=0)
+    phi = op.apply(np.eye(ps.n)).T
+    exact = np.linalg.eigvalsh(phi @ h @ phi.T)
+    assert exact[0] < 0 < exact[-1]  # an indefinite Hessian: both ends matter
+    ds = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, method=method,
+                          tol=1e-10, progress=False)
+    assert ds.eigenvalue.dims == ("sign", "rank") and list(ds.sign.values) == ["positive", "negative"]
+    np.testing.assert_allclose(ds.eigenvalue.sel(sign="positive"), exact[::-1][:3], rtol=1e-6)
+    np.testing.assert_allclose(ds.eigenvalue.sel(sign="negative"), exact[:3], rtol=1e-6)
+    assert float(ds.eigenvalue.sel(sign="negative", rank=1)) < 0
+    assert ds.attrs["hvps"] > 0 and ds.attrs["hvp_seconds"] > 0
+
+
+def test_statistics_match_numpy():
+    vals = np.array([[[10.0, 3.0, 2.5, 1.0], [-4.0, -1.0, -0.5, -0.1]],
+                     [[8.0, 1.0, 0.5, 0.2], [-0.8, -0.2, -0.1, 0.0]]])
+    import xarray as xr
+
+    ds = xr.Dataset({"eigenvalue": (("checkpoint", "sign", "rank"), vals)},
+                    coords={"checkpoint": ["a", "b"], "sign": ["positive", "negative"], "rank": [1, 2, 3, 4]})
+    st = spectrum_statistics(ds)
+    np.testing.assert_allclose(st.RNEG.values, [0.4, 0.1])
+    np.testing.assert_allclose(st.R.values, vals[:, 0] / vals[:, 0, :1])
+    assert st.outliers.values.tolist() == [3, 1]  # R > 0.2: {1, 0.3, 0.25} and {1}
+
+
+def test_checkpoints_are_saved_and_reused(small_problem, tmp_path, monkeypatch):
+    model, batches, _, ps = small_problem
+    states = {"early": {k: v * 0.5 for k, v in model.state_dict().items()}, "late": model.state_dict()}
+    spec = {"method": "qk", "n_out": 16, "seed": 0}
+    kwargs = dict(k=2, checkpoints=states, store=tmp_path / "spec", progress=False, tol=1e-10)
+    ds = hessian_spectrum(tiny_model(), cross_entropy_per_example, batches, spec, **kwargs)
+    assert ds.eigenvalue.dims == ("checkpoint", "sign", "rank") and list(ds.checkpoint.values) == ["early", "late"]
+    calls = []
+    original = sketcharray.collect.subspace_hessian
+    monkeypatch.setattr(sketcharray.collect, "subspace_hessian", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = hessian_spectrum(tiny_model(), cross_entropy_per_example, batches, spec, **kwargs)
+    assert calls == []  # both checkpoints loaded from the store
+    np.testing.assert_allclose(again.eigenvalue.values, ds.eigenvalue.values)
+    stats = spectrum_statistics(ds)
+    plot_spectrum_evolution(stats, tmp_path / "fig2.png")
+    assert (tmp_path / "fig2.png").stat().st_size > 5000
+    torch.testing.assert_close(model.state_dict()["0.weight"], states["late"]["0.weight"])

@@ -1,0 +1,328 @@
+"""Intrinsic dimension: subspace training theta = theta_0 + Phi^T omega and the doubling search.
+
+SPEC, "Intrinsic dimension": draw one projection of dimension D_max once;
+"dimension d" trains only omega's first d coordinates, so subspaces are
+nested and training continues without restarting when d doubles.  Loop:
+train ``steps_per_eval`` steps; evaluate the metric tau; if tau >= target x
+reference return d (= D*, within a factor 2 of D_int90); else if tau
+improved by less than ``min_improvement`` since the last evaluation, double d
+(an error past D_max).  A check run at D*/2 (fresh omega) confirms the factor
+of 2.  Everything computes now, with progress lines, and can resume from the
+state saved after every evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..sketches import make_sketch
+from ..torch import SubspaceModel, select_params
+from ..torch.grads import default_forward, to_device
+
+
+class SearchExhausted(RuntimeError):
+    """The doubling search passed D_max without reaching the target."""
+
+
+@dataclass
+class SearchState:
+    """Everything the doubling search needs to continue: saved after each evaluation."""
+
+    d: int
+    step: int = 0
+    last: float = -math.inf
+    trajectory: list = field(default_factory=list)  # (d, step, metric)
+    done: bool = False
+    d_star: int | None = None
+
+
+def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], float], *, target_metric: float,
+                    d0: int, d_max: int, steps_per_eval: int, min_improvement: float, max_steps: int | None = None,
+                    state: SearchState | None = None, on_eval: Callable[[SearchState], None] | None = None,
+                    progress: bool = True) -> SearchState:
+    """The paper's search, independent of what is trained.
+
+    ``train(d, n)`` trains n steps at dimension d (continuing); ``evaluate()``
+    returns the metric.  Returns the final state (``d_star`` set when the
+    target was reached).  Raises :class:`SearchExhausted` past ``d_max`` or
+    ``max_steps``.
+    """
+    if not 1 <= d0 <= d_max:
+        raise ValueError(f"d0 must be between 1 and d_max={d_max}; got d0={d0}")
+    state = state or SearchState(d=d0)
+    while not state.done:
+        train(state.d, steps_per_eval)
+        state.step += steps_per_eval
+        tau = float(evaluate())
+        state.trajectory.append((state.d, state.step, tau))
+        if progress:
+            print(f"  d={state.d:<7} step={state.step:<7} metric={tau:.4f} (target {target_metric:.4f})", flush=True)
+        if tau >= target_metric:
+            state.done, state.d_star = True, state.d
+        elif tau - state.last < min_improvement:
+            if state.d * 2 > d_max:
+                state.last = tau
+                if on_eval:
+                    on_eval(state)
+                raise SearchExhausted(f"target {target_metric:.4f} not reached up to d_max={d_max} "
+                                      f"(best metric {max(t[2] for t in state.trajectory):.4f})")
+            state.d *= 2
+        state.last = tau
+        if max_steps is not None and state.step >= max_steps and not state.done:
+            raise SearchExhausted(f"target not reached within max_steps={max_steps}")
+        if on_eval:
+            on_eval(state)
+    return state
+
+
+class _Stream:
+    """A deterministic stream of shuffled minibatches: batch i depends only on (seed, i)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.n = len(dataset)
+
+    def batch(self, i: int):
+        per_epoch = max(1, self.n // self.batch_size)
+        epoch, j = divmod(i, per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        idx = order[j * self.batch_size : (j + 1) * self.batch_size]
+        return torch.utils.data.default_collate([self.dataset[int(k)] for k in idx])
+
+
+def _train_steps(module, opt, stream: _Stream, start: int, n: int, loss_fn, forward, device):
+    module.train(False)
+    for i in range(start, start + n):
+        batch = to_device(stream.batch(i), device)
+        opt.zero_grad()
+        loss_fn(forward(module, batch), batch).mean().backward()
+        opt.step()
+
+
+def full_finetune_metric(model, loss_fn, data, eval_fn, *, lr: float, batch_size: int, steps_per_eval: int,
+                         min_improvement: float, max_steps: int, seed: int = 0, forward=None, device=None) -> float:
+    """The reference: train all parameters with Adam until the metric improves by less than
+    ``min_improvement`` between evaluations (or ``max_steps``); returns the best metric seen."""
+    model = copy.deepcopy(model).to(device or "cpu")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    stream, step, last, best = _Stream(data, batch_size, seed), 0, -math.inf, -math.inf
+    while step < max_steps:
+        _train_steps(model, opt, stream, step, steps_per_eval, loss_fn, forward or default_forward, device)
+        step += steps_per_eval
+        tau = float(eval_fn(model))
+        best = max(best, tau)
+        if tau - last < min_improvement:
+            break
+        last = tau
+    return best
+
+
+def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module], float], sketch_method: str = "affd",
+                        *, target: float = 0.9, reference: float | None = None, d0: int = 16,
+                        d_max: int = 1 << 14, steps_per_eval: int = 200, min_improvement: float = 0.01,
+                        lr: float = 1e-2, reference_lr: float = 1e-2, batch_size: int = 64,
+                        max_steps: int = 100_000, seeds=(0,), params=None, forward=None, device=None,
+                        check: bool = True, store=None, progress: bool = True, **sketch_options) -> xr.Dataset:
+    """D* of the doubling search for each seed, with trajectories (computes now).
+
+    Parameters
+    ----------
+    model : nn.Module or factory
+        Its current weights are theta_0.
+    loss_fn, data, forward, params, device : as for ``sketch_gradients``
+    eval_fn : callable
+        ``eval_fn(model) -> metric`` (higher is better), called on the
+        reparametrised model.
+    sketch_method : str
+        Any registry method (affd, qk, ffd, dense, ...) with ``sketch_options``.
+    target : float
+        Fraction of the reference metric to reach (0.9 for D_int90).
+    reference : float, optional
+        The metric of full fine-tuning; computed (same budget rules,
+        ``reference_lr``) when not given.
+    d0, d_max, steps_per_eval, min_improvement, lr, batch_size, max_steps
+        The search's settings (SPEC: delta = 0.1 on accuracy, c = 2000 steps,
+        Adam lr 1e-4 on a language model; defaults here suit small models).
+    seeds : sequence of int
+        One projection (and minibatch order) per seed.
+    check : bool
+        Also train a fresh omega at D*/2 and report its metric.
+    store : path, optional
+        A folder where the search state is saved after every evaluation;
+        a rerun resumes each seed where it stopped.
+
+    Returns
+    -------
+    xarray.Dataset with ``d_star``, ``final_metric``, ``check_metric`` (seed)
+    and the trajectory ``d``, ``step``, ``metric`` (seed, eval); attrs hold the
+    reference, the target metric and the settings.
+    """
+    base = model if isinstance(model, torch.nn.Module) else model()
+    forward = forward or default_forward
+    n_params = select_params(base, params).n
+    if reference is None:
+        reference = full_finetune_metric(base, loss_fn, data, eval_fn, lr=reference_lr, batch_size=batch_size,
+                                         steps_per_eval=steps_per_eval, min_improvement=min_improvement,
+                                         max_steps=max_steps, forward=forward, device=device)
+        if progress:
+            print(f"reference (full fine-tuning) metric: {reference:.4f}", flush=True)
+    goal = target * reference
+    rows = []
+    for seed in seeds:
+        rows.append(_search_one(base, params, n_params, sketch_method, sketch_options, seed, goal, data, loss_fn,
+                                eval_fn, forward, device, lr, batch_size, d0, d_max, steps_per_eval,
+                                min_improvement, max_steps, check, store, progress))
+    return _result(rows, reference, goal, sketch_method, n_params, d_max, steps_per_eval, min_improvement, lr)
+
+
+def _search_one(base, params, n_params, method, sketch_options, seed, goal, data, loss_fn, eval_fn, forward, device,
+                lr, batch_size, d0, d_max, steps_per_eval, min_improvement, max_steps, check, store, progress):
+    op = make_sketch(method, n_params, d_max, seed=seed, **sketch_options)
+    sub = SubspaceModel(copy.deepcopy(base), op, params).to(device or "cpu")
+    opt = torch.optim.Adam([sub.omega], lr=lr)
+    stream = _Stream(data, batch_size, seed)
+    folder = None if store is None else Path(store) / f"{method}-seed{seed}"
+    loaded = _load(folder, sub, opt)
+    state = loaded or SearchState(d=d0)
+    if progress:
+        print(f"{method} seed {seed}: N={n_params}, D_max={d_max}"
+              + (f" (resuming at d={state.d}, step {state.step})" if loaded else ""), flush=True)
+
+    def train(d, n):
+        sub.active = d
+        _train_steps(sub, opt, stream, state.step, n, loss_fn, forward, device)
+
+    def evaluate():
+        with torch.no_grad():
+            return eval_fn(sub)
+
+    error = None
+    if not state.done:
+        try:
+            doubling_search(train, evaluate, target_metric=goal, d0=d0, d_max=d_max, steps_per_eval=steps_per_eval,
+                            min_improvement=min_improvement, max_steps=max_steps, state=state, progress=progress,
+                            on_eval=lambda st: _save(folder, st, sub, opt))
+        except SearchExhausted as exc:
+            error = str(exc)
+    check_metric = np.nan
+    if check and state.d_star is not None and state.d_star > 1:
+        check_metric = _check_run(base, op, params, state.d_star // 2, data, loss_fn, eval_fn, lr, batch_size,
+                                  steps_per_eval, min_improvement, max_steps, seed, forward, device)
+    return seed, state, check_metric, error
+
+
+def _check_run(base, op, params, d, data, loss_fn, eval_fn, lr, batch_size, steps_per_eval, min_improvement,
+               max_steps, seed, forward, device) -> float:
+    sub = SubspaceModel(copy.deepcopy(base), op, params).to(device or "cpu")
+    sub.active = d
+    opt = torch.optim.Adam([sub.omega], lr=lr)
+    stream, step, last, best = _Stream(data, batch_size, seed), 0, -math.inf, -math.inf
+    while step < max_steps:
+        _train_steps(sub, opt, stream, step, steps_per_eval, loss_fn, forward, device)
+        step += steps_per_eval
+        with torch.no_grad():
+            tau = float(eval_fn(sub))
+        best = max(best, tau)
+        if tau - last < min_improvement:
+            break
+        last = tau
+    return best
+
+
+def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt) -> None:
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"omega": sub.omega.detach().cpu(), "opt": opt.state_dict()}, folder / "weights.pt.tmp")
+    (folder / "weights.pt.tmp").replace(folder / "weights.pt")
+    payload = {"d": state.d, "step": state.step, "last": state.last, "trajectory": state.trajectory,
+               "done": state.done, "d_star": state.d_star}
+    (folder / "state.json.tmp").write_text(json.dumps(payload))
+    (folder / "state.json.tmp").replace(folder / "state.json")
+
+
+def _load(folder: Path | None, sub: SubspaceModel, opt) -> SearchState | None:
+    if folder is None or not (folder / "state.json").exists():
+        return None
+    payload = json.loads((folder / "state.json").read_text())
+    weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        sub.omega.copy_(weights["omega"])
+    opt.load_state_dict(weights["opt"])
+    payload["trajectory"] = [tuple(t) for t in payload["trajectory"]]
+    return SearchState(**payload)
+
+
+def _result(rows, reference, goal, method, n_params, d_max, steps_per_eval, min_improvement, lr) -> xr.Dataset:
+    n_eval = max(len(s.trajectory) for _, s, _, _ in rows)
+    traj = np.full((len(rows), n_eval, 3), np.nan)
+    for i, (_, s, _, _) in enumerate(rows):
+        if s.trajectory:
+            traj[i, : len(s.trajectory)] = np.array(s.trajectory, dtype=float)
+    return xr.Dataset(
+        {
+            "d_star": ("seed", np.array([np.nan if s.d_star is None else s.d_star for _, s, _, _ in rows])),
+            "final_metric": ("seed", np.array([s.trajectory[-1][2] if s.trajectory else np.nan for _, s, _, _ in rows])),
+            "check_metric": ("seed", np.array([c for _, _, c, _ in rows])),
+            "d": (("seed", "eval"), traj[:, :, 0]),
+            "step": (("seed", "eval"), traj[:, :, 1]),
+            "metric": (("seed", "eval"), traj[:, :, 2]),
+        },
+        coords={"seed": [seed for seed, _, _, _ in rows], "eval": np.arange(n_eval)},
+        attrs={"reference": reference, "target_metric": goal, "method": method, "n_params": n_params,
+               "d_max": d_max, "steps_per_eval": steps_per_eval, "min_improvement": min_improvement, "lr": lr,
+               "errors": json.dumps({str(seed): err for seed, _, _, err in rows if err})},
+    )
+
+
+def intrinsic_dimension_grid(model, loss_fn, data, eval_fn, sketch_method: str = "affd", *, dims,
+                             steps_per_eval: int = 200, min_improvement: float = 0.01, lr: float = 1e-2,
+                             batch_size: int = 64, max_steps: int = 20_000, seed: int = 0, params=None,
+                             forward=None, device=None, **sketch_options) -> xr.Dataset:
+    """The classic method: train a fresh omega at each D of ``dims`` to completion; metric per D."""
+    base = model if isinstance(model, torch.nn.Module) else model()
+    n_params = select_params(base, params).n
+    metrics = []
+    for d in dims:
+        op = make_sketch(sketch_method, n_params, int(d), seed=seed, **sketch_options)
+        metrics.append(_check_run(base, op, params, int(d), data, loss_fn, eval_fn, lr, batch_size, steps_per_eval,
+                                  min_improvement, max_steps, seed, forward or default_forward, device))
+    return xr.Dataset({"metric": ("d", np.array(metrics))}, coords={"d": np.asarray(dims)},
+                      attrs={"method": sketch_method, "n_params": n_params})
+
+
+def plot_intrinsic(results: dict[str, xr.Dataset], path, *, reference: float | None = None, target: float = 0.9) -> None:
+    """Metric against D (log scale) per method, with the target line (90% of the reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, ds in results.items():
+        if "eval" in ds.dims:  # a search: plot each seed's trajectory
+            for s in ds.seed.values:
+                t = ds.sel(seed=s).dropna("eval")
+                ax.plot(t.d.values, t.metric.values, marker=".", alpha=0.8, label=f"{name} seed {s}")
+        else:
+            ax.plot(ds.d.values, ds.metric.values, marker="o", label=name)
+    if reference is not None:
+        ax.axhline(target * reference, color="grey", ls="--", lw=0.8, label=f"{int(100 * target)}% of full fine-tuning")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("subspace dimension D")
+    ax.set_ylabel("metric")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

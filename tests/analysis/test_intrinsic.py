@@ -1,0 +1,140 @@
+"""Subspace training and the doubling search for the intrinsic dimension."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sketcharray.analysis.intrinsic import (SearchExhausted, doubling_search, intrinsic_dimension,
+                                            intrinsic_dimension_grid, plot_intrinsic)
+from sketcharray.sketches import make_sketch
+from sketcharray.torch import SubspaceModel, select_params
+from sketcharray.workloads import cross_entropy_per_example
+
+from ..torch.test_grads import one_by_one, tiny_batch, tiny_model
+
+
+@pytest.mark.parametrize("method", ["affd", "qk", "ffd", "dense"])
+def test_subspace_model_starts_at_theta0_and_its_gradient_is_the_sketch(method):
+    model, batch = tiny_model(), tiny_batch()
+    ps = select_params(model)
+    op = make_sketch(method, ps.n, 16, seed=0)
+    sub = SubspaceModel(tiny_model(), op)
+    assert [n for n, p in sub.named_parameters() if p.requires_grad] == ["omega"]
+    torch.testing.assert_close(sub(batch[0]), model(batch[0]), rtol=0, atol=0)
+    cross_entropy_per_example(sub(batch[0]), batch).sum().backward()
+    expected = op.apply(one_by_one(model, batch).sum(0).numpy())
+    np.testing.assert_allclose(sub.omega.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_inactive_coordinates_get_no_gradient():
+    sub = SubspaceModel(tiny_model(), make_sketch("affd", 66, 16, seed=0))
+    sub.active = 4
+    batch = tiny_batch()
+    cross_entropy_per_example(sub(batch[0]), batch).sum().backward()
+    assert torch.all(sub.omega.grad[4:] == 0) and torch.any(sub.omega.grad[:4] != 0)
+
+
+class FakeTrainer:
+    """Metric = min(1, d / k) approached geometrically with training steps at each d."""
+
+    def __init__(self, k):
+        self.k, self.metric, self.calls = k, 0.0, []
+
+    def train(self, d, n):
+        self.calls.append((d, n))
+        ceiling = min(1.0, d / self.k)
+        self.metric += (ceiling - self.metric) * (1 - 0.5 ** (n / 10))
+
+    def evaluate(self):
+        return self.metric
+
+
+def test_doubling_logic_with_a_fake_trainer():
+    fake = FakeTrainer(k=100)
+    state = doubling_search(fake.train, fake.evaluate, target_metric=0.9, d0=8, d_max=1024, steps_per_eval=10,
+                            min_improvement=0.01, progress=False)
+    ds = [t[0] for t in state.trajectory]
+    assert ds == sorted(ds) and set(ds) <= {8, 16, 32, 64, 128}
+    assert state.d_star == 128 and state.trajectory[-1][2] >= 0.9
+    assert all(n == 10 for _, n in fake.calls)
+    # d only doubles after an evaluation that improved by less than min_improvement
+    for (d0, _, m0), (d1, _, m1), (d2, _, _) in zip(state.trajectory, state.trajectory[1:], state.trajectory[2:]):
+        if d2 > d1:
+            assert m1 - m0 < 0.01
+    with pytest.raises(SearchExhausted, match="not reached up to d_max=32"):
+        doubling_search(FakeTrainer(100).train, FakeTrainer(100).evaluate, target_metric=0.9, d0=8, d_max=32,
+                        steps_per_eval=10, min_improvement=0.01, progress=False)
+    with pytest.raises(ValueError, match="d0 must be between 1 and d_max=32; got d0=64"):
+        doubling_search(fake.train, fake.evaluate, target_metric=0.9, d0=64, d_max=32, steps_per_eval=10,
+                        min_improvement=0.01)
+
+
+class Projected(nn.Module):
+    """A loss that depends on theta only through A theta, A of rank k: intrinsic dimension k."""
+
+    def __init__(self, n=400, k=40, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.theta = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("a", torch.randn(k, n, generator=g, dtype=torch.float64) / n**0.5)
+        self.register_buffer("b", torch.randn(k, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        r = self.a @ self.theta - self.b
+        return (r @ r / (self.b @ self.b)).expand(x.shape[0])
+
+
+def _toy_loss(out, batch):
+    return out
+
+
+def _toy_metric(model):
+    return float(1 - model(torch.zeros(1))[0])  # fraction of the target explained
+
+
+TOY_DATA = torch.utils.data.TensorDataset(torch.zeros(8, 1))
+
+
+@pytest.mark.parametrize("method", ["affd", "qk"])
+def test_search_finds_a_known_intrinsic_dimension_within_a_factor_of_two(method):
+    k = 40
+    ds = intrinsic_dimension(Projected(k=k), _toy_loss, TOY_DATA, _toy_metric, method, reference=1.0, d0=4,
+                             d_max=256, steps_per_eval=60, min_improvement=0.01, lr=0.1, batch_size=8,
+                             seeds=(0, 1), progress=False)
+    for d_star in ds.d_star.values:
+        assert k / 2 <= d_star <= 2 * k, ds.d_star.values
+    assert (ds.final_metric >= 0.9).all()
+    # below k/2 the subspace cannot explain 90%: the check run at D*/2 falls short when D*/2 < 0.9 k
+    assert ds.sizes["eval"] >= 3 and ds.attrs["target_metric"] == pytest.approx(0.9)
+
+
+def test_search_resumes_after_an_interruption(tmp_path):
+    kwargs = dict(reference=1.0, d0=4, d_max=256, steps_per_eval=50, min_improvement=0.01, lr=0.05, batch_size=8,
+                  seeds=(0,), progress=False, check=False)
+    full = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", **kwargs)
+    calls = [0]
+
+    def interrupted_metric(model):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return _toy_metric(model)
+
+    with pytest.raises(KeyboardInterrupt):
+        intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, interrupted_metric, "affd", store=tmp_path, **kwargs)
+    resumed = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", store=tmp_path, **kwargs)
+    np.testing.assert_array_equal(resumed.d.values, full.d.values)
+    np.testing.assert_allclose(resumed.metric.values, full.metric.values, rtol=1e-12)
+    assert resumed.d_star.values.tolist() == full.d_star.values.tolist()
+
+
+def test_grid_mode_and_plot(tmp_path):
+    grid = intrinsic_dimension_grid(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", dims=[8, 32, 128],
+                                    steps_per_eval=60, lr=0.1, batch_size=8)
+    m = grid.metric.values
+    assert m[0] < m[1] < m[2] and m[2] > 0.95 and m[0] < 0.5
+    plot_intrinsic({"grid": grid}, tmp_path / "id.png", reference=1.0)
+    assert (tmp_path / "id.png").stat().st_size > 5000

@@ -40,6 +40,12 @@ def _bench_spectrum(args) -> int:
     return spectrum.main(args=args)
 
 
+def _bench_intrinsic(args) -> int:
+    from .bench import intrinsic
+
+    return intrinsic.main(args=args)
+
+
 def _bench_stream(args) -> int:
     from .bench import stream
 
@@ -97,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                               description=spectrum.__doc__)
     spectrum.build_parser(sp)
     sp.set_defaults(func=_bench_spectrum)
+    from .bench import intrinsic
+
+    idm = bench_sub.add_parser("intrinsic", help="intrinsic-dimension search (Table 10; FFD vs AFFD/QK)",
+                               description=intrinsic.__doc__)
+    intrinsic.build_parser(idm)
+    idm.set_defaults(func=_bench_intrinsic)
     return parser
 
 

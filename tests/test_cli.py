@@ -89,3 +89,9 @@ def test_bench_spectrum_small(tmp_path, capsys):
     payload = json.loads(out.read_text())
     assert len(payload["exact_top10"]) == 10 and payload["performance"][0]["hvps"] > 0
     assert png.stat().st_size > 10_000
+
+
+def test_bench_intrinsic_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "intrinsic", "--help"])
+    assert "--seeds" in capsys.readouterr().out

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import __version__
 
-
-def _bench_sketch(args) -> int:
-    from .bench import sketch
-
-    return sketch.main(args=args)
+#: ``sketcharray bench NAME``: (module in sketcharray.bench, one-line help)
+BENCHMARKS = {
+    "sketch": ("sketch", "sketch operators against a memcpy of the same data"),
+    "stream": ("stream", "streaming gradient sketches: time split and throughput"),
+    "tda": ("tda", "TDA accuracy per sketch method (the paper's Tables 6 and 1)"),
+    "tda-scale": ("tda_scale", "out-of-core top-k over a store larger than the memory allowed"),
+    "spectrum": ("spectrum", "Hessian-spectrum accuracy and solver speed (Tables 7 and 1, Fig. 2)"),
+    "intrinsic": ("intrinsic", "intrinsic-dimension search (Table 10; FFD vs AFFD/QK)"),
+}
 
 
 def _demo(args) -> int:
@@ -22,34 +27,12 @@ def _demo(args) -> int:
     return 0
 
 
-def _bench_tda(args) -> int:
-    from .bench import tda
-
-    return tda.main(args=args)
+def _benchmark_module(name: str):
+    return importlib.import_module(f".bench.{BENCHMARKS[name][0]}", __package__)
 
 
-def _bench_tda_scale(args) -> int:
-    from .bench import tda_scale
-
-    return tda_scale.main(args=args)
-
-
-def _bench_spectrum(args) -> int:
-    from .bench import spectrum
-
-    return spectrum.main(args=args)
-
-
-def _bench_intrinsic(args) -> int:
-    from .bench import intrinsic
-
-    return intrinsic.main(args=args)
-
-
-def _bench_stream(args) -> int:
-    from .bench import stream
-
-    return stream.main(args=args)
+def _bench(args) -> int:
+    return _benchmark_module(args.benchmark).main(args=args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,42 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)",
                            description="Run a benchmark; each prints a table and writes JSON.")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    from .bench import sketch
-
-    sk = bench_sub.add_parser("sketch", help="sketch operators against a memcpy of the same data",
-                              description=sketch.__doc__)
-    sketch.build_parser(sk)
-    sk.set_defaults(func=_bench_sketch)
-    from .bench import stream
-
-    sm = bench_sub.add_parser("stream", help="streaming gradient sketches: time split and throughput",
-                              description=stream.__doc__)
-    stream.build_parser(sm)
-    sm.set_defaults(func=_bench_stream)
-    from .bench import tda
-
-    td = bench_sub.add_parser("tda", help="TDA accuracy per sketch method (the paper's Tables 6 and 1)",
-                              description=tda.__doc__)
-    tda.build_parser(td)
-    td.set_defaults(func=_bench_tda)
-    from .bench import tda_scale
-
-    ts = bench_sub.add_parser("tda-scale", help="out-of-core top-k over a store larger than the memory allowed",
-                              description=tda_scale.__doc__)
-    tda_scale.build_parser(ts)
-    ts.set_defaults(func=_bench_tda_scale)
-    from .bench import spectrum
-
-    sp = bench_sub.add_parser("spectrum", help="Hessian-spectrum accuracy and solver speed (Tables 7 and 1, Fig. 2)",
-                              description=spectrum.__doc__)
-    spectrum.build_parser(sp)
-    sp.set_defaults(func=_bench_spectrum)
-    from .bench import intrinsic
-
-    idm = bench_sub.add_parser("intrinsic", help="intrinsic-dimension search (Table 10; FFD vs AFFD/QK)",
-                               description=intrinsic.__doc__)
-    intrinsic.build_parser(idm)
-    idm.set_defaults(func=_bench_intrinsic)
+    for name, (_, help_text) in BENCHMARKS.items():
+        module = _benchmark_module(name)
+        module.build_parser(bench_sub.add_parser(name, help=help_text, description=module.__doc__))
+    bench.set_defaults(func=_bench)
     return parser
 
 

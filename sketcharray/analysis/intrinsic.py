@@ -108,24 +108,33 @@ def _train_steps(module, opt, stream: _Stream, start: int, n: int, loss_fn, forw
         opt.step()
 
 
-def full_finetune_metric(model, loss_fn, data, eval_fn, *, lr: float, batch_size: int, steps_per_eval: int,
-                         min_improvement: float, max_steps: int, seed: int = 0, forward=None, device=None) -> float:
-    """The reference: train all parameters with Adam until the metric improves by less than
-    ``min_improvement`` between evaluations (or ``max_steps``); returns the best metric seen."""
-    model = copy.deepcopy(model).to(device or "cpu")
-    for p in model.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def train_to_plateau(module, trainable, data, loss_fn, eval_fn, *, lr: float, batch_size: int, steps_per_eval: int,
+                     min_improvement: float, max_steps: int, seed: int = 0, forward=None, device=None) -> float:
+    """Adam on ``trainable`` until the metric improves by less than ``min_improvement`` between
+    evaluations (or ``max_steps``); returns the best metric seen."""
+    opt = torch.optim.Adam(trainable, lr=lr)
     stream, step, last, best = _Stream(data, batch_size, seed), 0, -math.inf, -math.inf
     while step < max_steps:
-        _train_steps(model, opt, stream, step, steps_per_eval, loss_fn, forward or default_forward, device)
+        _train_steps(module, opt, stream, step, steps_per_eval, loss_fn, forward or default_forward, device)
         step += steps_per_eval
-        tau = float(eval_fn(model))
+        with torch.no_grad():
+            tau = float(eval_fn(module))
         best = max(best, tau)
         if tau - last < min_improvement:
             break
         last = tau
     return best
+
+
+def full_finetune_metric(model, loss_fn, data, eval_fn, *, lr: float, batch_size: int, steps_per_eval: int,
+                         min_improvement: float, max_steps: int, seed: int = 0, forward=None, device=None) -> float:
+    """The reference: all parameters trained by :func:`train_to_plateau`."""
+    model = copy.deepcopy(model).to(device or "cpu")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return train_to_plateau(model, list(model.parameters()), data, loss_fn, eval_fn, lr=lr, batch_size=batch_size,
+                            steps_per_eval=steps_per_eval, min_improvement=min_improvement, max_steps=max_steps,
+                            seed=seed, forward=forward, device=device)
 
 
 def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module], float], sketch_method: str = "affd",
@@ -224,20 +233,12 @@ def _search_one(base, params, n_params, method, sketch_options, seed, goal, data
 
 def _check_run(base, op, params, d, data, loss_fn, eval_fn, lr, batch_size, steps_per_eval, min_improvement,
                max_steps, seed, forward, device) -> float:
+    """A fresh omega trained at dimension d only (the check at D*/2, and the grid mode)."""
     sub = SubspaceModel(copy.deepcopy(base), op, params).to(device or "cpu")
     sub.active = d
-    opt = torch.optim.Adam([sub.omega], lr=lr)
-    stream, step, last, best = _Stream(data, batch_size, seed), 0, -math.inf, -math.inf
-    while step < max_steps:
-        _train_steps(sub, opt, stream, step, steps_per_eval, loss_fn, forward, device)
-        step += steps_per_eval
-        with torch.no_grad():
-            tau = float(eval_fn(sub))
-        best = max(best, tau)
-        if tau - last < min_improvement:
-            break
-        last = tau
-    return best
+    return train_to_plateau(sub, [sub.omega], data, loss_fn, eval_fn, lr=lr, batch_size=batch_size,
+                            steps_per_eval=steps_per_eval, min_improvement=min_improvement, max_steps=max_steps,
+                            seed=seed, forward=forward, device=device)
 
 
 def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt) -> None:

@@ -134,7 +134,8 @@ def _prepared(train, queries, score, damping, preconditioner):
 
 
 def attribute(train, queries, *, score: str = "dot", k: int | None = None, which: str = "top",
-              damping: float | None = None, preconditioner=None, checkpoint_weights=None):
+              damping: float | None = None, preconditioner=None, checkpoint_weights=None,
+              query_batch: int = 1024):
     """Attribution scores of training examples for queries (lazy).
 
     Parameters
@@ -156,6 +157,9 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
     checkpoint_weights : sequence, optional
         Weights of the checkpoints (e.g. learning rates) for TracIn-CP;
         default all 1.
+    query_batch : int
+        With ``k``: queries scored together against each training chunk
+        (memory per task: query_batch x chunk rows of scores).
 
     Returns
     -------
@@ -174,7 +178,11 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
         out = s.where(ok).transpose("query", "example", ...)
         out.attrs.update(attrs)
         return out.rename("score")
-    return _top_k(g, q, ok, weights, k, which, attrs)
+    if q.sizes["query"] <= query_batch:
+        return _top_k(g, q, ok, weights, k, which, attrs)
+    parts = [_top_k(g, q.isel(query=slice(s, s + query_batch)), ok, weights, k, which, attrs)
+             for s in range(0, q.sizes["query"], query_batch)]
+    return xr.concat(parts, dim="query", combine_attrs="override")
 
 
 def self_influence(train, *, score: str = "dot", damping: float | None = None, preconditioner=None,

@@ -81,6 +81,14 @@ def test_top_k_equals_argsort_with_labels(which):
     assert not set(out.index.values.ravel()) & {3, 40}
 
 
+def test_queries_are_scored_in_batches():
+    ds, grad, valid = make_train(n=103, chunk=7)
+    qa, q = make_queries(m=11)
+    batched = attribute(ds, qa, k=4, query_batch=3)
+    assert batched.score.data.chunks[0] == (3, 3, 3, 2)
+    xr.testing.assert_identical(batched.compute(), attribute(ds, qa, k=4).compute())
+
+
 def test_top_k_ties_prefer_the_lower_index_and_k_is_checked():
     grad = np.zeros((20, 2))
     grad[:, 0] = [1.0, 2.0, 2.0, 0.5] * 5  # many ties

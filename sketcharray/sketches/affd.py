@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 from . import random as rnd
-from . import transforms as tf
 from .base import SketchOperator
 from .precond import Mixing, padded_length
 
@@ -26,11 +25,6 @@ class _LookupFree(SketchOperator):
         if self.opts["precond"] == "kron":
             return None
         return rnd.signs(xp, self.key("B"), self.n_in, dtype=dtype, device=device)
-
-    def _signed_padded(self, xp, x, state):
-        if state["B"] is not None:
-            x = x * state["B"]
-        return tf.pad_columns(xp, x, self.n_pad)
 
     def _unsign(self, x, state):
         x = x[:, : self.n_in]
@@ -65,7 +59,7 @@ class AFFD(_LookupFree):
         }
 
     def _apply(self, xp, x, state):
-        u = self._mix("H1", self.n_pad, "rows").forward(xp, self._signed_padded(xp, x, state), state["H1"])
+        u = self._mix("H1", self.n_pad, "rows").forward(xp, x, state["H1"], signs=state["B"])
         return self._mix("H2", self.n_out, "cols").forward(xp, u * state["G"], state["H2"])
 
     def _adjoint(self, xp, y, state):
@@ -96,7 +90,7 @@ class AFJL(_LookupFree):
         }
 
     def _apply(self, xp, x, state):
-        u = self._mix("H1", self.n_out, "rows").forward(xp, self._signed_padded(xp, x, state), state["H1"])
+        u = self._mix("H1", self.n_out, "rows").forward(xp, x, state["H1"], signs=state["B"])
         return u * state["G"][: self.n_out]
 
     def _adjoint(self, xp, y, state):

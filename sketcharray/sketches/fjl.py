@@ -52,9 +52,10 @@ class FJL(SketchOperator):
         return Mixing(o["precond"], self.n_pad, self.key("H"), self.n_pad, None, o["max_factor"])
 
     def _row_capacity(self) -> int:
-        # Non-zeros per row are Binomial(N, q); room for 8 standard deviations above the mean.
+        # Non-zeros per row are Binomial(N, q); room for 8 standard deviations above the mean,
+        # plus the one draw that must land past the end (so N + 1 at most).
         mean = self.q * self.n_pad
-        return min(self.n_pad, int(math.ceil(mean + 8 * math.sqrt(mean) + 16)))
+        return min(self.n_pad + 1, int(math.ceil(mean + 8 * math.sqrt(mean) + 16)))
 
     def _state_floats(self) -> int:
         # index (int64 = 2 floats) + value per stored non-zero, signs, mixing factors
@@ -88,8 +89,7 @@ class FJL(SketchOperator):
         }
 
     def _apply(self, xp, x, state):
-        x = tf.pad_columns(xp, x, self.n_pad) * state["B"]
-        u = self._mixing().forward(xp, x, state["mix"])
+        u = self._mixing().forward(xp, x, state["mix"], signs=state["B"][: self.n_in])
         d, width = state["vals"].shape
         rows = max(1, _ROW_CHUNK_ENTRIES // max(1, int(x.shape[0]) * width))
         parts = []

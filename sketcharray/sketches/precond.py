@@ -84,11 +84,14 @@ class Mixing:
             mats.append(xp.asarray(np.ascontiguousarray(m), dtype=dtype, device=device))
         return {"mats": mats}
 
-    def forward(self, xp, x, state):
-        """``R_{n_out} T x`` for the rows of ``x`` (B, n) -> (B, n_out)."""
+    def forward(self, xp, x, state, signs=None):
+        """``R_{n_out} T pad(signs * x)`` for the rows of ``x`` (B, <= n) -> (B, n_out)."""
         if self.precond == "fft":
+            if signs is not None:
+                x = x * signs
+            x = tf.pad_columns(xp, x, self.n)
             return tf.hartley(xp, tf.roll(xp, x, state["shift"]))[:, : self.n_out]
-        y = tf.kron_apply(xp, x, [m[:r] for m, r in zip(state["mats"], self.rows)])
+        y = tf.kron_apply(xp, x, [m[:r] for m, r in zip(state["mats"], self.rows)], signs=signs)
         return y[:, : self.n_out] if int(y.shape[1]) != self.n_out else y
 
     def adjoint(self, xp, y, state):

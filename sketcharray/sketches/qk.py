@@ -81,7 +81,7 @@ class QK(SketchOperator):
         return {"mats": mats, "scale": math.sqrt(self.n_pad / self.n_out)}
 
     def _apply(self, xp, x, state):
-        y = tf.kron_apply(xp, tf.pad_columns(xp, x, self.n_pad), state["mats"])
+        y = tf.kron_apply(xp, x, state["mats"])  # pads implicitly
         return y * state["scale"]
 
     def _adjoint(self, xp, y, state):

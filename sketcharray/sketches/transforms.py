@@ -82,13 +82,46 @@ def kept_rows(factors: tuple[int, ...], n_out: int) -> tuple[int, ...]:
     return tuple(rows)
 
 
-def kron_apply(xp, x, mats, *, transpose: bool = False):
+#: working-set size of the fused sign-and-pad leading contraction
+_BLOCK_BYTES = 1 << 28
+
+
+def leading_contraction(xp, x, m, n_pad: int, signs=None):
+    """``m`` applied along the leading Kronecker axis of ``pad(x * signs)``, without forming it.
+
+    ``x`` is (B, n) with n <= n_pad; the rows are read once, a block of
+    leading slices at a time, so neither the sign-flipped nor the padded copy
+    of the input is ever allocated.  Returns (B, r, n_pad // b).
+    """
+    batch, n = int(x.shape[0]), int(x.shape[1])
+    rest = n_pad // int(m.shape[1])
+    full, tail = divmod(n, rest)
+    group = max(1, _BLOCK_BYTES // max(1, batch * rest * 4))
+    out = None
+    for g0 in range(0, full + (1 if tail else 0), group):
+        g1 = min(full + (1 if tail else 0), g0 + group)
+        xs = x[:, g0 * rest : min(n, g1 * rest)]
+        if signs is not None:
+            xs = xs * signs[g0 * rest : min(n, g1 * rest)]
+        if g1 * rest > n:
+            xs = pad_columns(xp, xs, (g1 - g0) * rest)
+        part = xp.matmul(m[:, g0:g1], xp.reshape(xs, (batch, g1 - g0, rest)))
+        out = part if out is None else out + part
+    return out
+
+
+def kron_apply(xp, x, mats, *, transpose: bool = False, signs=None):
     """Apply ``mats[0] x mats[1] x ...`` to the rows of ``x``.
 
     Parameters
     ----------
-    x : array, shape (B, prod(in_sizes))
-        Rows in row-major Kronecker order.
+    x : array, shape (B, n) with n <= prod(in_sizes)
+        Rows in row-major Kronecker order; shorter rows are zero-padded
+        implicitly.
+    signs : array (n,), optional
+        A sign (or any) diagonal applied to ``x`` first, fused with the
+        padding into the first contraction when that contraction shrinks
+        the data (a truncated leading factor).
     mats : sequence of arrays, ``mats[k]`` of shape (r_k, b_k)
         The factors; with ``transpose=True`` their transposes are applied
         (``x`` then has ``prod(r_k)`` columns and the result ``prod(b_k)``).
@@ -107,6 +140,15 @@ def kron_apply(xp, x, mats, *, transpose: bool = False):
     dims = [int(m.shape[1]) for m in ops]
     batch = int(x.shape[0])
     order = sorted(range(len(ops)), key=lambda k: int(ops[k].shape[0]) / dims[k])
+    n_full = math.prod(dims)
+    if order[0] == 0 and int(ops[0].shape[0]) < dims[0] and (signs is not None or int(x.shape[1]) < n_full):
+        x = leading_contraction(xp, x, ops[0], n_full, signs)
+        dims[0] = int(ops[0].shape[0])
+        order = order[1:]
+    else:
+        if signs is not None:
+            x = x * signs
+        x = pad_columns(xp, x, n_full)
     for k in order:
         m = ops[k]
         r, b = int(m.shape[0]), dims[k]

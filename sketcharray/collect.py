@@ -28,6 +28,9 @@ from .torch import HVP, SubspaceHessian, model_fingerprint, select_params, sketc
 from .torch.grads import batch_labels, to_device
 
 _local = threading.local()
+# Building or moving a model sets ``param.data``, which torch refuses while
+# any thread is inside a torch.func transform: do it under one lock, once.
+_BUILD_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------ inputs
@@ -92,23 +95,70 @@ def resolve_sketch(sketch, n_params: int) -> SketchOperator:
     return op
 
 
+@dataclass(frozen=True, eq=False)
+class ModuleSource:
+    """A live module passed to tasks, with the fingerprint of its weights at submission.
+
+    Worker threads differentiate private copies (``functional_call`` swaps
+    parameters, so threads must not share a module); the fingerprint keys
+    those copies, so a module whose weights changed since (a new checkpoint
+    loaded into the same object) is copied afresh, never used stale.
+    """
+
+    module: nn.Module
+    fingerprint: str
+
+
 def _model_from(source) -> nn.Module:
-    """This thread's copy of the model (functional_call swaps parameters, so threads must not share)."""
+    """The model a task should run: the caller's module on the main thread, else this thread's copy."""
+    if isinstance(source, ModuleSource) and threading.current_thread() is threading.main_thread():
+        return source.module
     cache = getattr(_local, "models", None)
     if cache is None:
         cache = _local.models = {}
-    key = id(source) if isinstance(source, nn.Module) else dask.base.tokenize(source)
+    if isinstance(source, ModuleSource):
+        key = ("module", id(source.module), source.fingerprint)
+    else:
+        key = ("factory", dask.base.tokenize(source))
     model = cache.get(key)
     if model is None:
-        if isinstance(source, nn.Module):
-            import copy
-
-            model = source if not getattr(_local, "copied", False) and threading.current_thread() is threading.main_thread() else copy.deepcopy(source)
-        else:
-            model = source()
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"model factory returned {type(model).__name__}, expected a torch.nn.Module")
+        with _BUILD_LOCK:
+            model = _build(source)
+        if len(cache) >= 4:  # keep a few models per thread, not every one ever seen
+            cache.pop(next(iter(cache)))
         cache[key] = model
+    return model
+
+
+def _build(source) -> nn.Module:
+    if isinstance(source, ModuleSource):
+        import copy
+
+        return copy.deepcopy(source.module)
+    model = source()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model factory returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
+    """Move the model to ``dev`` when some tensor is elsewhere.
+
+    The move replaces the Parameter objects instead of assigning
+    ``param.data`` (which torch refuses while another thread is inside a
+    torch.func transform), under the build lock.
+    """
+    def elsewhere(t):
+        return t.device.type != dev.type or (dev.index is not None and t.device.index != dev.index)
+
+    if any(elsewhere(t) for t in [*model.parameters(), *model.buffers()]):
+        with _BUILD_LOCK:
+            previous = torch.__future__.get_overwrite_module_params_on_conversion()
+            torch.__future__.set_overwrite_module_params_on_conversion(True)
+            try:
+                model.to(dev)
+            finally:
+                torch.__future__.set_overwrite_module_params_on_conversion(previous)
     return model
 
 
@@ -129,7 +179,7 @@ def _to_host(t: torch.Tensor, cuda_chunks: bool):
 def _gradient_task(model_src, loss_fn, forward, data: DataSource, index, start, stop, op, params,
                    mode, device, per_example, store_path):
     dev = _device_of(device)
-    model = _model_from(model_src).to(dev)
+    model = _on_device(_model_from(model_src), dev)
     paramset = select_params(model, params)
     batch = to_device(data.load(index, start, stop), dev)
     out = sketch_batch(model, loss_fn, batch, paramset, op, mode=mode, forward=forward, per_example=per_example)
@@ -229,7 +279,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
         "mode": mode, "n_examples": n, "batch_size": chunk, "storage_dtype": dtype,
         "checkpoint": checkpoint, "variable": "grad", "sketcharray_version": __version__,
     }
-    model_src = driver_model if isinstance(model, nn.Module) else model
+    model_src = ModuleSource(driver_model, attrs["model_fingerprint"]) if isinstance(model, nn.Module) else model
     task_args = (loss_fn, forward, source)
 
     if store is None:
@@ -244,7 +294,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
     else:
         st.check_compatible(store, existing, attrs, ids=ids)
     todo = st.pending_batches(store)
-    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, nn.Module) else model_src
+    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource) else model_src
     token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
     tasks = [
         dask.delayed(_gradient_task, pure=True)(
@@ -292,7 +342,7 @@ def _lazy_dataset(model_src, task_args, bounds, op, params, mode, device, per_ex
         import cupy
 
         meta = cupy.empty((0, 0), dtype=np.float32)
-    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, nn.Module) else model_src
+    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource) else model_src
     cols = {"grad": [], "loss": [], "valid": [], "label": []}
     token = dask.base.tokenize(op, params, mode, device, attrs["model_fingerprint"], ids)
     for i, (a, b) in enumerate(bounds):
@@ -328,7 +378,7 @@ def random_probes(n_params: int, k: int, seed: int = 0) -> np.ndarray:
 
 def _hvp_task(model_src, loss_fn, forward, data: DataSource, probes, op, params, device, hvp_mode):
     dev = _device_of(device)
-    model = _model_from(model_src).to(dev)
+    model = _on_device(_model_from(model_src), dev)
     paramset = select_params(model, params)
     batches = [data.load(i, a, b) for i, (a, b) in enumerate(data.bounds)]
     hvp = HVP(model, loss_fn, batches, paramset, forward=forward, mode=hvp_mode, device=dev)
@@ -357,8 +407,9 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
         v = np.asarray(probes, dtype=np.float32)
         if v.ndim != 2 or v.shape[1] != paramset.n:
             raise ValueError(f"probes must have shape (k, {paramset.n}); got {v.shape}")
-    model_src = driver_model if isinstance(model, nn.Module) else model
-    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, nn.Module) else model_src
+    fingerprint = model_fingerprint(driver_model)
+    model_src = ModuleSource(driver_model, fingerprint) if isinstance(model, nn.Module) else model
+    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource) else model_src
     meta = None
     if _device_of(device).type == "cuda":
         import cupy
@@ -376,7 +427,7 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
         coords={"probe": np.arange(len(v)), "sketch": np.arange(op.n_out)},
     )
     ds.attrs.update({"sketch_spec": op.spec, **paramset.to_attrs(),
-                     "model_fingerprint": model_fingerprint(driver_model), "probe_seed": seed,
+                     "model_fingerprint": fingerprint, "probe_seed": seed,
                      "sketcharray_version": __version__})
     return ds
 

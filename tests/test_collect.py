@@ -215,3 +215,18 @@ def test_distributed_equals_local(work, small, tmp_path):
         lazy = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=30, ids=ids).compute()
     np.testing.assert_array_equal(dist.grad.values, local.grad.values)
     np.testing.assert_array_equal(lazy.grad.values, local.grad.values)
+
+
+def test_a_module_updated_in_place_is_not_used_stale_by_worker_threads(work, small):
+    """Threads keep private copies of a live module; new weights in the same object must reach them."""
+    data, _ = small
+    model = work.model()
+    first = sketch_gradients(model, work.loss_fn, data, SKETCH, batch_size=20).grad.values
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    second = sketch_gradients(model, work.loss_fn, data, SKETCH, batch_size=20).grad.values
+    fresh = sketch_gradients(lambda: model, work.loss_fn, data, SKETCH, batch_size=20,
+                             scheduler="synchronous").grad.values
+    assert not np.allclose(first, second)
+    np.testing.assert_array_equal(second, fresh)

@@ -119,7 +119,10 @@ def _model_from(source) -> nn.Module:
     if isinstance(source, ModuleSource):
         key = ("module", id(source.module), source.fingerprint)
     else:
-        key = ("factory", dask.base.tokenize(source))
+        try:  # content-based where possible (the same factory unpickled on a worker hits the cache)
+            key = ("factory", dask.base.tokenize(source, ensure_deterministic=True))
+        except Exception:  # e.g. a lambda: fall back to the object itself
+            key = ("factory-object", id(source))
     model = cache.get(key)
     if model is None:
         with _BUILD_LOCK:
@@ -160,6 +163,23 @@ def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
             finally:
                 torch.__future__.set_overwrite_module_params_on_conversion(previous)
     return model
+
+
+def _driver_model(model) -> tuple[nn.Module, Any]:
+    """The model on the calling side, and what tasks receive (a factory, or the module with its fingerprint).
+
+    A "factory" that hands out one shared module (``lambda: model``) is
+    treated as that module: worker threads then run private copies instead
+    of racing on it.
+    """
+    if isinstance(model, nn.Module):
+        return model, ModuleSource(model, model_fingerprint(model))
+    built = model()
+    if not isinstance(built, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a factory returning one; got {type(built).__name__}")
+    if model() is built:
+        return built, ModuleSource(built, model_fingerprint(built))
+    return built, model
 
 
 def _device_of(device) -> torch.device:
@@ -255,9 +275,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
         raise ValueError(f"mode must be 'explicit' or 'implicit'; got {mode!r}")
     if dtype not in st.STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {list(st.STORAGE_DTYPES)}; got {dtype!r}")
-    driver_model = model if isinstance(model, nn.Module) else model()
-    if not isinstance(driver_model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or a factory returning one; got {type(driver_model).__name__}")
+    driver_model, model_src = _driver_model(model)
     paramset = select_params(driver_model, params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
@@ -279,7 +297,6 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
         "mode": mode, "n_examples": n, "batch_size": chunk, "storage_dtype": dtype,
         "checkpoint": checkpoint, "variable": "grad", "sketcharray_version": __version__,
     }
-    model_src = ModuleSource(driver_model, attrs["model_fingerprint"]) if isinstance(model, nn.Module) else model
     task_args = (loss_fn, forward, source)
 
     if store is None:
@@ -397,7 +414,7 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
     ``probes_per_task`` probes, each a full pass over ``data``.  Returns a
     Dataset with ``hvp`` (probe, sketch) and the probes' norms.
     """
-    driver_model = model if isinstance(model, nn.Module) else model()
+    driver_model, model_src = _driver_model(model)
     paramset = select_params(driver_model, params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
@@ -408,7 +425,6 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
         if v.ndim != 2 or v.shape[1] != paramset.n:
             raise ValueError(f"probes must have shape (k, {paramset.n}); got {v.shape}")
     fingerprint = model_fingerprint(driver_model)
-    model_src = ModuleSource(driver_model, fingerprint) if isinstance(model, nn.Module) else model
     model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource) else model_src
     meta = None
     if _device_of(device).type == "cuda":

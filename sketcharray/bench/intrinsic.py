@@ -42,7 +42,7 @@ def setup(workload: str):
     if workload == "digits":
         torch.manual_seed(1234)
         base = build_digits_model(32)  # a fresh initialisation: theta_0 is untrained
-        settings = dict(d0=16, d_max=4096, steps_per_eval=100, min_improvement=0.01, lr=3e-2, reference_lr=1e-2,
+        settings = dict(d0=16, d_max=2048, steps_per_eval=100, min_improvement=0.01, lr=3e-2, reference_lr=1e-2,
                         batch_size=128)
     else:
         base = w.model()

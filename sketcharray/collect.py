@@ -31,6 +31,11 @@ _local = threading.local()
 # Building or moving a model sets ``param.data``, which torch refuses while
 # any thread is inside a torch.func transform: do it under one lock, once.
 _BUILD_LOCK = threading.Lock()
+# One batch's autodiff at a time per process: torch already uses every core
+# inside it, and concurrent callers make its kernels pick different blockings,
+# so results would vary in the last bits between runs -- and a resumed store
+# must be bit-identical to an uninterrupted one.
+_TORCH_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------ inputs
@@ -202,7 +207,8 @@ def _gradient_task(model_src, loss_fn, forward, data: DataSource, index, start, 
     model = _on_device(_model_from(model_src), dev)
     paramset = select_params(model, params)
     batch = to_device(data.load(index, start, stop), dev)
-    out = sketch_batch(model, loss_fn, batch, paramset, op, mode=mode, forward=forward, per_example=per_example)
+    with _TORCH_LOCK:
+        out = sketch_batch(model, loss_fn, batch, paramset, op, mode=mode, forward=forward, per_example=per_example)
     cuda_chunks = dev.type == "cuda" and store_path is None
     result = {
         "grad": _to_host(out["grad"].float(), cuda_chunks),
@@ -400,7 +406,8 @@ def _hvp_task(model_src, loss_fn, forward, data: DataSource, probes, op, params,
     batches = [data.load(i, a, b) for i, (a, b) in enumerate(data.bounds)]
     hvp = HVP(model, loss_fn, batches, paramset, forward=forward, mode=hvp_mode, device=dev)
     ref = next(iter(hvp.theta.values()))
-    hv = hvp(torch.as_tensor(probes, dtype=ref.dtype, device=dev))
+    with _TORCH_LOCK:
+        hv = hvp(torch.as_tensor(probes, dtype=ref.dtype, device=dev))
     return _to_host(op.apply(hv).float(), dev.type == "cuda")
 
 

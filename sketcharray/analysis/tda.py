@@ -167,22 +167,19 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
     With ``k``: Dataset with ``score`` and ``example`` (query, rank), lazy;
     computing it streams the training set chunk by chunk.
     """
+    if k is not None:
+        return _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_weights, k, which,
+                              query_batch)
     g, q, ok, attrs = _prepared(train, queries, score, damping, preconditioner)
     weights = _checkpoint_weights(g, checkpoint_weights)
-    if k is None:
-        s = xr.dot(q, g, dim="sketch")
-        if weights is not None:
-            s = (s * weights).sum("checkpoint")
-        if "checkpoint" in ok.dims:
-            ok = ok.all("checkpoint")
-        out = s.where(ok).transpose("query", "example", ...)
-        out.attrs.update(attrs)
-        return out.rename("score")
-    if q.sizes["query"] <= query_batch:
-        return _top_k(g, q, ok, weights, k, which, attrs)
-    parts = [_top_k(g, q.isel(query=slice(s, s + query_batch)), ok, weights, k, which, attrs)
-             for s in range(0, q.sizes["query"], query_batch)]
-    return xr.concat(parts, dim="query", combine_attrs="override")
+    s = xr.dot(q, g, dim="sketch")
+    if weights is not None:
+        s = (s * weights).sum("checkpoint")
+    if "checkpoint" in ok.dims:
+        ok = ok.all("checkpoint")
+    out = s.where(ok).transpose("query", "example", ...)
+    out.attrs.update(attrs)
+    return out.rename("score")
 
 
 def self_influence(train, *, score: str = "dot", damping: float | None = None, preconditioner=None,
@@ -203,8 +200,18 @@ def self_influence(train, *, score: str = "dot", damping: float | None = None, p
 
 
 # ---------------------------------------------------------------- top-k
-def chunk_topk(q, g, ok, weights, offset, k, sign):
-    """Top-k (by sign * score) of one training chunk: (scores, global indices), each (n_query, k)."""
+def chunk_topk(q, g, valid, weights, offset, k, sign, normalize):
+    """Top-k (by sign * score) of one raw training chunk: (scores, global indices), each (n_query, k).
+
+    The chunk is read once: rows flagged invalid or holding non-finite values
+    are excluded here, and ``normalize`` (cosine) scales rows to unit norm here.
+    """
+    finite = np.isfinite(g).reshape(g.shape[0], -1).all(axis=1)
+    ok = finite if valid is None else (finite & np.asarray(valid, dtype=bool))
+    g = np.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
+    if normalize:
+        norms = np.sqrt(np.sum(g * g, axis=1, keepdims=True))
+        g = g / np.where(norms > 0, norms, 1.0)
     s = np.einsum("qd...,ed...->qe...", q, g) if g.ndim == 3 else q @ g.T
     if s.ndim == 3:  # (query, example, checkpoint)
         s = s @ weights
@@ -226,29 +233,53 @@ def _to_host(x):
     return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
 
 
-def _top_k(g, q, ok, weights, k, which, attrs):
+def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_weights, k, which, query_batch):
+    """Top-k by query batches; each batch streams the raw training chunks once."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}; got {score!r}")
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom'; got {which!r}")
-    if "checkpoint" in ok.dims:
-        ok = ok.all("checkpoint")
-    n_valid = int(ok.sum())
+    grad, valid = _as_train(train)
+    q = _as_queries(queries)
+    if q.sizes["sketch"] != grad.sizes["sketch"]:
+        raise ValueError(f"queries have D={q.sizes['sketch']} but train has D={grad.sizes['sketch']} "
+                         "(sketch both with the same operator)")
+    attrs = {"score": score, "which": which}
+    if score == "cosine":
+        q = q / np.sqrt((q**2).sum("sketch"))
+    elif score == "influence":
+        inv, attrs["damping"] = _preconditioner(train, damping, preconditioner)
+        q = xr.dot(q, xr.DataArray(inv, dims=("sketch", "sketch_")), dim="sketch").rename(sketch_="sketch")
+    weights = _checkpoint_weights(grad, checkpoint_weights)
+    # the k check reads only the 1-byte valid flags; non-finite rows are dropped chunk by chunk
+    n_valid = int(valid.sum()) if valid is not None else grad.sizes["example"]
     if not isinstance(k, (int, np.integer)) or k < 1 or k > n_valid:
         raise ValueError(f"k must be an int between 1 and the number of valid training examples ({n_valid}); got {k!r}")
+    parts = [_top_k(grad, valid, q.isel(query=slice(s, s + query_batch)), weights, k, which, score == "cosine")
+             for s in range(0, q.sizes["query"], query_batch)]
+    out = parts[0] if len(parts) == 1 else xr.concat(parts, dim="query")
+    out.attrs.update(attrs)
+    return out
+
+
+def _top_k(grad, valid, q, weights, k, which, normalize):
     sign = 1.0 if which == "top" else -1.0
-    order = ["example", "sketch"] + (["checkpoint"] if "checkpoint" in g.dims else [])
-    garr = g.transpose(*order).data
+    order = ["example", "sketch"] + (["checkpoint"] if "checkpoint" in grad.dims else [])
+    garr = grad.transpose(*order).data
     qarr = q.transpose("query", "sketch", *order[2:]).data
     if not isinstance(garr, da.Array):
         garr = da.from_array(garr, chunks=(max(1, min(garr.shape[0], 4096)),) + garr.shape[1:])
-    okarr = ok.data if isinstance(ok.data, da.Array) else da.from_array(ok.values, chunks=(garr.chunks[0],))
-    okarr = okarr.rechunk((garr.chunks[0],))
+    okblocks = [None] * len(garr.chunks[0])
+    if valid is not None:
+        okarr = valid.data if isinstance(valid.data, da.Array) else da.from_array(valid.values, chunks=(garr.chunks[0],))
+        okblocks = okarr.rechunk((garr.chunks[0],)).to_delayed().ravel()
     w = None if weights is None else weights.values
     qd = dask.delayed(_to_host)(qarr) if isinstance(qarr, da.Array) else np.asarray(qarr)
     parts, offset = [], 0
-    gblocks, okblocks = garr.to_delayed().ravel(), okarr.to_delayed().ravel()
-    for gb, ob, size in zip(gblocks, okblocks, garr.chunks[0]):
+    for gb, ob, size in zip(garr.to_delayed().ravel(), okblocks, garr.chunks[0]):
         parts.append(dask.delayed(chunk_topk, pure=True)(
-            qd, dask.delayed(_to_host)(gb), dask.delayed(_to_host)(ob), w, offset, k, sign))
+            qd, dask.delayed(_to_host)(gb), None if ob is None else dask.delayed(_to_host)(ob), w, offset, k, sign,
+            normalize))
         offset += size
     while len(parts) > 1:  # tree merge: bounded memory, parallel
         parts = [dask.delayed(merge_topk, pure=True)(parts[i : i + 8], k) for i in range(0, len(parts), 8)]
@@ -256,15 +287,13 @@ def _top_k(g, q, ok, weights, k, which, attrs):
     n_query = q.sizes["query"]
     scores = da.from_delayed(merged[0], (n_query, k), dtype=np.float64) * sign
     index = da.from_delayed(merged[1], (n_query, k), dtype=np.int64)
-    ids = g["example"].values
+    ids = grad["example"].values
     example = index.map_blocks(lambda i: ids[i], dtype=ids.dtype)
-    ds = xr.Dataset(
+    return xr.Dataset(
         {"score": (("query", "rank"), scores), "example": (("query", "rank"), example),
          "index": (("query", "rank"), index)},
         coords={"query": q["query"].values, "rank": np.arange(k)},
     )
-    ds.attrs.update({**attrs, "which": which})
-    return ds
 
 
 # ----------------------------------------------------- exact comparisons

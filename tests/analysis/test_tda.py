@@ -109,6 +109,9 @@ def test_top_k_streams_the_store_chunk_by_chunk():
     graph = dict(out.score.data.__dask_graph__())
     names = [dask.utils.key_split(key) for key in graph]
     assert names.count("chunk_topk") == 100
+    # each training chunk is read exactly once (no separate validity or finiteness pass)
+    grad_name = ds.grad.data.name
+    assert sum(1 for key in graph if isinstance(key, tuple) and key[0] == grad_name) == 100
     # a tree of fan-in 8: 13 + 2 + 1 merges, then the final sort
     assert names.count("merge_topk") == 13 + 2 + 1 + 1
     for key, task in graph.items():

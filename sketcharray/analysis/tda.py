@@ -112,7 +112,8 @@ def _preconditioner(train, damping, preconditioner) -> tuple[np.ndarray, float]:
 
 
 # -------------------------------------------------------------- scoring
-def _prepared(train, queries, score, damping, preconditioner):
+def _checked(train, queries, score):
+    """Validated (grad, valid, queries) for a score."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {list(SCORES)}; got {score!r}")
     grad, valid = _as_train(train)
@@ -120,16 +121,27 @@ def _prepared(train, queries, score, damping, preconditioner):
     if q.sizes["sketch"] != grad.sizes["sketch"]:
         raise ValueError(f"queries have D={q.sizes['sketch']} but train has D={grad.sizes['sketch']} "
                          "(sketch both with the same operator)")
-    ok = _valid_mask(grad, valid)
-    g = grad.where(ok, 0.0)
+    return grad, valid, q
+
+
+def _scored_queries(q, score, train, damping, preconditioner):
+    """Queries ready for a plain inner product: unit-normalised (cosine) or preconditioned (influence)."""
     attrs = {"score": score}
     if score == "cosine":
-        g = g / np.sqrt((g**2).sum("sketch")).where(ok, 1.0)
         q = q / np.sqrt((q**2).sum("sketch"))
     elif score == "influence":
-        inv, damping = _preconditioner(train, damping, preconditioner)
+        inv, attrs["damping"] = _preconditioner(train, damping, preconditioner)
         q = xr.dot(q, xr.DataArray(inv, dims=("sketch", "sketch_")), dim="sketch").rename(sketch_="sketch")
-        attrs["damping"] = damping
+    return q, attrs
+
+
+def _prepared(train, queries, score, damping, preconditioner):
+    grad, valid, q = _checked(train, queries, score)
+    ok = _valid_mask(grad, valid)
+    g = grad.where(ok, 0.0)
+    if score == "cosine":
+        g = g / np.sqrt((g**2).sum("sketch")).where(ok, 1.0)
+    q, attrs = _scored_queries(q, score, train, damping, preconditioner)
     return g, q, ok, attrs
 
 
@@ -235,21 +247,11 @@ def _to_host(x):
 
 def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_weights, k, which, query_batch):
     """Top-k by query batches; each batch streams the raw training chunks once."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {list(SCORES)}; got {score!r}")
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom'; got {which!r}")
-    grad, valid = _as_train(train)
-    q = _as_queries(queries)
-    if q.sizes["sketch"] != grad.sizes["sketch"]:
-        raise ValueError(f"queries have D={q.sizes['sketch']} but train has D={grad.sizes['sketch']} "
-                         "(sketch both with the same operator)")
-    attrs = {"score": score, "which": which}
-    if score == "cosine":
-        q = q / np.sqrt((q**2).sum("sketch"))
-    elif score == "influence":
-        inv, attrs["damping"] = _preconditioner(train, damping, preconditioner)
-        q = xr.dot(q, xr.DataArray(inv, dims=("sketch", "sketch_")), dim="sketch").rename(sketch_="sketch")
+    grad, valid, q = _checked(train, queries, score)
+    q, attrs = _scored_queries(q, score, train, damping, preconditioner)
+    attrs["which"] = which
     weights = _checkpoint_weights(grad, checkpoint_weights)
     # the k check reads only the 1-byte valid flags; non-finite rows are dropped chunk by chunk
     n_valid = int(valid.sum()) if valid is not None else grad.sizes["example"]

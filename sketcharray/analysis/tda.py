@@ -329,7 +329,8 @@ def compare_with_exact(sketched: xr.DataArray, exact: xr.DataArray, *, k: int = 
 
 def exact_gradient_scores(train_grads: np.ndarray, query_grads: np.ndarray, train_ids=None, query_ids=None) -> xr.DataArray:
     """Exact <g_query, g_train> from unsketched gradients (small models), labeled like ``attribute``."""
-    s = np.asarray(query_grads, dtype=np.float64) @ np.asarray(train_grads, dtype=np.float64).T
+    # products in the inputs' precision (long float32 rows need not be copied to float64), result float64
+    s = (np.asarray(query_grads) @ np.asarray(train_grads).T).astype(np.float64)
     return xr.DataArray(s, dims=("query", "example"),
                         coords={"query": query_ids if query_ids is not None else np.arange(s.shape[0]),
                                 "example": train_ids if train_ids is not None else np.arange(s.shape[1])},

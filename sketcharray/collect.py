@@ -170,21 +170,21 @@ def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
     return model
 
 
-def _driver_model(model) -> tuple[nn.Module, Any]:
-    """The model on the calling side, and what tasks receive (a factory, or the module with its fingerprint).
+def _driver_model(model) -> tuple[nn.Module, Any, str]:
+    """The model on the calling side, what tasks receive (a factory, or the module with its
+    fingerprint), and the fingerprint of its weights (hashed once: all parameters and buffers).
 
     A "factory" that hands out one shared module (``lambda: model``) is
     treated as that module: worker threads then run private copies instead
     of racing on it.
     """
-    if isinstance(model, nn.Module):
-        return model, ModuleSource(model, model_fingerprint(model))
-    built = model()
+    built = model if isinstance(model, nn.Module) else model()
     if not isinstance(built, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a factory returning one; got {type(built).__name__}")
-    if model() is built:
-        return built, ModuleSource(built, model_fingerprint(built))
-    return built, model
+    fingerprint = model_fingerprint(built)
+    if built is model or model() is built:
+        return built, ModuleSource(built, fingerprint), fingerprint
+    return built, model, fingerprint
 
 
 def _device_of(device) -> torch.device:
@@ -281,7 +281,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
         raise ValueError(f"mode must be 'explicit' or 'implicit'; got {mode!r}")
     if dtype not in st.STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {list(st.STORAGE_DTYPES)}; got {dtype!r}")
-    driver_model, model_src = _driver_model(model)
+    driver_model, model_src, fingerprint = _driver_model(model)
     paramset = select_params(driver_model, params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
@@ -299,7 +299,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
     labels = batch_labels(first)
     has_label = isinstance(labels, torch.Tensor)
     attrs = {
-        "sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": model_fingerprint(driver_model),
+        "sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": fingerprint,
         "mode": mode, "n_examples": n, "batch_size": chunk, "storage_dtype": dtype,
         "checkpoint": checkpoint, "variable": "grad", "sketcharray_version": __version__,
     }
@@ -421,7 +421,7 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
     ``probes_per_task`` probes, each a full pass over ``data``.  Returns a
     Dataset with ``hvp`` (probe, sketch) and the probes' norms.
     """
-    driver_model, model_src = _driver_model(model)
+    driver_model, model_src, fingerprint = _driver_model(model)
     paramset = select_params(driver_model, params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
@@ -431,7 +431,6 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
         v = np.asarray(probes, dtype=np.float32)
         if v.ndim != 2 or v.shape[1] != paramset.n:
             raise ValueError(f"probes must have shape (k, {paramset.n}); got {v.shape}")
-    fingerprint = model_fingerprint(driver_model)
     model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource) else model_src
     meta = None
     if _device_of(device).type == "cuda":

@@ -1,4 +1,11 @@
-"""The ``sketcharray`` command: a thin layer over the Python API."""
+"""The ``sketcharray`` command: a thin layer over the Python API.
+
+Exit codes: 0 done; 1 an unexpected failure (with a traceback); 2 a usage
+error (unknown option, missing argument); 3 bad input (a store that doesn't
+match the run, an impossible D, an unknown workload, NaN input, ...); 4 out
+of memory before allocating; 130 interrupted (rerun the same command to
+resume: stores and searches keep what they finished).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,10 @@ import importlib
 import sys
 
 from . import __version__
+from . import commands
+from .cluster import describe_schedulers
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT, EXIT_MEMORY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 #: ``sketcharray bench NAME``: (module in sketcharray.bench, one-line help)
 BENCHMARKS = {
@@ -18,13 +29,8 @@ BENCHMARKS = {
     "intrinsic": ("intrinsic", "intrinsic-dimension search (Table 10; FFD vs AFFD/QK)"),
 }
 
-
-def _demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(args.out, workload=args.workload, device=args.device, method=args.method, n_out=args.n_out,
-             batch_size=args.batch_size)
-    return 0
+WORKLOAD_HELP = ("the model and data: an embedded workload (digits, the default; minilm with the 'workloads' "
+                 "extra) or your own as module:factory, a function returning a sketcharray.workloads.Workload")
 
 
 def _benchmark_module(name: str):
@@ -35,37 +41,159 @@ def _bench(args) -> int:
     return _benchmark_module(args.benchmark).main(args=args)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default when it has a meaningful one and its help doesn't say it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, True, argparse.SUPPRESS) or not action.option_strings):
+            return text
+        return f"{text} (default: {default})"
+
+
+def _common(p: argparse.ArgumentParser, *, workload: bool = True, sketch: tuple[str, int] | None = None,
+            scheduler: bool = False, batch_size: int | None = 64) -> None:
+    """The flags every model-running subcommand shares, spelled the same everywhere."""
+    if workload:
+        p.add_argument("--workload", default="digits", metavar="NAME|MODULE:FACTORY", help=WORKLOAD_HELP)
+        p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+        p.add_argument("--params", nargs="+", metavar="GLOB", default=None,
+                       help="parameters that make up N, by name or glob (default: all trainable)")
+        p.add_argument("--batch-size", type=int, default=batch_size,
+                       help="examples per batch" + (" (= per Zarr chunk)" if batch_size else " (default: the "
+                                                                                            "workload's)"))
+    if sketch is not None:
+        p.add_argument("--method", default=sketch[0],
+                       help="sketch method: dense, dense-otf, fjl, ffd, affd, afjl or qk")
+        if sketch[1]:
+            p.add_argument("--n-out", type=int, default=sketch[1], metavar="D", help="sketch dimension D")
+            p.add_argument("--seed", type=int, default=0, help="seed of the sketch")
+    if scheduler:
+        p.add_argument("--scheduler", default="threads", help=describe_schedulers())
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages; only errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sketcharray",
-        description="Sketch per-example gradients and Hessian-vector products of PyTorch models.",
-    )
+        prog="sketcharray", formatter_class=_Formatter,
+        description="Sketch per-example gradients and Hessian-vector products of PyTorch models, and analyse "
+                    "them out of core: training data attribution, Hessian spectra, intrinsic dimension.",
+        epilog="exit codes: 0 done, 1 unexpected failure, 2 usage error, 3 bad input, 4 out of memory, "
+               "130 interrupted (rerun the same command to resume)")
     parser.add_argument("--version", action="version", version=f"sketcharray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the main job on the embedded default workload",
-                          description="Run the main job on the embedded default workload.")
-    demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    demo.add_argument("--out", default="sketcharray-demo", help="folder for the results")
-    demo.add_argument("--workload", default="digits", help="embedded workload: digits (default) or minilm")
-    demo.add_argument("--method", default="afjl", help="sketch method (default afjl)")
-    demo.add_argument("--n-out", type=int, default=512, help="sketch dimension D (default 512)")
-    demo.add_argument("--batch-size", type=int, default=64, help="examples per batch / chunk (default 64)")
-    demo.set_defaults(func=_demo)
+    def command(name, help_text, description, func):
+        p = sub.add_parser(name, help=help_text, description=description, formatter_class=_Formatter)
+        p.set_defaults(func=func)
+        return p
 
-    bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)",
-                           description="Run a benchmark; each prints a table and writes JSON.")
+    p = command("demo", "run the whole story on an embedded workload and write a report",
+                "Stream training-gradient sketches to Zarr, attribute a few test predictions, compute the "
+                "Hessian spectrum at two checkpoints and run a short intrinsic-dimension search; writes "
+                "report.md, report.html and PNG plots into --out. Rerunning resumes.", commands.demo)
+    p.add_argument("--out", default=None, help="report folder (default sketcharray-demo, or "
+                                               "sketcharray-demo-quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="a fraction of the work (for CI and a first look)")
+    p.add_argument("--workload", default="digits", metavar="NAME|MODULE:FACTORY", help=WORKLOAD_HELP)
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, ...")
+    p.add_argument("--method", default=None, help="gradient sketch method for TDA (default afjl)")
+    p.add_argument("--n-out", type=int, default=None, metavar="D", help="gradient sketch dimension (default 512)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sketch and of the search")
+    p.add_argument("--scheduler", default="threads", help=describe_schedulers())
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages; only errors")
+
+    p = command("sketch", "stream sketched per-example gradients (or HVPs) of a model into a Zarr store",
+                "Compute Phi g_i for every example of a split and write them to a Zarr store (one chunk per "
+                "batch). Rerunning the same command resumes an interrupted run; a store made with another "
+                "sketch, model or ids is refused.", commands.sketch)
+    p.add_argument("--out", required=True, metavar="STORE", help="the Zarr store to write")
+    p.add_argument("--split", default="train", choices=("train", "test"), help="which examples")
+    p.add_argument("--limit", type=int, default=None, help="only the first LIMIT examples")
+    p.add_argument("--mode", default="explicit", choices=("explicit", "implicit"),
+                   help="explicit: per-example gradients then Phi g; implicit: grad_omega L(theta + Phi^T omega)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="storage dtype")
+    p.add_argument("--checkpoint", default=None, help="a name for the model's weights, kept in the store")
+    p.add_argument("--hvps", type=int, default=0, metavar="P",
+                   help="instead of gradients: P sketched Hessian-vector products Phi H v of the mean loss")
+    _common(p, sketch=("afjl", 512), scheduler=True)
+
+    p = command("attribute", "score training examples against queries from two gradient stores",
+                "Top (proponents) or bottom (opponents) K training examples per query, streamed chunk by "
+                "chunk through the training store; both stores must come from the same sketch.",
+                commands.attribute)
+    p.add_argument("train", metavar="TRAIN_STORE", help="store of training-gradient sketches")
+    p.add_argument("queries", metavar="QUERY_STORE", help="store of query-gradient sketches (same sketch)")
+    p.add_argument("--score", default="dot", choices=("dot", "cosine", "influence"), help="similarity")
+    p.add_argument("--k", type=int, default=10, help="training examples per query")
+    p.add_argument("--which", default="top", choices=("top", "bottom"), help="proponents or opponents")
+    p.add_argument("--query", nargs="+", metavar="ID", default=None, help="only these query ids")
+    p.add_argument("--first", type=int, default=None, help="only the first N queries")
+    p.add_argument("--damping", type=float, default=None, help="lambda of the influence score")
+    p.add_argument("--out", default=None, help="write the result (Zarr, or netCDF when it ends in .nc)")
+    _common(p, workload=False)
+
+    p = command("spectrum", "top and bottom eigenvalues of the sketched Hessian, over checkpoints",
+                "Eigenvalues of K = Phi H Phi^T (sketched HVPs) by Lanczos or a randomized block solver, at "
+                "the model's weights or at each --checkpoint, with RNEG and R_n.", commands.spectrum)
+    p.add_argument("--k", type=int, default=10, help="eigenvalues at each end")
+    p.add_argument("--which", default="both", choices=("both", "top", "bottom"))
+    p.add_argument("--solver", default="lanczos", choices=("lanczos", "randomized"))
+    p.add_argument("--examples", type=int, default=None, help="H of the mean loss over the first N examples")
+    p.add_argument("--checkpoint", nargs="+", metavar="NAME=PATH", default=None,
+                   help="torch.save'd state_dicts to evaluate at")
+    p.add_argument("--workload-checkpoints", action="store_true",
+                   help="use the checkpoints the workload provides (the digits training run)")
+    p.add_argument("--out", default=None, metavar="FOLDER", help="save each checkpoint's result (resumable)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="RNEG and R_n plot (the paper's Figure 2)")
+    _common(p, sketch=("affd", 256))
+
+    p = command("intrinsic-dim", "intrinsic dimension by the doubling search in a sketched subspace",
+                "Train omega in theta = theta_0 + Phi^T omega, doubling D whenever the metric stops improving, "
+                "until it reaches --target x the metric of full training; reports D* per seed.",
+                commands.intrinsic_dim)
+    p.add_argument("--target", type=float, default=0.9, help="fraction of the full-training metric to reach")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one projection per seed")
+    p.add_argument("--d0", type=int, default=None, help="first D (default: the workload's)")
+    p.add_argument("--d-max", type=int, default=None, help="largest D (default: the workload's)")
+    p.add_argument("--steps-per-eval", type=int, default=None, help="training steps between evaluations")
+    p.add_argument("--min-improvement", type=float, default=None, help="improvement that counts as progress")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate for omega")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the check run at D*/2")
+    p.add_argument("--out", default=None, metavar="FOLDER", help="save the search state (resumable)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="metric against D")
+    _common(p, sketch=("affd", 0), batch_size=None)
+
+    p = command("info", "what a store holds: dims, sketch, progress, valid rows",
+                "Describe a gradient/HVP sketch store, a spectrum folder or an intrinsic-dimension folder.",
+                commands.info)
+    p.add_argument("store", metavar="STORE", help="a path written by sketcharray")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    bench = command("bench", "run a benchmark (prints a table, writes JSON)",
+                    "Run a benchmark; each prints a table and writes JSON.", _bench)
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (_, help_text) in BENCHMARKS.items():
         module = _benchmark_module(name)
         module.build_parser(bench_sub.add_parser(name, help=help_text, description=module.__doc__))
-    bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nsketcharray {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError as exc:
+        print(f"sketcharray {args.command}: out of memory: {exc}", file=sys.stderr)
+        return EXIT_MEMORY
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"sketcharray {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,12 +9,15 @@
 
 A :class:`Workload` carries a picklable model *factory* (so dask workers can
 rebuild the model), the training and test data as torch datasets, per-example
-loss, example ids and class names.
+loss, example ids and class names.  A user's own model enters the demo, the
+CLI and the benchmarks the same way: a function returning a ``Workload``,
+named by its import path (``package.module:factory``, see :func:`load_workload`).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,9 +44,90 @@ class Workload:
     classes: list[str]
     forward: Callable | None = None
     info: dict = field(default_factory=dict)
+    #: optional: ``checkpoints() -> {name: state_dict}`` along the model's training run
+    checkpoints: Callable[[], dict] | None = None
+    #: optional: ``describe(split, index) -> str``, a human-readable view of one example (e.g. its text)
+    describe: Callable[[str, int], str] | None = None
+    #: optional: the weights theta_0 an intrinsic-dimension search starts from (default: :meth:`model`)
+    search_start: Callable[[], nn.Module] | None = None
+    #: keyword arguments of ``intrinsic_dimension`` that suit this workload (d0, d_max, lr, ...)
+    search_settings: dict = field(default_factory=dict)
 
     def model(self) -> nn.Module:
         return self.model_factory()
+
+    def search_model(self) -> nn.Module:
+        """theta_0 of an intrinsic-dimension search: ``search_start()`` when given, else the trained model."""
+        return (self.search_start or self.model_factory)()
+
+    def split(self, name: str) -> tuple[torch.utils.data.Dataset, list]:
+        """``(dataset, ids)`` of the ``"train"`` or ``"test"`` split."""
+        if name not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test'; got {name!r}")
+        return (self.train, self.train_ids) if name == "train" else (self.test, self.test_ids)
+
+    def labels(self, split: str = "test") -> np.ndarray:
+        """The split's labels as a NumPy array."""
+        data, _ = self.split(split)
+        return np.concatenate([np.asarray(_batch_labels(b)) for b in _loader(data)])
+
+    def predictions(self, model: nn.Module, split: str = "test") -> np.ndarray:
+        """Predicted classes (argmax of the model's output) for every example of the split."""
+        data, _ = self.split(split)
+        forward = self.forward or (lambda m, b: m(b[0]))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return np.concatenate([forward(model, b).argmax(1).cpu().numpy() for b in _loader(data)])
+        finally:
+            model.train(was_training)
+
+    def accuracy(self, model: nn.Module, split: str = "test") -> float:
+        """Fraction of the split the model classifies correctly (the intrinsic-dimension metric)."""
+        return float((self.predictions(model, split) == self.labels(split)).mean())
+
+
+def _loader(data):
+    return torch.utils.data.DataLoader(data, batch_size=512)
+
+
+def _batch_labels(batch):
+    labels = batch["labels"] if isinstance(batch, dict) else batch[1]
+    return labels.cpu().numpy()
+
+
+def load_workload(spec: str) -> Workload:
+    """The workload named by ``spec``: an embedded one (``digits``, ``minilm``) or ``module:factory``.
+
+    ``module:factory`` imports ``module`` and calls ``factory()``, which must
+    return a :class:`Workload`; this is how the CLI and the demo run a user's
+    own model without writing it twice.
+
+    Raises
+    ------
+    ValueError
+        When ``spec`` names neither an embedded workload nor an importable
+        ``module:factory`` returning a Workload.
+    """
+    if spec in WORKLOADS:
+        return WORKLOADS[spec]()
+    if ":" not in spec:
+        raise ValueError(f"workload {spec!r} is neither an embedded workload ({', '.join(sorted(WORKLOADS))}) "
+                         "nor an import path 'module:factory'")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"workload {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"workload {spec!r}: module {module_name!r} has no callable {attr!r}")
+    w = factory()
+    if not isinstance(w, Workload):
+        raise ValueError(f"workload {spec!r}: {attr}() returned {type(w).__name__}, expected a "
+                         "sketcharray.workloads.Workload")
+    return w
 
 
 # ----------------------------------------------------------------- digits
@@ -57,6 +141,12 @@ def build_digits_model(hidden: int, state: dict | None = None) -> nn.Module:
     if state is not None:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
     return model.eval()
+
+
+def fresh_digits_model(hidden: int = 32, seed: int = 1234) -> nn.Module:
+    """An untrained digits MLP (the intrinsic-dimension search trains it from scratch)."""
+    torch.manual_seed(seed)
+    return _digits_mlp(hidden)
 
 
 def digits_checkpoints(steps=(10, 50, 300), hidden: int = 32, seed: int = 0) -> dict[str, dict]:
@@ -111,7 +201,12 @@ def digits(hidden: int = 32, steps: int = 300, seed: int = 0, n_test: int = 297)
         train_ids=[f"train-{int(i)}" for i in order[:n_train]],
         test_ids=[f"test-{int(i)}" for i in order[n_train:]],
         classes=[str(c) for c in range(10)],
-        info={"test_accuracy": acc, "n_params": sum(v.size for v in state.values()), "steps": steps},
+        info={"test_accuracy": acc, "n_params": sum(v.size for v in state.values()), "steps": steps,
+              "image_shape": (8, 8)},
+        checkpoints=functools.partial(digits_checkpoints, (10, 50, steps), hidden, seed),
+        search_start=functools.partial(fresh_digits_model, hidden),
+        search_settings=dict(d0=16, d_max=2048, steps_per_eval=100, min_improvement=0.01, lr=3e-2,
+                             reference_lr=1e-2, batch_size=128),
     )
 
 
@@ -242,7 +337,15 @@ def minilm(steps: int = 100, seed: int = 0, max_length: int = 16) -> Workload:
         forward=minilm_forward,
         info={"test_accuracy": acc, "n_params": sum(p.numel() for p in model.parameters()), "steps": steps,
               "texts": [texts[i] for i in order]},
+        describe=functools.partial(_minilm_text, tuple(texts[i] for i in order), n_train),
+        # fine-tuning from the packaged weights (SPEC: Adam, small learning rate for the full model)
+        search_settings=dict(d0=8, d_max=1 << 16, steps_per_eval=10, min_improvement=0.01, lr=1e-1,
+                             reference_lr=1e-4, batch_size=16),
     )
+
+
+def _minilm_text(texts: tuple, n_train: int, split: str, index: int) -> str:
+    return texts[index if split == "train" else n_train + index]
 
 
 WORKLOADS = {"digits": digits, "minilm": minilm}

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sketcharray import cli
@@ -14,13 +15,25 @@ from sketcharray.bench._util import Device
 from sketcharray.sketches import base
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["bench", "--help"], ["bench", "sketch", "--help"]])
-def test_help_explains_each_subcommand(argv, capsys):
+SUBCOMMANDS = {
+    "demo": "--quick", "sketch": "--out STORE", "attribute": "TRAIN_STORE", "spectrum": "--checkpoint",
+    "intrinsic-dim": "--target", "info": "STORE", "bench": "BENCHMARK",
+}
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help_explains_each_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
+        cli.main(["--help"] if command is None else [command, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: sketcharray" in out
+    assert out.startswith("usage: sketcharray" + ("" if command is None else f" {command}"))
+    if command is None:
+        assert all(name in out for name in SUBCOMMANDS) and "exit codes" in out
+    else:
+        assert SUBCOMMANDS[command] in out
+        if command not in ("info", "bench", "attribute"):
+            assert "--workload" in out and "module:factory" in out.replace("\n", " ")
 
 
 def test_unknown_subcommand_exits_with_usage_error(capsys):
@@ -95,3 +108,127 @@ def test_bench_intrinsic_help_lists_its_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "intrinsic", "--help"])
     assert "--seeds" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- a user's workload through the CLI
+TINY = "tests.workload_fixture:tiny"
+
+
+def test_sketch_attribute_and_info_on_a_users_own_workload(tmp_path, capsys):
+    from sketcharray.analysis import attribute
+    from sketcharray.store import open_sketches
+
+    train, test = tmp_path / "train.zarr", tmp_path / "test.zarr"
+    common = ["--workload", TINY, "--n-out", "16", "--batch-size", "10", "--quiet"]
+    assert cli.main(["sketch", "--out", str(train), *common]) == 0
+    assert cli.main(["sketch", "--out", str(test), "--split", "test", *common]) == 0
+    result = tmp_path / "top.nc"
+    assert cli.main(["attribute", str(train), str(test), "--score", "cosine", "--k", "3", "--first", "4",
+                     "--out", str(result)]) == 0
+    printed = capsys.readouterr().out
+    assert "| b0 | 1 | a" in printed
+    import xarray as xr
+
+    saved = xr.open_dataset(result).load()
+    tr, q = open_sketches(train), open_sketches(test)
+    direct = attribute(tr, q.grad.isel(example=slice(0, 4)), score="cosine", k=3).compute()
+    np.testing.assert_array_equal(saved.example.values.astype(str), direct.example.values.astype(str))
+    np.testing.assert_allclose(saved.score.values, direct.score.values)
+
+    assert cli.main(["info", str(train), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dims"] == {"example": 48, "sketch": 16} and info["n_params"] == 83
+    assert (info["batches_done"], info["batches"], info["rows_done"], info["valid"]) == (5, 5, 48, 48)
+    assert info["sketch_spec"]["method"] == "afjl" and info["complete"]
+
+
+def test_info_reports_an_interrupted_store_and_how_to_resume(tmp_path, capsys):
+    import zarr
+
+    store = tmp_path / "train.zarr"
+    assert cli.main(["sketch", "--out", str(store), "--workload", TINY, "--n-out", "8", "--batch-size", "10",
+                     "--quiet"]) == 0
+    zarr.open_group(str(store), mode="r+")["batch_done"][4] = 0  # as if killed before the last batch
+    assert cli.main(["info", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 5 batches, 40 rows; INCOMPLETE (rerun the same command to resume)" in out
+    assert "valid rows: 40" in out
+
+
+def test_spectrum_and_intrinsic_dim_on_a_users_own_workload(tmp_path, capsys):
+    from sketcharray.analysis import hessian_spectrum
+    from sketcharray.workloads import load_workload
+
+    folder, png = tmp_path / "spectrum", tmp_path / "spectrum.png"
+    assert cli.main(["spectrum", "--workload", TINY, "--n-out", "16", "--k", "3", "--checkpoint",
+                     f"init={_save_state(tmp_path)}", "--out", str(folder), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "| init | positive | 1 |" in out and "RNEG" in out and png.stat().st_size > 10_000
+    w = load_workload(TINY)
+    direct = hessian_spectrum(w.model_factory, w.loss_fn, w.train, {"method": "affd", "n_out": 16, "seed": 0}, k=3,
+                              batch_size=64, progress=False)
+    import xarray as xr
+
+    stored = xr.open_zarr(str(folder / "checkpoint-init.zarr"), consolidated=False)
+    np.testing.assert_allclose(stored.eigenvalue.values[0], direct.eigenvalue.values, rtol=1e-4, atol=1e-6)
+
+    search = tmp_path / "search"
+    assert cli.main(["intrinsic-dim", "--workload", TINY, "--out", str(search), "--no-check", "--plot",
+                     str(tmp_path / "id.png")]) == 0
+    assert "D*" in capsys.readouterr().out
+    assert cli.main(["info", str(search), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "intrinsic-dimension folder" and info["searches"]["affd-seed0"]["done"]
+
+
+def _save_state(tmp_path):
+    import torch
+
+    from sketcharray.workloads import load_workload
+
+    path = tmp_path / "init.pt"
+    torch.save(load_workload(TINY).model().state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sketch", "--out", "{tmp}/s.zarr", "--workload", "nosuch"], "neither an embedded workload"),
+    (["sketch", "--out", "{tmp}/s.zarr", "--workload", "tests.workload_fixture:not_a_workload"],
+     "returned int, expected a sketcharray.workloads.Workload"),
+    (["sketch", "--out", "{tmp}/s.zarr", "--workload", "tests.nowhere:tiny"], "cannot import module"),
+    (["sketch", "--out", "{tmp}/s.zarr", "--workload", TINY, "--n-out", "1000"], "exceeds the padded input length"),
+    (["attribute", "{tmp}/none.zarr", "{tmp}/none.zarr"], "is not a sketcharray store"),
+    (["info", "{tmp}"], "is not a sketcharray store, spectrum folder or intrinsic-dimension folder"),
+    (["spectrum", "--workload", TINY, "--checkpoint", "x={tmp}/missing.pt"], "no file"),
+])
+def test_bad_input_exits_3_with_a_message_naming_it(argv, message, tmp_path, capsys):
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"sketcharray {argv[0]}: error: ") and message in err
+
+
+def test_a_store_from_another_sketch_is_refused(tmp_path, capsys):
+    store = str(tmp_path / "s.zarr")
+    args = ["sketch", "--out", store, "--workload", TINY, "--batch-size", "10", "--quiet"]
+    assert cli.main([*args, "--n-out", "8"]) == 0
+    assert cli.main([*args, "--n-out", "16"]) == cli.EXIT_INPUT
+    assert "was written with sketch_spec" in capsys.readouterr().err
+
+
+def test_out_of_memory_exits_4_before_allocating(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(base, "available_memory", lambda device=None: 1000)
+    assert cli.main(["sketch", "--out", str(tmp_path / "s.zarr"), "--workload", TINY, "--method", "dense",
+                     "--n-out", "16", "--quiet"]) == cli.EXIT_MEMORY
+    assert "out of memory" in capsys.readouterr().err and not (tmp_path / "s.zarr").exists()
+
+
+def test_interrupt_exits_130_and_says_how_to_resume(monkeypatch, capsys):
+    from sketcharray import commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "info", interrupted)
+    monkeypatch.setattr(cli.commands, "info", interrupted)
+    assert cli.main(["info", "x"]) == cli.EXIT_INTERRUPTED
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err

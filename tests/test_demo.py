@@ -1,22 +1,74 @@
-"""``sketcharray demo``: streams the default workload to a store and reports it."""
+"""``sketcharray demo``: the report a person opens after the README's first command."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
+import pytest
 
 from sketcharray import cli
 from sketcharray.store import open_sketches
 
+SECTIONS = ("## Workload", "## Gradient sketches", "## Training data attribution", "## Hessian spectrum",
+            "## Intrinsic dimension", "## Timing")
 
-def test_demo_streams_the_default_workload_and_resumes(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--n-out", "128", "--batch-size", "250"]) == 0
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_quick_demo_report_has_every_section_and_its_plots(quick_demo):
+    text = (quick_demo / "report.md").read_text()
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)  # in the story's order
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert images == ["attribution.png", "spectrum.png", "intrinsic.png"]
+    for name in images:
+        png = quick_demo / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    html = (quick_demo / "report.html").read_text()
+    assert all(f"<h2>{s[3:]}</h2>" in html for s in SECTIONS) and html.count("<img ") == 3
+
+
+def test_quick_demo_numbers_are_consistent_with_its_stores(quick_demo):
+    data = json.loads((quick_demo / "report.json").read_text())
+    train = open_sketches(quick_demo / "digits-train-grad.zarr")
+    queries = open_sketches(quick_demo / "digits-test-grad.zarr")
+    assert train.grad.shape == (400, 128) and queries.grad.shape == (297, 128)
+    assert int(train.valid.sum()) == 400
+    # every proponent's cosine is the cosine of the two stored rows, and proponents outrank opponents
+    for row in data["attribution"]:
+        g, q = train.grad.sel(example=row["example"]).values, queries.grad.sel(example=row["query"]).values
+        cos = float(g @ q / np.linalg.norm(g) / np.linalg.norm(q))
+        assert cos == pytest.approx(row["cosine"], abs=1e-4)
+    by_query = {}
+    for row in data["attribution"]:
+        by_query.setdefault(row["query"], {}).setdefault(row["kind"], []).append(row["cosine"])
+    assert len(by_query) == 4
+    assert all(min(v["proponent"]) > max(v["opponent"]) for v in by_query.values())
+    # two checkpoints: the early one is sharper (lambda_max falls as training converges on digits)
+    spectrum = data["spectrum"]
+    assert [r["checkpoint"] for r in spectrum] == ["step-10", "step-300"]
+    assert all(r["lambda_max"] > 0 > r["lambda_min"] and r["RNEG"] == pytest.approx(-r["lambda_min"] / r["lambda_max"])
+               for r in spectrum)
+    intrinsic = data["intrinsic"]
+    assert intrinsic["D*"] in (16, 32, 64, 128, 256, 512) and intrinsic["metric at D*"] >= intrinsic["target"]
+
+
+def test_rerunning_the_demo_reuses_everything(quick_demo, capsys):
+    before = open_sketches(quick_demo / "digits-train-grad.zarr").grad.values
+    assert cli.main(["demo", "--quick", "--out", str(quick_demo)]) == 0
     out = capsys.readouterr().out
-    store = tmp_path / "digits-train-grad.zarr"
-    assert f"store: {store.resolve()}" in out and "1500 of 1500 examples valid" in out
-    ds = open_sketches(store)
-    assert ds.grad.shape == (1500, 128) and np.isfinite(ds.grad.values).all()
-    first = ds.grad.values
-    # a second run finds the store complete and recomputes nothing
-    assert cli.main(["demo", "--out", str(tmp_path), "--n-out", "128", "--batch-size", "250"]) == 0
-    assert "sketching" not in capsys.readouterr().out
-    np.testing.assert_array_equal(open_sketches(store).grad.values, first)
+    assert "sketching" not in out and "reference (full fine-tuning)" not in out and "d=16 " not in out
+    np.testing.assert_array_equal(open_sketches(quick_demo / "digits-train-grad.zarr").grad.values, before)
+    assert "report: " in out
+
+
+def test_demo_refuses_a_folder_made_with_other_settings(quick_demo, capsys):
+    assert cli.main(["demo", "--quick", "--out", str(quick_demo), "--n-out", "64", "--quiet"]) == cli.EXIT_INPUT
+    assert "was written with sketch_spec" in capsys.readouterr().err

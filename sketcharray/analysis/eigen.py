@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,9 @@ class _Progress:
         self.label, self.total, self.enabled, self.t0 = label, total, enabled, time.perf_counter()
 
     def update(self, i: int, extra: str = "") -> None:
-        if self.enabled:
+        now = time.perf_counter()
+        if self.enabled and (i >= self.total or now - getattr(self, "_last", 0.0) >= 0.2):
+            self._last = now
             width = 30
             done = int(width * i / max(self.total, 1))
             sys.stderr.write(f"\r{self.label} [{'#' * done}{' ' * (width - done)}] {i}/{self.total} "
@@ -196,7 +199,8 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
     """
     import torch
 
-    from ..collect import subspace_hessian
+    from ..collect import resolve_sketch, subspace_hessian
+    from ..torch.params import select_params
 
     if method not in SOLVERS:
         raise ValueError(f"method must be one of {list(SOLVERS)}; got {method!r}")
@@ -205,27 +209,37 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
     results = []
     for name, state in items:
         path = None if store is None or name is None else Path(store) / f"checkpoint-{name}.zarr"
-        if path is not None and path.exists():
-            results.append(xr.open_zarr(str(path), consolidated=False).load())
-            continue
         if state is not None:
             if isinstance(state, (str, Path)):
                 state = torch.load(state, map_location="cpu", weights_only=True)
             base.load_state_dict(state)
+        if path is not None and path.exists():
+            saved = xr.open_zarr(str(path), consolidated=False).load()
+            op = resolve_sketch(sketch, select_params(base, params).n)
+            wanted = {"method": method, "sketch_spec": str(op.spec), "k": k, "which": which}
+            have = {"method": saved.attrs.get("method"), "sketch_spec": saved.attrs.get("sketch_spec"),
+                    "k": saved.sizes["rank"], "which": saved.attrs.get("which", which)}
+            if have != wanted:
+                raise ValueError(f"{path} holds a spectrum computed with {have}, but this call asks for {wanted}; "
+                                 "use a new store folder, or the same settings to reuse it")
+            results.append(saved)
+            continue
         K = subspace_hessian(base, loss_fn, data, sketch, params=params, batch_size=batch_size, device=device,
                              forward=forward)
         t0 = time.perf_counter()
         res = SOLVERS[method](K.matvec, K.shape[0], k, which=which, progress=progress, **solver_options)
         total = time.perf_counter() - t0
         ds = _spectrum_dataset(res, k, eigenvectors)
-        ds.attrs.update(method=method, iterations=res["iterations"], hvps=K.hvp.count, seconds=total,
+        ds.attrs.update(method=method, which=which, iterations=res["iterations"], hvps=K.hvp.count, seconds=total,
                         hvp_seconds=K.hvp_seconds, other_seconds=total - K.hvp_seconds,
                         hvp_mode=K.hvp.mode, sketch_spec=str(K.op.spec))
         if name is not None:
             ds = ds.expand_dims(checkpoint=[name])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            ds.to_zarr(str(path), mode="w", consolidated=False)
+            with warnings.catch_warnings():  # zarr's note that fixed-width strings (the names) lack a v3 spec
+                warnings.simplefilter("ignore", category=FutureWarning)
+                ds.to_zarr(str(path), mode="w", consolidated=False)
         results.append(ds)
     if checkpoints is None:
         return results[0]

@@ -168,8 +168,9 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
     check : bool
         Also train a fresh omega at D*/2 and report its metric.
     store : path, optional
-        A folder where the search state is saved after every evaluation;
-        a rerun resumes each seed where it stopped.
+        A folder where the search state is saved after every evaluation
+        (and the computed reference once); a rerun resumes each seed where
+        it stopped.  Resuming with other settings raises ``ValueError``.
 
     Returns
     -------
@@ -180,12 +181,18 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
     base = model if isinstance(model, torch.nn.Module) else model()
     forward = forward or default_forward
     n_params = select_params(base, params).n
+    ref_file = None if store is None else Path(store) / "reference.json"
+    if reference is None and ref_file is not None and ref_file.exists():
+        reference = json.loads(ref_file.read_text())["reference"]
     if reference is None:
         reference = full_finetune_metric(base, loss_fn, data, eval_fn, lr=reference_lr, batch_size=batch_size,
                                          steps_per_eval=steps_per_eval, min_improvement=min_improvement,
                                          max_steps=max_steps, forward=forward, device=device)
         if progress:
             print(f"reference (full fine-tuning) metric: {reference:.4f}", flush=True)
+        if ref_file is not None:
+            ref_file.parent.mkdir(parents=True, exist_ok=True)
+            ref_file.write_text(json.dumps({"reference": reference}))
     goal = target * reference
     rows = []
     for seed in seeds:
@@ -202,7 +209,10 @@ def _search_one(base, params, n_params, method, sketch_options, seed, goal, data
     opt = torch.optim.Adam([sub.omega], lr=lr)
     stream = _Stream(data, batch_size, seed)
     folder = None if store is None else Path(store) / f"{method}-seed{seed}"
-    loaded = _load(folder, sub, opt)
+    settings = {"method": method, "options": sketch_options, "n_params": n_params, "d0": d0, "d_max": d_max,
+                "steps_per_eval": steps_per_eval, "min_improvement": min_improvement, "lr": lr,
+                "batch_size": batch_size, "target_metric": goal}
+    loaded = _load(folder, sub, opt, settings)
     state = loaded or SearchState(d=d0)
     if progress:
         print(f"{method} seed {seed}: N={n_params}, D_max={d_max}"
@@ -221,7 +231,7 @@ def _search_one(base, params, n_params, method, sketch_options, seed, goal, data
         try:
             doubling_search(train, evaluate, target_metric=goal, d0=d0, d_max=d_max, steps_per_eval=steps_per_eval,
                             min_improvement=min_improvement, max_steps=max_steps, state=state, progress=progress,
-                            on_eval=lambda st: _save(folder, st, sub, opt))
+                            on_eval=lambda st: _save(folder, st, sub, opt, settings))
         except SearchExhausted as exc:
             error = str(exc)
     check_metric = np.nan
@@ -241,22 +251,26 @@ def _check_run(base, op, params, d, data, loss_fn, eval_fn, lr, batch_size, step
                             seed=seed, forward=forward, device=device)
 
 
-def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt) -> None:
+def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt, settings: dict) -> None:
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"omega": sub.omega.detach().cpu(), "opt": opt.state_dict()}, folder / "weights.pt.tmp")
     (folder / "weights.pt.tmp").replace(folder / "weights.pt")
     payload = {"d": state.d, "step": state.step, "last": state.last, "trajectory": state.trajectory,
-               "done": state.done, "d_star": state.d_star}
+               "done": state.done, "d_star": state.d_star, "settings": settings}
     (folder / "state.json.tmp").write_text(json.dumps(payload))
     (folder / "state.json.tmp").replace(folder / "state.json")
 
 
-def _load(folder: Path | None, sub: SubspaceModel, opt) -> SearchState | None:
+def _load(folder: Path | None, sub: SubspaceModel, opt, settings: dict) -> SearchState | None:
     if folder is None or not (folder / "state.json").exists():
         return None
     payload = json.loads((folder / "state.json").read_text())
+    saved = payload.pop("settings", None)
+    if saved != json.loads(json.dumps(settings)):
+        raise ValueError(f"the search saved in {folder} ran with settings {saved}, but this run has {settings}; "
+                         "use a new store folder, or the same settings to resume")
     weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=False)
     with torch.no_grad():
         sub.omega.copy_(weights["omega"])

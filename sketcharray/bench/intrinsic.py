@@ -15,45 +15,20 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from ..analysis.intrinsic import intrinsic_dimension, plot_intrinsic
-from ..workloads import WORKLOADS, build_digits_model
+from ..workloads import load_workload
 from ._util import format_table, write_json
 
 
-def accuracy_fn(w):
-    loader = torch.utils.data.DataLoader(w.test, batch_size=512)
-
-    def accuracy(model) -> float:
-        hits = n = 0
-        for batch in loader:
-            out = (w.forward or (lambda m, b: m(b[0])))(model, batch)
-            labels = batch["labels"] if isinstance(batch, dict) else batch[1]
-            hits += int((out.argmax(1) == labels).sum())
-            n += len(labels)
-        return hits / n
-
-    return accuracy
-
-
 def setup(workload: str):
-    w = WORKLOADS[workload]()
-    if workload == "digits":
-        torch.manual_seed(1234)
-        base = build_digits_model(32)  # a fresh initialisation: theta_0 is untrained
-        settings = dict(d0=16, d_max=2048, steps_per_eval=100, min_improvement=0.01, lr=3e-2, reference_lr=1e-2,
-                        batch_size=128)
-    else:
-        base = w.model()
-        settings = dict(d0=8, d_max=1 << 16, steps_per_eval=10, min_improvement=0.01, lr=1e-1, reference_lr=1e-4,
-                        batch_size=16)
-    return w, base, settings
+    w = load_workload(workload)
+    return w, w.search_model(), dict(w.search_settings)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="bench_intrinsic", description=__doc__)
-    p.add_argument("--workload", default="digits", help="digits (default) or minilm")
+    p.add_argument("--workload", default="digits", help="digits (default), minilm or module:factory")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="bench-out/bench-intrinsic.json")
@@ -64,7 +39,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
     w, base, settings = setup(args.workload)
-    metric = accuracy_fn(w)
+    metric = w.accuracy
     common = dict(forward=w.forward, device=args.device, progress=True, **settings)
     t0 = time.perf_counter()
     runs = {"affd": intrinsic_dimension(base, w.loss_fn, w.train, metric, "affd", seeds=tuple(range(args.seeds)),

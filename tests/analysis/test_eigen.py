@@ -81,6 +81,9 @@ def test_checkpoints_are_saved_and_reused(small_problem, tmp_path, monkeypatch):
     again = hessian_spectrum(tiny_model(), cross_entropy_per_example, batches, spec, **kwargs)
     assert calls == []  # both checkpoints loaded from the store
     np.testing.assert_allclose(again.eigenvalue.values, ds.eigenvalue.values)
+    with pytest.raises(ValueError, match="holds a spectrum computed with .*'n_out': 16.*this call asks for .*'n_out': 8"):
+        hessian_spectrum(tiny_model(), cross_entropy_per_example, batches, dict(spec, n_out=8), **kwargs)
+    assert calls == []
     stats = spectrum_statistics(ds)
     plot_spectrum_evolution(stats, tmp_path / "fig2.png")
     assert (tmp_path / "fig2.png").stat().st_size > 5000

@@ -1,0 +1,32 @@
+"""mkdocs hook: the CLI reference is generated from the argparse parser, so it cannot drift from the code."""
+
+from __future__ import annotations
+
+import argparse
+
+MARKER = "<!-- cli-reference -->"
+
+
+def _help(parser: argparse.ArgumentParser) -> str:
+    return parser.format_help().replace("```", "'''")
+
+
+def cli_reference() -> str:
+    from sketcharray.cli import build_parser
+
+    parser = build_parser()
+    parts = ["```text", _help(parser).rstrip(), "```"]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        parts += [f"\n## `sketcharray {name}`\n", "```text", _help(p).rstrip(), "```"]
+        if name == "bench":
+            inner = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+            for bname, bp in inner.choices.items():
+                parts += [f"\n### `sketcharray bench {bname}`\n", "```text", _help(bp).rstrip(), "```"]
+    return "\n".join(parts)
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if MARKER in markdown:
+        markdown = markdown.replace(MARKER, cli_reference())
+    return markdown

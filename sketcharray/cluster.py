@@ -1,0 +1,69 @@
+"""Where dask work runs: the one place the demo and the CLI choose a scheduler.
+
+sketcharray adds no scheduler of its own (DESIGN, "Scale-out"): the library's
+functions use whatever is active (a ``dask.distributed`` client if one
+exists, else dask's threads); this module only creates that context from a
+command-line word.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+#: the words ``--scheduler`` accepts besides a scheduler address
+SCHEDULERS = ("threads", "local-cluster")
+
+
+def describe_schedulers() -> str:
+    return ("'threads' (dask's local threaded scheduler, the default), 'local-cluster' (a dask.distributed "
+            "LocalCluster on this machine, with the dashboard) or the address of a running scheduler "
+            "(tcp://host:8786)")
+
+
+@contextmanager
+def scheduler(name: str = "threads", *, n_workers: int | None = None, quiet: bool = False) -> Iterator[object]:
+    """Make ``name`` the active dask scheduler inside the ``with`` block; yields the client (or None).
+
+    Parameters
+    ----------
+    name : str
+        ``"threads"``, ``"local-cluster"`` or a scheduler address
+        (``tcp://...``, ``tls://...``, ``ucx://...``, ``inproc://...``).
+    n_workers : int, optional
+        Workers of a local cluster (default: the CPU count, at most 4), one
+        thread each: per-batch autodiff holds a lock, so threads within one
+        worker would only queue.
+    quiet : bool
+        Don't print the dashboard link.
+
+    Raises
+    ------
+    ValueError
+        For any other ``name``.
+    ImportError
+        When a distributed scheduler is asked for without ``dask.distributed``.
+    """
+    if name == "threads":
+        yield None
+        return
+    if name != "local-cluster" and "://" not in name:
+        raise ValueError(f"scheduler must be {describe_schedulers()}; got {name!r}")
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:  # pragma: no cover - the test extra installs it
+        raise ImportError("--scheduler local-cluster or an address needs dask.distributed: "
+                          "pip install 'sketcharray[distributed]'") from exc
+    if name == "local-cluster":
+        workers = n_workers or max(1, min(os.cpu_count() or 1, 4))
+        with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":8787") as cluster, \
+                Client(cluster) as client:
+            if not quiet:
+                print(f"dask LocalCluster with {workers} worker(s); dashboard: {client.dashboard_link}", flush=True)
+            yield client
+        return
+    with Client(name) as client:
+        if not quiet:
+            print(f"connected to the dask scheduler at {name}; dashboard: {client.dashboard_link}", flush=True)
+        yield client

@@ -1,0 +1,265 @@
+"""The bodies of the ``sketcharray`` subcommands, each a thin call into the Python API.
+
+Every function takes the parsed ``argparse.Namespace`` and returns an exit
+code; argument parsing and the mapping of exceptions to exit codes live in
+:mod:`sketcharray.cli`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .report import markdown_table
+
+
+def _workload(args):
+    from .workloads import load_workload
+
+    return load_workload(args.workload)
+
+
+def _say(args, *lines) -> None:
+    if not args.quiet:
+        print(*lines, sep="\n", flush=True)
+
+
+def _split(w, name: str, limit: int | None):
+    import torch
+
+    data, ids = w.split(name)
+    if limit is not None and limit < len(data):
+        data, ids = torch.utils.data.Subset(data, range(limit)), ids[:limit]
+    return data, ids
+
+
+def demo(args) -> int:
+    from .demo import run_demo
+
+    overrides = {k: v for k, v in (("method", args.method), ("n_out", args.n_out), ("batch_size", args.batch_size))
+                 if v is not None}
+    run_demo(args.out, workload=args.workload, device=args.device, quick=args.quick, scheduler=args.scheduler,
+             quiet=args.quiet, seed=args.seed, **overrides)
+    return 0
+
+
+def sketch(args) -> int:
+    from .cluster import scheduler
+    from .collect import sketch_gradients, sketch_hvps
+
+    w = _workload(args)
+    data, ids = _split(w, args.split, args.limit)
+    spec = {"method": args.method, "n_out": args.n_out, "seed": args.seed}
+    with scheduler(args.scheduler, quiet=args.quiet):
+        if args.hvps:
+            ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=args.hvps, seed=args.seed,
+                             params=args.params, batch_size=args.batch_size, device=args.device, forward=w.forward)
+            _write_zarr(ds, args.out, args.quiet, f"{args.hvps} sketched HVPs")
+        else:
+            ds = sketch_gradients(w.model_factory, w.loss_fn, data, spec, params=args.params,
+                                  batch_size=args.batch_size, mode=args.mode, device=args.device, ids=ids,
+                                  store=args.out, checkpoint=args.checkpoint, forward=w.forward,
+                                  dtype=args.dtype, progress=not args.quiet)
+    _say(args, f"wrote {Path(args.out).resolve()}", str(ds))
+    return 0
+
+
+def _write_zarr(ds, path, quiet: bool, what: str) -> None:
+    if Path(path).exists():
+        raise ValueError(f"{path} exists; HVP sketches are written whole, choose a new --out")
+    job = ds.to_zarr(str(path), mode="w-", compute=False, consolidated=False)
+    if quiet:
+        job.compute()
+        return
+    from dask.diagnostics import ProgressBar
+
+    print(f"computing {what} to {path}", flush=True)
+    with ProgressBar():
+        job.compute()
+
+
+def attribute(args) -> int:
+    from .analysis import attribute as attribute_scores
+    from .store import open_sketches
+
+    train, queries = open_sketches(args.train), open_sketches(args.queries)
+    q = queries.grad
+    if args.query:
+        missing = [i for i in args.query if i not in set(map(str, q.example.values))]
+        if missing:
+            raise ValueError(f"query id(s) {missing} are not in {args.queries} "
+                             f"(it holds {q.sizes['example']} examples, e.g. {list(map(str, q.example.values[:3]))})")
+        q = q.sel(example=np.asarray(args.query, dtype=object))
+    elif args.first is not None:
+        q = q.isel(example=slice(0, args.first))
+    res = attribute_scores(train, q, score=args.score, k=args.k, which=args.which, damping=args.damping)
+    res = res.compute()
+    if args.out:
+        res.to_netcdf(args.out) if str(args.out).endswith(".nc") else res.to_zarr(args.out, mode="w",
+                                                                                   consolidated=False)
+    rows = [{"query": str(qid), "rank": int(r) + 1, "example": str(res.example.values[i, r]),
+             "score": float(res.score.values[i, r])}
+            for i, qid in enumerate(res["query"].values) for r in range(res.sizes["rank"])]
+    if not args.quiet:
+        print(f"{args.which} {args.k} training examples by {args.score} score:")
+        print(markdown_table(rows, [("query", "query"), ("rank", "rank"), ("example", "training example"),
+                                    ("score", args.score)]))
+        if args.out:
+            print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
+def _checkpoints(values: list[str] | None):
+    if not values:
+        return None
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            name, path = Path(v).stem, v
+        if not Path(path).exists():
+            raise ValueError(f"--checkpoint {v!r}: no file {path!r} (expected NAME=PATH of a torch.save'd state_dict)")
+        out[name] = path
+    return out
+
+
+def spectrum(args) -> int:
+    from .analysis import hessian_spectrum, spectrum_statistics
+    from .analysis.eigen import plot_spectrum_evolution
+
+    w = _workload(args)
+    data, _ = _split(w, "train", args.examples)
+    checkpoints = _checkpoints(args.checkpoint)
+    if checkpoints is None and args.workload_checkpoints:
+        if w.checkpoints is None:
+            raise ValueError(f"workload {args.workload!r} has no checkpoints; pass --checkpoint NAME=PATH")
+        checkpoints = w.checkpoints()
+    res = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": args.method, "n_out": args.n_out,
+                                                              "seed": args.seed},
+                           k=args.k, which=args.which, method=args.solver, checkpoints=checkpoints,
+                           params=args.params, batch_size=args.batch_size, device=args.device, forward=w.forward,
+                           store=args.out, progress=not args.quiet)
+    stats = spectrum_statistics(res) if args.which != "bottom" else None
+    if not args.quiet:
+        ev = res.eigenvalue.expand_dims(checkpoint=["-"]) if "checkpoint" not in res.dims else res.eigenvalue
+        rows = [{"checkpoint": str(c), "sign": str(s), "rank": int(r), "eigenvalue": float(ev.sel(checkpoint=c,
+                                                                                                   sign=s, rank=r))}
+                for c in ev.checkpoint.values for s in ev.sign.values for r in ev["rank"].values]
+        print(markdown_table(rows, [("checkpoint", "checkpoint"), ("sign", "end"), ("rank", "rank"),
+                                    ("eigenvalue", "eigenvalue")]))
+        if stats is not None and "RNEG" in stats:
+            print(f"RNEG: {np.round(np.atleast_1d(stats.RNEG.values), 4).tolist()}, outliers (R_n > 0.2): "
+                  f"{np.atleast_1d(stats.outliers.values).tolist()}")
+    if args.plot and stats is not None:
+        plot_spectrum_evolution(stats, args.plot)
+        _say(args, f"wrote {Path(args.plot).resolve()}")
+    if args.out:
+        _say(args, f"spectra stored per checkpoint under {Path(args.out).resolve()}")
+    return 0
+
+
+def intrinsic_dim(args) -> int:
+    from .analysis.intrinsic import intrinsic_dimension, plot_intrinsic
+
+    w = _workload(args)
+    settings = dict(w.search_settings)
+    for key in ("d0", "d_max", "steps_per_eval", "min_improvement", "lr", "batch_size"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    res = intrinsic_dimension(w.search_model(), w.loss_fn, w.train, w.accuracy, args.method, target=args.target,
+                              seeds=tuple(args.seeds), params=args.params, forward=w.forward, device=args.device,
+                              check=args.check, store=args.out, progress=not args.quiet, **settings)
+    if not args.quiet:
+        rows = [{"seed": int(s), "D*": float(res.d_star.sel(seed=s)), "metric at D*": float(res.final_metric.sel(seed=s)),
+                 "metric at D*/2": float(res.check_metric.sel(seed=s))} for s in res.seed.values]
+        print(f"reference {res.attrs['reference']:.4f}, target {res.attrs['target_metric']:.4f}")
+        print(markdown_table(rows, [(c, c) for c in ("seed", "D*", "metric at D*", "metric at D*/2")]))
+    if args.plot:
+        plot_intrinsic({args.method: res}, args.plot, reference=res.attrs["reference"], target=args.target)
+        _say(args, f"wrote {Path(args.plot).resolve()}")
+    return 0
+
+
+# -------------------------------------------------------------------- info
+def store_info(path) -> dict:
+    """What a sketch store, a spectrum folder or an intrinsic-dimension folder holds (a JSON-able dict).
+
+    Raises ``ValueError`` when ``path`` is none of these.
+    """
+    from .store import open_sketches, read_attrs
+
+    path = Path(path)
+    attrs = read_attrs(path)
+    if attrs is not None:
+        ds = open_sketches(path, allow_incomplete=True)
+        done = ds["batch_done"].values.astype(bool)
+        row_dim, variable = attrs.get("row_dim", "example"), attrs["variable"]
+        n_rows, chunk = ds.sizes[row_dim], int(attrs["batch_size"])
+        rows_done = sum(min(chunk, n_rows - i * chunk) for i in np.flatnonzero(done))
+        valid = ds["valid"].values if "valid" in ds else None
+        info = {"kind": "sketch store", "path": str(path), "variable": variable,
+                "dims": {d: int(s) for d, s in ds[variable].sizes.items()}, "storage_dtype": attrs["storage_dtype"],
+                "sketch_spec": ds.attrs["sketch_spec"], "n_params": int(sum(ds.attrs["param_sizes"])),
+                "param_groups": len(ds.attrs["param_names"]), "model_fingerprint": attrs.get("model_fingerprint"),
+                "checkpoint": attrs.get("checkpoint"), "mode": attrs.get("mode"),
+                "batches_done": int(done.sum()), "batches": int(done.size), "rows_done": int(rows_done),
+                "complete": bool(done.all()), "version": attrs.get("sketcharray_version")}
+        if valid is not None:
+            written = np.repeat(done, chunk)[:n_rows]
+            info["valid"] = int(valid[written].sum())
+            info["invalid"] = int((~valid[written]).sum())
+        return info
+    spectra = sorted(path.glob("checkpoint-*.zarr"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    if spectra:
+        import xarray as xr
+
+        out = {"kind": "spectrum folder", "path": str(path), "checkpoints": {}}
+        for p in spectra:
+            ds = xr.open_zarr(str(p), consolidated=False)
+            top = ds.eigenvalue.sel(sign="positive").values.ravel() if "positive" in ds.sign.values else []
+            out["checkpoints"][p.name[len("checkpoint-"):-len(".zarr")]] = {
+                "method": ds.attrs.get("method"), "k": int(ds.sizes["rank"]), "hvps": ds.attrs.get("hvps"),
+                "lambda_max": float(top[0]) if len(top) else None, "sketch_spec": ds.attrs.get("sketch_spec")}
+        return out
+    searches = sorted(path.glob("*/state.json")) if path.is_dir() else []
+    if searches:
+        out = {"kind": "intrinsic-dimension folder", "path": str(path), "searches": {}}
+        if (path / "reference.json").exists():
+            out["reference"] = json.loads((path / "reference.json").read_text())["reference"]
+        for p in searches:
+            s = json.loads(p.read_text())
+            out["searches"][p.parent.name] = {"d": s["d"], "step": s["step"], "done": s["done"],
+                                              "d_star": s["d_star"], "evaluations": len(s["trajectory"])}
+        return out
+    raise ValueError(f"{path} is not a sketcharray store, spectrum folder or intrinsic-dimension folder "
+                     "(expected a Zarr store written by sketch_gradients, or a folder of checkpoint-*.zarr "
+                     "or */state.json)")
+
+
+def info(args) -> int:
+    data = store_info(args.store)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(f"{data['kind']}: {data['path']}")
+    if data["kind"] == "sketch store":
+        print(f"  {data['variable']} {data['dims']} stored as {data['storage_dtype']}")
+        print(f"  sketch: {data['sketch_spec']}")
+        print(f"  N = {data['n_params']:,} parameters in {data['param_groups']} tensors; model "
+              f"{data['model_fingerprint']}; checkpoint {data['checkpoint'] or '-'}; mode {data['mode']}")
+        state = "complete" if data["complete"] else "INCOMPLETE (rerun the same command to resume)"
+        print(f"  progress: {data['batches_done']} of {data['batches']} batches, {data['rows_done']} rows; {state}")
+        if "valid" in data:
+            print(f"  valid rows: {data['valid']}, invalid (non-finite gradient or loss): {data['invalid']}")
+    elif data["kind"] == "spectrum folder":
+        for name, c in data["checkpoints"].items():
+            print(f"  checkpoint {name}: {c['method']}, k = {c['k']}, {c['hvps']} HVPs, lambda_max {c['lambda_max']}")
+    else:
+        if "reference" in data:
+            print(f"  reference metric {data['reference']:.4f}")
+        for name, s in data["searches"].items():
+            print(f"  {name}: d = {s['d']} at step {s['step']}, {'done' if s['done'] else 'in progress'}, "
+                  f"D* = {s['d_star']}")
+    return 0

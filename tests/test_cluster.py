@@ -1,0 +1,54 @@
+"""``--scheduler``: the local threads, a LocalCluster with its dashboard, or a scheduler address."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from sketcharray.cluster import scheduler
+
+pytest.importorskip("distributed")
+pytest.importorskip("bokeh")  # the dashboard is served by bokeh
+
+
+def test_threads_is_the_default_and_needs_no_cluster():
+    with scheduler("threads") as client:
+        assert client is None
+
+
+def test_an_unknown_scheduler_names_the_choices():
+    with pytest.raises(ValueError, match="'threads'.*'local-cluster'.*got 'mpi'"):
+        with scheduler("mpi"):
+            pass
+
+
+def test_dashboard_answers_while_a_local_cluster_job_runs_and_shows_named_tasks(tmp_path, capsys):
+    from sketcharray.collect import sketch_gradients
+    from sketcharray.workloads import digits
+
+    w = digits()
+    with scheduler("local-cluster", n_workers=1) as client:
+        assert f"dashboard: {client.dashboard_link}" in capsys.readouterr().out
+        job = threading.Thread(target=sketch_gradients, args=(w.model_factory, w.loss_fn, w.train,
+                                                              {"method": "affd", "n_out": 256}),
+                               kwargs=dict(batch_size=10, ids=w.train_ids, store=str(tmp_path / "s.zarr"),
+                                           progress=False))
+        job.start()
+        pages, prefixes = [], set()
+        try:
+            while job.is_alive():
+                prefixes |= set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+                if prefixes & {"sketch-gradients"}:
+                    for path in ("status", "info/main/workers.html"):
+                        with urllib.request.urlopen(client.dashboard_link.replace("status", path), timeout=10) as r:
+                            pages.append((r.status, r.read().decode()))
+                    break
+                time.sleep(0.05)
+        finally:
+            job.join()
+    assert "sketch-gradients" in prefixes  # named tasks, not anonymous lambdas
+    assert [status for status, _ in pages] == [200, 200]
+    assert "Dask" in pages[0][1] and "Worker" in pages[1][1]

@@ -325,7 +325,8 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
             dask_key_name=(f"sketch-gradients-{token}", int(i)))
         for i in todo
     ]
-    invalid = _compute(tasks, progress, scheduler, f"sketching {len(todo)} of {len(bounds)} batches to {store}")
+    invalid = compute_with_progress(tasks, progress=progress, scheduler=scheduler,
+                                    message=f"sketching {len(todo)} of {len(bounds)} batches to {store}")
     if sum(invalid):
         warnings.warn(f"{sum(invalid)} example(s) had non-finite gradients or losses; stored with valid=False",
                       RuntimeWarning, stacklevel=2)
@@ -333,8 +334,14 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
     return ds.assign_coords(checkpoint=checkpoint) if checkpoint is not None else ds
 
 
-def _compute(tasks, progress: bool, scheduler, message: str):
-    if not tasks:
+def compute_with_progress(collections, *, progress: bool = True, message: str | None = None, scheduler=None) -> list:
+    """Compute dask collections (delayed tasks, dask arrays, xarray objects) now; returns their values.
+
+    With ``progress``: prints ``message``, then dask's progress bar under a
+    local scheduler, or the dashboard link under an active
+    ``dask.distributed`` client (where the progress shows).
+    """
+    if not collections:
         return []
     try:
         from distributed import get_client
@@ -342,19 +349,19 @@ def _compute(tasks, progress: bool, scheduler, message: str):
         client = get_client()
     except (ImportError, ValueError):
         client = None
-    if progress:
+    if progress and message:
         print(message, flush=True)
     if client is not None and scheduler is None:
         if progress:
             print(f"dask dashboard: {client.dashboard_link}", flush=True)
-        return list(dask.compute(*tasks))
+        return list(dask.compute(*collections))
     kwargs = {"scheduler": scheduler or "threads"}
     if progress:
         from dask.diagnostics import ProgressBar
 
         with ProgressBar():
-            return list(dask.compute(*tasks, **kwargs))
-    return list(dask.compute(*tasks, **kwargs))
+            return list(dask.compute(*collections, **kwargs))
+    return list(dask.compute(*collections, **kwargs))
 
 
 def _lazy_dataset(model_src, task_args, bounds, op, params, mode, device, per_example, ids, has_label,

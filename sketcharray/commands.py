@@ -94,8 +94,12 @@ def attribute(args) -> int:
         q = q.sel(example=np.asarray(args.query, dtype=object))
     elif args.first is not None:
         q = q.isel(example=slice(0, args.first))
+    from .collect import compute_with_progress
+
     res = attribute_scores(train, q, score=args.score, k=args.k, which=args.which, damping=args.damping)
-    res = res.compute()
+    (res,) = compute_with_progress([res], progress=not args.quiet,
+                                   message=f"scoring {q.sizes['example']} queries against {train.sizes['example']} "
+                                           f"training examples in {len(train.chunks['example'])} chunks")
     if args.out:
         res.to_netcdf(args.out) if str(args.out).endswith(".nc") else res.to_zarr(args.out, mode="w",
                                                                                    consolidated=False)

@@ -27,7 +27,7 @@ from .analysis import attribute, hessian_spectrum, spectrum_statistics
 from .analysis.eigen import plot_spectrum_evolution
 from .analysis.intrinsic import intrinsic_dimension, plot_intrinsic
 from .cluster import scheduler as active_scheduler
-from .collect import sketch_gradients
+from .collect import compute_with_progress, sketch_gradients
 from .report import Report, markdown_table
 from .workloads import Workload, load_workload
 
@@ -115,7 +115,7 @@ def run_demo(out=None, *, workload: str = "digits", device: str = "cpu", quick: 
         timings["gradient sketches"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        _attribution(report, w, model, out, train, queries, settings, say)
+        _attribution(report, w, model, out, train, queries, settings, progress, say)
         timings["attribution"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -184,12 +184,13 @@ def _pick_queries(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarr
     return np.sort(np.concatenate([wrong, right]))[:n]
 
 
-def _attribution(report, w, model, out, train, queries, settings, say):
+def _attribution(report, w, model, out, train, queries, settings, progress, say):
     labels, predicted = w.labels("test"), w.predictions(model, "test")
     chosen = _pick_queries(labels, predicted, settings.n_queries)
     q = queries.grad.isel(example=chosen)
-    top = attribute(train, q, score="cosine", k=settings.k, which="top").compute()
-    bottom = attribute(train, q, score="cosine", k=settings.k, which="bottom").compute()
+    top, bottom = compute_with_progress(
+        [attribute(train, q, score="cosine", k=settings.k, which=which) for which in ("top", "bottom")],
+        progress=progress, message=f"\nattributing {len(chosen)} test predictions (top and bottom {settings.k}) ...")
     train_labels = np.asarray(train.label.values)
     position = {str(e): i for i, e in enumerate(train.example.values)}
     rows = []

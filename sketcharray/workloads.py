@@ -279,6 +279,14 @@ def build_minilm_model(n_classes: int, head_state: dict | None = None) -> nn.Mod
     return model.eval()
 
 
+def fresh_minilm_model(n_classes: int, seed: int = 1234) -> nn.Module:
+    """The pre-trained encoder with a new, untrained head: where fine-tuning on a new task starts."""
+    model = build_minilm_model(n_classes)
+    torch.manual_seed(seed)
+    model.head.reset_parameters()
+    return model
+
+
 class _TokenDataset(torch.utils.data.Dataset):
     def __init__(self, input_ids, attention_mask, labels):
         self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
@@ -338,7 +346,8 @@ def minilm(steps: int = 100, seed: int = 0, max_length: int = 16) -> Workload:
         info={"test_accuracy": acc, "n_params": sum(p.numel() for p in model.parameters()), "steps": steps,
               "texts": [texts[i] for i in order]},
         describe=functools.partial(_minilm_text, tuple(texts[i] for i in order), n_train),
-        # fine-tuning from the packaged weights (SPEC: Adam, small learning rate for the full model)
+        # fine-tuning the packaged encoder with a new head (SPEC: Adam, small learning rate for the full model)
+        search_start=functools.partial(fresh_minilm_model, len(TOPICS)),
         search_settings=dict(d0=8, d_max=1 << 16, steps_per_eval=10, min_improvement=0.01, lr=1e-1,
                              reference_lr=1e-4, batch_size=16),
     )

@@ -95,7 +95,7 @@ def test_bench_tda_scale_small(tmp_path, capsys):
 
 def test_bench_spectrum_small(tmp_path, capsys):
     out, png = tmp_path / "sp.json", tmp_path / "sp.png"
-    assert cli.main(["bench", "spectrum", "--n-examples", "50", "--log2d", "5", "--seeds", "1",
+    assert cli.main(["bench", "spectrum", "--n-examples", "50", "--log2d", "5", "--seeds", "1", "--perf-methods", "afjl",
                      "--perf-workloads", "digits", "--json", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert "Table 7 analogue" in text and "Figure 2 analogue" in text and "HVP/s" in text

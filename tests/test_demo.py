@@ -72,3 +72,15 @@ def test_rerunning_the_demo_reuses_everything(quick_demo, capsys):
 def test_demo_refuses_a_folder_made_with_other_settings(quick_demo, capsys):
     assert cli.main(["demo", "--quick", "--out", str(quick_demo), "--n-out", "64", "--quiet"]) == cli.EXIT_INPUT
     assert "was written with sketch_spec" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_quick_demo_runs_on_cuda_and_matches_the_cpu_report(quick_demo, tmp_path):
+    out = tmp_path / "cuda"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--device", "cuda", "--quiet"]) == 0
+    cpu, cuda = (json.loads((p / "report.json").read_text()) for p in (quick_demo, out))
+    # same sketches up to float32 rounding of different kernels: the proponents' cosines agree to 1e-3
+    for a, b in zip(cpu["attribution"], cuda["attribution"]):
+        assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-3)
+    assert [r["checkpoint"] for r in cuda["spectrum"]] == ["step-10", "step-300"]

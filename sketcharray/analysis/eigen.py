@@ -62,12 +62,16 @@ def _select(vals, vecs, res, k, which):
 
 
 def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int | None = None,
-            tol: float = 1e-6, seed: int = 0, check_every: int = 5, progress: bool = True) -> dict:
+            tol: float = 1e-6, seed: int = 0, check_every: int = 5, progress: bool = True,
+            basis_dtype=np.float64) -> dict:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     Returns ``{"positive"|"negative": (values, vectors (dim, k), residuals)}``
     plus ``"iterations"``.  Residuals are the Ritz residual norms
-    ``|beta_m s_{m,i}|`` = ||K v_i - lambda_i v_i||.
+    ``|beta_m s_{m,i}|`` = ||K v_i - lambda_i v_i||.  The Krylov basis takes
+    ``(max_iter + 1) x dim`` entries of ``basis_dtype``; float32 halves it
+    for very long vectors (a reference run on an unsketched Hessian), with the
+    projections computed in float32 and the recurrence in float64.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {list(WHICH)}; got {which!r}")
@@ -75,7 +79,7 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     if k > m_max:
         raise ValueError(f"k={k} exceeds the Krylov dimension available ({m_max})")
     rng = np.random.default_rng(seed)
-    basis = np.zeros((m_max + 1, dim))
+    basis = np.zeros((m_max + 1, dim), dtype=basis_dtype)
     v = rng.standard_normal(dim)
     basis[0] = v / np.linalg.norm(v)
     alpha, beta = np.zeros(m_max), np.zeros(m_max)
@@ -85,8 +89,9 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     for j in range(m_max):
         w = np.asarray(matvec(basis[j][None, :]), dtype=np.float64)[0]
         alpha[j] = basis[j] @ w
-        w -= basis[: j + 1].T @ (basis[: j + 1] @ w)  # full reorthogonalisation, twice is enough
-        w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        b = basis[: j + 1]
+        for _ in range(2):  # full reorthogonalisation, twice is enough (in the basis dtype: no upcast copy)
+            w -= b.T @ (b @ w.astype(b.dtype, copy=False))
         beta[j] = np.linalg.norm(w)
         m = j + 1
         bar.update(m)
@@ -103,7 +108,7 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
             break
         basis[j + 1] = w / beta[j]
     bar.close()
-    out = {key: (vals, basis[:m].T @ s, res) for key, (vals, s, res) in result.items()}
+    out = {key: (vals, basis[:m].T @ s.astype(basis.dtype), res) for key, (vals, s, res) in result.items()}
     out["iterations"] = m
     return out
 

@@ -176,7 +176,7 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
     Returns
     -------
     xarray.DataArray (query, example) of scores, lazy; invalid examples NaN.
-    With ``k``: Dataset with ``score`` and ``example`` (query, rank), lazy;
+    With ``k``: Dataset with ``score`` and ``example`` (query, rank), ranks 1..k best first, lazy;
     computing it streams the training set chunk by chunk.
     """
     if k is not None:
@@ -294,7 +294,7 @@ def _top_k(grad, valid, q, weights, k, which, normalize):
     return xr.Dataset(
         {"score": (("query", "rank"), scores), "example": (("query", "rank"), example),
          "index": (("query", "rank"), index)},
-        coords={"query": q["query"].values, "rank": np.arange(k)},
+        coords={"query": q["query"].values, "rank": np.arange(1, k + 1)},
     )
 
 

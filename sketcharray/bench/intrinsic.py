@@ -30,6 +30,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="bench_intrinsic", description=__doc__)
     p.add_argument("--workload", default="digits", help="digits (default), minilm or module:factory")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--params", nargs="+", metavar="GLOB", default=None,
+                   help="parameters the subspace spans (default: all)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["ffd", "qk"],
+                   help="methods compared with AFFD on seed 0")
+    p.add_argument("--d-max", type=int, default=None, help="largest D (default: the workload's)")
+    p.add_argument("--steps-per-eval", type=int, default=None, help="steps between evaluations")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the check runs at D*/2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="bench-out/bench-intrinsic.json")
     p.add_argument("--plot", default="bench-out/bench-intrinsic.png")
@@ -40,14 +47,18 @@ def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
     w, base, settings = setup(args.workload)
     metric = w.accuracy
-    common = dict(forward=w.forward, device=args.device, progress=True, **settings)
+    for key in ("d_max", "steps_per_eval"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    common = dict(forward=w.forward, device=args.device, progress=True, params=args.params, check=args.check,
+                  **settings)
     t0 = time.perf_counter()
     runs = {"affd": intrinsic_dimension(base, w.loss_fn, w.train, metric, "affd", seeds=tuple(range(args.seeds)),
                                         **common)}
     reference = runs["affd"].attrs["reference"]
     common["reference"] = reference
     common.pop("reference_lr")
-    for method in ("ffd", "qk"):
+    for method in args.methods:
         runs[method] = intrinsic_dimension(base, w.loss_fn, w.train, metric, method, seeds=(0,), **common)
     elapsed = time.perf_counter() - t0
 

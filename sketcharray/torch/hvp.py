@@ -123,15 +123,32 @@ class SubspaceHessian:
     (k, D) of numpy arrays or torch tensors and returns the same kind.
     ``hvp_seconds`` and ``other_seconds`` split the time between the HVPs
     and everything else (sketching, transfers).
+
+    Small operators (``N * max(N, D) <= explicit_limit`` entries) are
+    materialised once as the N x D matrix Phi^T, so each product costs two
+    matmuls instead of two structured transforms, whose fixed per-call cost
+    dominates at small N (the same numbers to float rounding; tested).
     """
 
-    def __init__(self, hvp: HVP, op):
+    def __init__(self, hvp: HVP, op, *, explicit_limit: int = 1 << 24):
         if op.n_in != hvp.paramset.n:
             raise ValueError(f"sketch n_in={op.n_in} does not match the {hvp.paramset.n} selected parameters")
         self.hvp = hvp
         self.op = op
         self.shape = (op.n_out, op.n_out)
         self.other_seconds = 0.0
+        self.explicit = op.n_in * max(op.n_in, op.n_out) <= explicit_limit
+        self._phi_t = None  # Phi^T (N, D), built at the first product when explicit
+
+    def _adjoint(self, W):
+        if not self.explicit:
+            return self.op.adjoint(W)
+        if self._phi_t is None:
+            self._phi_t = self.op.apply(torch.eye(self.op.n_in, dtype=W.dtype, device=W.device))
+        return W @ self._phi_t.T
+
+    def _apply(self, V):
+        return V @ self._phi_t if self.explicit else self.op.apply(V)
 
     @property
     def hvp_seconds(self) -> float:
@@ -144,10 +161,10 @@ class SubspaceHessian:
         W = torch.as_tensor(w, dtype=ref.dtype, device=ref.device)
         squeeze = W.ndim == 1
         W = W.reshape(-1, self.op.n_out)
-        V = self.op.adjoint(W)
+        V = self._adjoint(W)
         h0 = self.hvp.seconds
         HV = self.hvp(V)
-        out = self.op.apply(HV)
+        out = self._apply(HV)
         self.other_seconds += (time.perf_counter() - t0) - (self.hvp.seconds - h0)
         out = out[0] if squeeze else out
         return out.detach().cpu().numpy().astype(np.float64) if was_numpy else out

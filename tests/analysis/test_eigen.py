@@ -31,6 +31,19 @@ def test_solvers_find_both_ends_of_a_known_spectrum(solver):
     assert out["positive"][2].max() < 1e-6 * 40
 
 
+def test_lanczos_with_a_float32_basis_keeps_float32_accuracy():
+    # the long reference runs store the Krylov basis in float32; the top eigenvalues then carry float32
+    # rounding relative to the spectral scale: tol ~ a few x 1e-7 x lambda_max x sqrt(iterations)
+    rng = np.random.default_rng(1)
+    d = 300
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    ev = np.concatenate([[50.0, 30.0, 20.0], rng.uniform(-1, 1, d - 3)])
+    a = (q * ev) @ q.T
+    out = lanczos(lambda x: x @ a, d, 3, which="top", tol=1e-6, progress=False, basis_dtype=np.float32)
+    np.testing.assert_allclose(out["positive"][0], [50, 30, 20], rtol=1e-5)
+    assert out["positive"][1].dtype == np.float32
+
+
 @pytest.fixture(scope="module")
 def small_problem():
     model = tiny_model()

@@ -78,13 +78,15 @@ def test_hvp_falls_back_to_reverse_over_reverse_without_forward_mode():
     torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize("explicit_limit", [0, 1 << 24], ids=["structured", "materialised"])
 @pytest.mark.parametrize("method", ["affd", "qk"])
-def test_subspace_hessian_is_phi_h_phi_t(method):
+def test_subspace_hessian_is_phi_h_phi_t(method, explicit_limit):
     model = tiny_model()
     batches = [tiny_batch(8)]
     H, ps = exact_hessian(model, batches)
     op = make_sketch(method, ps.n, 16, seed=0)
-    K = SubspaceHessian(HVP(model, cross_entropy_per_example, batches, ps), op)
+    K = SubspaceHessian(HVP(model, cross_entropy_per_example, batches, ps), op, explicit_limit=explicit_limit)
+    assert K.explicit == (explicit_limit > 0)
     phi = op.apply(np.eye(ps.n)).T  # (D, N)
     expected = phi @ H.numpy() @ phi.T
     got = K.matvec(np.eye(16))  # a batch of 16 directions: columns of K

@@ -16,8 +16,15 @@ from .report import markdown_table
 
 
 def _workload(args):
+    import os
+    import sys
+
     from .workloads import load_workload
 
+    # like `python -m`, a module:factory in the current folder is importable (dask workers of a
+    # cluster need it installed or on PYTHONPATH)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     return load_workload(args.workload)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +71,8 @@ class Report:
         for kind, value in self.blocks:
             if kind == "section":
                 out.append(f"<h2>{esc(value)}</h2>")
-            elif kind == "text":
-                out.append(f"<p>{esc(value)}</p>")
+            elif kind == "text":  # Markdown's inline code is the only markup the texts use
+                out.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(value)) + "</p>")
             elif kind == "table":
                 rows, columns = value
                 out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for _, h in columns) + "</tr>")

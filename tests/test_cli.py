@@ -95,8 +95,9 @@ def test_bench_tda_scale_small(tmp_path, capsys):
 
 def test_bench_spectrum_small(tmp_path, capsys):
     out, png = tmp_path / "sp.json", tmp_path / "sp.png"
-    assert cli.main(["bench", "spectrum", "--n-examples", "50", "--log2d", "5", "--seeds", "1", "--perf-methods", "afjl",
-                     "--perf-workloads", "digits", "--json", str(out), "--plot", str(png)]) == 0
+    assert cli.main(["bench", "spectrum", "--n-examples", "50", "--log2d", "5", "--seeds", "1",
+                     "--perf-methods", "afjl", "--perf-workloads", "digits", "--json", str(out),
+                     "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert "Table 7 analogue" in text and "Figure 2 analogue" in text and "HVP/s" in text
     payload = json.loads(out.read_text())
@@ -232,3 +233,20 @@ def test_interrupt_exits_130_and_says_how_to_resume(monkeypatch, capsys):
     monkeypatch.setattr(cli.commands, "info", interrupted)
     assert cli.main(["info", "x"]) == cli.EXIT_INTERRUPTED
     assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_sketch_hvps_writes_the_lazy_dataset_once(tmp_path):
+    import xarray as xr
+
+    from sketcharray.collect import sketch_hvps
+    from sketcharray.workloads import load_workload
+
+    out = tmp_path / "hvp.zarr"
+    args = ["sketch", "--out", str(out), "--workload", TINY, "--hvps", "3", "--n-out", "8", "--quiet"]
+    assert cli.main(args) == 0
+    stored = xr.open_zarr(str(out), consolidated=False)
+    w = load_workload(TINY)
+    direct = sketch_hvps(w.model_factory, w.loss_fn, w.train, {"method": "afjl", "n_out": 8, "seed": 0}, probes=3,
+                         batch_size=64).compute()
+    np.testing.assert_allclose(stored.hvp.values, direct.hvp.values, rtol=1e-5, atol=1e-7)
+    assert cli.main(args) == cli.EXIT_INPUT  # written whole: a second run is refused, not appended

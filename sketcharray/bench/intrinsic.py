@@ -36,6 +36,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="methods compared with AFFD on seed 0")
     p.add_argument("--d-max", type=int, default=None, help="largest D (default: the workload's)")
     p.add_argument("--steps-per-eval", type=int, default=None, help="steps between evaluations")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate for omega (default: the workload's)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the check runs at D*/2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="bench-out/bench-intrinsic.json")
@@ -47,7 +48,7 @@ def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
     w, base, settings = setup(args.workload)
     metric = w.accuracy
-    for key in ("d_max", "steps_per_eval"):
+    for key in ("d_max", "steps_per_eval", "lr"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     common = dict(forward=w.forward, device=args.device, progress=True, params=args.params, check=args.check,

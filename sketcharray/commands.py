@@ -222,6 +222,12 @@ def store_info(path) -> dict:
             info["valid"] = int(valid[written].sum())
             info["invalid"] = int((~valid[written]).sum())
         return info
+    hvps = _hvp_store(path)
+    if hvps is not None:
+        return {"kind": "HVP sketch store", "path": str(path), "dims": {d: int(n) for d, n in hvps.hvp.sizes.items()},
+                "sketch_spec": hvps.attrs.get("sketch_spec"), "n_params": int(sum(hvps.attrs.get("param_sizes", []))),
+                "model_fingerprint": hvps.attrs.get("model_fingerprint"), "probe_seed": hvps.attrs.get("probe_seed"),
+                "finite": bool(np.isfinite(hvps.hvp.values).all())}
     spectra = sorted(path.glob("checkpoint-*.zarr"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
     if spectra:
         import xarray as xr
@@ -245,8 +251,21 @@ def store_info(path) -> dict:
                                               "d_star": s["d_star"], "evaluations": len(s["trajectory"])}
         return out
     raise ValueError(f"{path} is not a sketcharray store, spectrum folder or intrinsic-dimension folder "
-                     "(expected a Zarr store written by sketch_gradients, or a folder of checkpoint-*.zarr "
-                     "or */state.json)")
+                     "(expected a Zarr store written by sketch_gradients or sketch --hvps, or a folder of "
+                     "checkpoint-*.zarr or */state.json)")
+
+
+def _hvp_store(path: Path):
+    """The Dataset of a store written by ``sketch --hvps`` (``hvp`` over probe x sketch), else None."""
+    if not (path / "zarr.json").exists():
+        return None
+    import xarray as xr
+
+    try:
+        ds = xr.open_zarr(str(path), consolidated=False)
+    except (ValueError, KeyError, FileNotFoundError):
+        return None
+    return ds if "hvp" in ds else None
 
 
 def info(args) -> int:
@@ -264,6 +283,10 @@ def info(args) -> int:
         print(f"  progress: {data['batches_done']} of {data['batches']} batches, {data['rows_done']} rows; {state}")
         if "valid" in data:
             print(f"  valid rows: {data['valid']}, invalid (non-finite gradient or loss): {data['invalid']}")
+    elif data["kind"] == "HVP sketch store":
+        print(f"  hvp {data['dims']}; sketch: {data['sketch_spec']}")
+        print(f"  N = {data['n_params']:,} parameters; model {data['model_fingerprint']}; probes from seed "
+              f"{data['probe_seed']}; all values finite: {data['finite']}")
     elif data["kind"] == "spectrum folder":
         for name, c in data["checkpoints"].items():
             print(f"  checkpoint {name}: {c['method']}, k = {c['k']}, {c['hvps']} HVPs, lambda_max {c['lambda_max']}")

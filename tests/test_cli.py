@@ -235,7 +235,7 @@ def test_interrupt_exits_130_and_says_how_to_resume(monkeypatch, capsys):
     assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
 
 
-def test_sketch_hvps_writes_the_lazy_dataset_once(tmp_path):
+def test_sketch_hvps_writes_the_lazy_dataset_once(tmp_path, capsys):
     import xarray as xr
 
     from sketcharray.collect import sketch_hvps
@@ -250,3 +250,6 @@ def test_sketch_hvps_writes_the_lazy_dataset_once(tmp_path):
                          batch_size=64).compute()
     np.testing.assert_allclose(stored.hvp.values, direct.hvp.values, rtol=1e-5, atol=1e-7)
     assert cli.main(args) == cli.EXIT_INPUT  # written whole: a second run is refused, not appended
+    assert cli.main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "HVP sketch store" and info["dims"] == {"probe": 3, "sketch": 8} and info["finite"]

@@ -33,15 +33,6 @@ def _say(args, *lines) -> None:
         print(*lines, sep="\n", flush=True)
 
 
-def _split(w, name: str, limit: int | None):
-    import torch
-
-    data, ids = w.split(name)
-    if limit is not None and limit < len(data):
-        data, ids = torch.utils.data.Subset(data, range(limit)), ids[:limit]
-    return data, ids
-
-
 def demo(args) -> int:
     from .demo import run_demo
 
@@ -57,7 +48,7 @@ def sketch(args) -> int:
     from .collect import sketch_gradients, sketch_hvps
 
     w = _workload(args)
-    data, ids = _split(w, args.split, args.limit)
+    data, ids = w.split(args.split, args.limit)
     spec = {"method": args.method, "n_out": args.n_out, "seed": args.seed}
     with scheduler(args.scheduler, quiet=args.quiet):
         if args.hvps:
@@ -141,7 +132,7 @@ def spectrum(args) -> int:
     from .analysis.eigen import plot_spectrum_evolution
 
     w = _workload(args)
-    data, _ = _split(w, "train", args.examples)
+    data, _ = w.split("train", args.examples)
     checkpoints = _checkpoints(args.checkpoint)
     if checkpoints is None and args.workload_checkpoints:
         if w.checkpoints is None:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .analysis import attribute, hessian_spectrum, spectrum_statistics
 from .analysis.eigen import plot_spectrum_evolution
@@ -108,9 +107,10 @@ def run_demo(out=None, *, workload: str = "digits", device: str = "cpu", quick: 
     timings = {}
     with active_scheduler(scheduler, quiet=quiet):
         t = time.perf_counter()
-        _workload_section(report, w, model, settings)
+        accuracy = w.accuracy(model)
+        _workload_section(report, w, accuracy, settings)
         say(f"  {len(w.train)} training and {len(w.test)} test examples, {w.info.get('n_params', '?')} "
-            f"parameters, test accuracy {w.accuracy(model):.3f}")
+            f"parameters, test accuracy {accuracy:.3f}")
         train, queries = _stream(report, w, out, settings, device, seed, progress, say)
         timings["gradient sketches"] = time.perf_counter() - t
 
@@ -136,20 +136,17 @@ def run_demo(out=None, *, workload: str = "digits", device: str = "cpu", quick: 
 
 
 # ---------------------------------------------------------------- the steps
-def _workload_section(report: Report, w: Workload, model, settings: DemoSettings) -> None:
+def _workload_section(report: Report, w: Workload, accuracy: float, settings: DemoSettings) -> None:
     report.section("Workload")
     report.text(f"`{w.name}`: {len(w.train)} training and {len(w.test)} test examples, "
-                f"{w.info.get('n_params', '?'):,} parameters, test accuracy {w.accuracy(model):.3f}.")
+                f"{w.info.get('n_params', '?'):,} parameters, test accuracy {accuracy:.3f}.")
     report.data["workload"] = {"name": w.name, "n_train": len(w.train), "n_test": len(w.test),
                                "n_params": w.info.get("n_params"), "settings": settings.__dict__}
 
 
 def _stream(report, w, out, settings, device, seed, progress, say):
     spec = {"method": settings.method, "n_out": settings.n_out, "seed": seed}
-    train_data, train_ids = w.train, w.train_ids
-    if settings.n_train is not None and settings.n_train < len(train_data):
-        train_data = torch.utils.data.Subset(train_data, range(settings.n_train))
-        train_ids = train_ids[: settings.n_train]
+    train_data, train_ids = w.split("train", settings.n_train)
     common = dict(batch_size=settings.batch_size, device=device, forward=w.forward, progress=progress,
                   checkpoint="final")
     train_store, query_store = out / f"{w.name}-train-grad.zarr", out / f"{w.name}-test-grad.zarr"
@@ -270,9 +267,7 @@ def _spectrum(report, w, out, settings, device, seed, progress, say):
     checkpoints = w.checkpoints() if w.checkpoints is not None else {"final": w.model().state_dict()}
     names = list(checkpoints)
     chosen = {n: checkpoints[n] for n in dict.fromkeys([names[0], names[-1]])}
-    data = w.train
-    if settings.spectrum_examples < len(data):
-        data = torch.utils.data.Subset(data, range(settings.spectrum_examples))
+    data, _ = w.split("train", settings.spectrum_examples)
     sketch = {"method": settings.spectrum_method, "n_out": settings.spectrum_n_out, "seed": seed}
     say(f"\nHessian spectrum at checkpoint(s) {', '.join(chosen)} ({sketch['method']}, D = {sketch['n_out']}, "
         f"{len(data)} examples) ...")

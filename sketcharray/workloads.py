@@ -60,11 +60,14 @@ class Workload:
         """theta_0 of an intrinsic-dimension search: ``search_start()`` when given, else the trained model."""
         return (self.search_start or self.model_factory)()
 
-    def split(self, name: str) -> tuple[torch.utils.data.Dataset, list]:
-        """``(dataset, ids)`` of the ``"train"`` or ``"test"`` split."""
+    def split(self, name: str, limit: int | None = None) -> tuple[torch.utils.data.Dataset, list]:
+        """``(dataset, ids)`` of the ``"train"`` or ``"test"`` split, only its first ``limit`` examples if given."""
         if name not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test'; got {name!r}")
-        return (self.train, self.train_ids) if name == "train" else (self.test, self.test_ids)
+        data, ids = (self.train, self.train_ids) if name == "train" else (self.test, self.test_ids)
+        if limit is not None and limit < len(data):
+            data, ids = torch.utils.data.Subset(data, range(limit)), ids[:limit]
+        return data, ids
 
     def labels(self, split: str = "test") -> np.ndarray:
         """The split's labels as a NumPy array."""

@@ -73,6 +73,16 @@ def table7(h, ps, log2ds, seeds):
     return errors, layers, ref[:10]
 
 
+def threshold_table(errors: dict[str, dict[int, float]]) -> str:
+    """Per method, the smallest log2 D whose error falls below each threshold ('-' when none does)."""
+    def smallest(errs, t):
+        ld = smallest_log2d({d: -e for d, e in errs.items()}, -t)  # smallest_log2d finds values above a threshold
+        return "-" if ld is None else str(ld)
+
+    rows = [{"method": m, **{str(t): smallest(errs, t) for t in THRESHOLDS}} for m, errs in errors.items()]
+    return format_table(rows, [("method", "method")] + [(str(t), f"error < {t}") for t in THRESHOLDS])
+
+
 def pretrained_table7(workload: str, methods, log2ds, *, k: int = 10, n_examples: int = 16, ref_iters: int = 80,
                       iters: int = 40, device: str = "cpu") -> dict:
     """Table 7 on a model too large for an exact Hessian: top-k eigenvalues of K against a long Lanczos run
@@ -80,7 +90,7 @@ def pretrained_table7(workload: str, methods, log2ds, *, k: int = 10, n_examples
     w = WORKLOADS[workload]()
     model = w.model().to(device)
     ps = select_params(model)
-    src = DataSource.from_data(torch.utils.data.Subset(w.train, range(n_examples)), 8)
+    src = DataSource.from_data(w.split("train", n_examples)[0], 8)
     hvp = HVP(model, w.loss_fn, [src.load(i, a, b) for i, (a, b) in enumerate(src.bounds)], ps, forward=w.forward,
               device=torch.device(device))
     print(f"reference: Lanczos on the full Hessian of {workload} (N={ps.n:,}, {n_examples} examples), "
@@ -112,7 +122,7 @@ def performance(workload: str, methods, n_out: int, k: int, n_examples: int, bat
                 max_iter: int | None = None, n_iter: int = 6) -> list[dict]:
     """Time one Lanczos and one randomized solve per sketch method; split HVPs from everything else."""
     w = WORKLOADS[workload]()
-    data = torch.utils.data.Subset(w.train, range(min(n_examples, len(w.train))))
+    data, _ = w.split("train", n_examples)
     rows = []
     for sketch in methods:
         for method in ("lanczos", "randomized"):
@@ -165,10 +175,7 @@ def accuracy(args) -> dict:
     errors, layers, ref = table7(h, ps, args.log2d, args.seeds)
     print("\nTable 7 analogue (digits, exact Hessian): smallest log2 D with top-10 eigenvalue relative error "
           f"below the threshold (median of {args.seeds} seeds; '-' = never up to 2^{max(args.log2d)})")
-    rows = [{"method": m, **{str(t): "-" if smallest_log2d({ld: -e for ld, e in errors[m].items()}, -t) is None
-                             else str(smallest_log2d({ld: -e for ld, e in errors[m].items()}, -t))
-                             for t in THRESHOLDS}} for m in METHODS]
-    print(format_table(rows, [("method", "method")] + [(str(t), f"error < {t}") for t in THRESHOLDS]))
+    print(threshold_table({m: errors[m] for m in METHODS}))
     print("\nTable 1 analogue (digits): top-10 eigenvalues of one layer's diagonal Hessian block vs all parameters")
     print(format_table([{"layer": k, "n": f"{v['n_params']:,}", "e": f"{v['top10_error']:.3f}"} for k, v in layers.items()],
                        [("layer", "layer"), ("n", "parameters"), ("e", "top-10 relative error")]))
@@ -197,10 +204,7 @@ def main(argv=None, args=None) -> int:
         t7 = pretrained_table7(args.pretrained, args.pretrained_methods, args.pretrained_log2d, device=args.device)
         print(f"\nTable 7 analogue ({args.pretrained}, reference: Lanczos on the full Hessian): smallest log2 D "
               f"with top-10 relative error below the threshold ('-' = not up to 2^{max(args.pretrained_log2d)})")
-        rows = [{"method": m, **{str(t): "-" if smallest_log2d({ld: -e for ld, e in errs.items()}, -t) is None
-                                 else str(smallest_log2d({ld: -e for ld, e in errs.items()}, -t))
-                                 for t in THRESHOLDS}} for m, errs in t7["errors"].items()]
-        print(format_table(rows, [("method", "method")] + [(str(t), f"error < {t}") for t in THRESHOLDS]))
+        print(threshold_table(t7["errors"]))
         payload["pretrained_table7"] = t7
         write_json(args.json, payload)
     if args.skip_perf:

@@ -88,3 +88,15 @@ def test_gpu_generates_the_same_draws_as_numpy(backend: Backend):
     probe = backend.asarray(np.zeros(1))
     xp = array_api_compat.array_namespace(probe)
     _check_same(_draws(np), _draws(xp, device=array_api_compat.device(probe)), backend.to_numpy)
+
+
+def test_long_numpy_streams_are_generated_in_blocks_with_the_same_numbers():
+    """numpy generates long streams in blocks on several threads; every draw is a function of its
+    index, so the blocks must join into exactly the single-call stream (odd start: pairs straddle)."""
+    key = rnd.stream_key(7, "blocked")
+    start, count = 12345, 2 * rnd._BLOCK + 777
+    np.testing.assert_array_equal(rnd.normal(np, key, start, count), rnd._normal(np, key, start, count, None, None))
+    whole = rnd.signs(np, key, count, dtype=np.float32)
+    head = rnd.signs(np, key, 1000, dtype=np.float32)
+    np.testing.assert_array_equal(whole[:1000], head)
+    assert set(np.unique(whole)) == {-1.0, 1.0}

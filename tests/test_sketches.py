@@ -242,3 +242,30 @@ def test_adjoint_identity_for_any_sizes(case, n_in, log_d, batch, seed):
     lhs, rhs = np.sum(op.apply(x) * y, axis=1), np.sum(x * op.adjoint(y), axis=1)
     scale = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) * max(1.0, np.sqrt(op.n_pad / n_out))
     np.testing.assert_allclose(lhs, rhs, rtol=0, atol=1e-11 * float(scale.max()))
+
+
+@pytest.mark.parametrize("case", [c for c in METHOD_CASES if c[1].get("precond", "hadamard") == "hadamard"
+                                  and c[0] in ("fjl", "ffd", "affd", "afjl")], ids=case_id)
+def test_butterfly_path_matches_the_kronecker_products(case, rng, monkeypatch):
+    """On the CPU the full Kronecker Hadamard runs as the compiled FWHT; GPUs multiply by the factors.
+    Both must be the same operator (float64 rounding)."""
+    from sketcharray.sketches.precond import Mixing
+
+    x, y = rng.standard_normal((3, N_ODD)), rng.standard_normal((3, 64))
+    fast = _make(case)
+    fwd, adj = fast.apply(x), fast.adjoint(y)
+    monkeypatch.setattr(Mixing, "_butterflies", lambda self, *arrays: False)
+    slow = _make(case)
+    np.testing.assert_allclose(fwd, slow.apply(x), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(adj, slow.adjoint(y), rtol=1e-10, atol=1e-12)
+
+
+def test_revision_names_a_changed_construction():
+    """Haar factors changed construction in 0.2: their specs carry revision 2, and a spec of
+    another revision is refused rather than silently rebuilt as a different operator."""
+    qk, kron, had = (make_sketch(m, 5000, 64, **o) for m, o in
+                     (("qk", {}), ("affd", {"precond": "kron"}), ("affd", {})))
+    assert qk.spec["revision"] == 2 and kron.spec["revision"] == 2 and "revision" not in had.spec
+    assert sketch_from_spec(qk.spec) == qk
+    with pytest.raises(ValueError, match=r"revision 1 of sketch 'qk'.*builds revision 2"):
+        sketch_from_spec({**qk.spec, "revision": 1})

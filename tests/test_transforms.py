@@ -70,7 +70,10 @@ def test_haar_factor_is_orthogonal_with_deterministic_rows():
     key = rnd.stream_key(3, "haar")
     q = tf.haar_orthogonal(key, 32)
     np.testing.assert_allclose(q @ q.T, np.eye(32), atol=1e-12)
-    np.testing.assert_array_equal(tf.haar_orthogonal(key, 32, rows=5), q[:5])
+    thin = tf.haar_orthogonal(key, 32, rows=5)
+    np.testing.assert_allclose(thin @ thin.T, np.eye(5), atol=1e-12)
+    # Householder QR of the first 5 columns gives the first 5 columns of the full Q (to rounding)
+    np.testing.assert_allclose(thin, q[:5], atol=1e-12)
 
 
 @pytest.mark.parametrize("precond", ["hadamard", "fft", "kron"])
@@ -85,3 +88,75 @@ def test_mixing_is_orthogonal_and_truncates(precond, permute, rng):
     cut = Mixing(precond, n, rnd.stream_key(1, "mix"), 40, permute, max_factor=16)
     x = rng.standard_normal((3, n))
     np.testing.assert_allclose(cut.forward(np, x, cut.build(np, None, np.float64)), x @ t.T[:, :40], atol=1e-10)
+
+
+def _dense_hadamard_factors(factors, perms, permute):
+    mats = []
+    for b, p in zip(factors, perms):
+        h = tf.hadamard(b)
+        mats.append(h[p] if permute == "rows" else h[:, p] if permute == "cols" else h)
+    return mats
+
+
+@pytest.mark.parametrize("factors", [(2,), (8,), (4, 2), (32, 16, 8), (16, 16, 16, 16), (64, 64, 32), (2,) * 12,
+                                     (32, 32, 32, 32)])
+@pytest.mark.parametrize("permute", [None, "rows", "cols"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_butterfly_kernel_equals_the_dense_kronecker_factors(factors, permute, transpose, rng):
+    """The compiled FWHT computes the same matrix as kron_apply's products, with both diagonals and padding."""
+    perms = [rng.permutation(b) for b in factors]
+    mats = _dense_hadamard_factors(factors, perms, permute)
+    n_full = math.prod(factors)
+    n = n_full if transpose else max(1, n_full - 5)  # padding only on the forward side
+    x = rng.standard_normal((3, n))
+    d_in, d_out = rng.standard_normal(n), rng.standard_normal(max(1, n_full - 3))  # a short d_out
+    expected = tf.kron_apply(np, x * d_in, mats, transpose=transpose)
+    expected[:, : d_out.size] *= d_out
+    got = tf.kron_hadamard(x, factors, perms, permute=permute, transpose=transpose, d_in=d_in, d_out=d_out)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    got32 = tf.kron_hadamard(x.astype(np.float32), factors, perms, permute=permute, transpose=transpose)
+    assert got32.dtype == np.float32
+    # float32: rounding the input and each of the log2 N butterfly stages (orthogonal up to a
+    # factor sqrt 2) adds at most about one ulp of the norm ||x|| <= sqrt(N) max|x| to the error
+    # norm, which bounds every entry's error; 4x covers the final scaling.
+    bound = 4 * (math.log2(n_full) + 1) * 2.0**-23 * math.sqrt(n_full) * np.abs(x).max()
+    np.testing.assert_allclose(got32, tf.kron_apply(np, x, mats, transpose=transpose), rtol=0, atol=bound)
+
+
+def test_butterfly_kernel_gives_the_same_numbers_on_any_thread(rng):
+    """From the main thread the work is split across cores; from a worker thread it runs on one."""
+    import concurrent.futures
+
+    factors = tf.pow2_factors(1 << 18, 64)
+    perms = [rng.permutation(b) for b in factors]
+    x = rng.standard_normal((2, (1 << 18) - 11)).astype(np.float32)
+    main = tf.kron_hadamard(x, factors, perms, permute="rows")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        worker = pool.submit(tf.kron_hadamard, x, factors, perms, permute="rows").result()
+    np.testing.assert_array_equal(main, worker)
+
+
+def test_fwht_groups_cover_the_factors_in_cache_sized_passes():
+    for bits in range(1, 31):
+        factors = tf.pow2_factors(1 << bits, 64)
+        groups = tf.fwht_groups(factors)
+        assert groups[0][1] == len(factors) and groups[-1][0] == 0
+        assert all(a[0] == b[1] for a, b in zip(groups, groups[1:]))  # consecutive, lowest first
+        sizes = [math.prod(factors[k0:k1]) for k0, k1 in groups]
+        assert sizes[0] <= max(tf.FWHT_BLOCK, factors[-1])
+        assert all(s <= max(tf.FWHT_STRIDED_BLOCK, max(factors)) for s in sizes[1:])
+    assert len(tf.fwht_groups(tf.pow2_factors(1 << 25, 64))) == 2  # two passes over memory at N = 2^25
+
+
+def test_host_array_only_for_plain_host_arrays():
+    torch = pytest.importorskip("torch")
+    a = np.ones(3)
+    assert tf.host_array(a) is a
+    t = torch.ones(3)
+    view = tf.host_array(t)
+    view[0] = 5.0
+    assert float(t[0]) == 5.0  # zero-copy
+    assert tf.host_array(torch.ones(3, requires_grad=True)) is None
+    seen = []
+    torch.func.vmap(lambda v: seen.append(tf.host_array(v)) or v)(torch.ones(2, 3))
+    assert seen == [None]  # a functorch-wrapped tensor has no storage to share

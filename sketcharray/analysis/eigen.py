@@ -200,7 +200,9 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
     -------
     xarray.Dataset with ``eigenvalue`` and ``residual`` (``[checkpoint,] sign, rank``),
     ``sign`` in ("positive", "negative"): the top end and the bottom end.  Attrs
-    record the method, HVP count and the time split between HVPs and the rest.
+    record the method, HVP count and the time split between HVPs and the rest
+    (``seconds``, ``hvp_seconds``, ``other_seconds``: the solve), and
+    ``setup_seconds``, building the sketch's random state once before it.
     """
     import torch
 
@@ -237,6 +239,7 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
         ds = _spectrum_dataset(res, k, eigenvectors)
         ds.attrs.update(method=method, which=which, iterations=res["iterations"], hvps=K.hvp.count, seconds=total,
                         hvp_seconds=K.hvp_seconds, other_seconds=total - K.hvp_seconds,
+                        setup_seconds=K.setup_seconds,
                         hvp_mode=K.hvp.mode, sketch_spec=str(K.op.spec))
         if name is not None:
             ds = ds.expand_dims(checkpoint=[name])

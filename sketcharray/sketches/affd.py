@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from . import random as rnd
+from . import transforms as tf
 from .base import SketchOperator
 from .precond import Mixing, padded_length
 
@@ -26,9 +27,8 @@ class _LookupFree(SketchOperator):
             return None
         return rnd.signs(xp, self.key("B"), self.n_in, dtype=dtype, device=device)
 
-    def _unsign(self, x, state):
-        x = x[:, : self.n_in]
-        return x if state["B"] is None else x * state["B"]
+    def _unpad(self, x):
+        return x if int(x.shape[1]) == self.n_in else x[:, : self.n_in]
 
     @property
     def _scale(self) -> float:
@@ -59,12 +59,24 @@ class AFFD(_LookupFree):
         }
 
     def _apply(self, xp, x, state):
-        u = self._mix("H1", self.n_pad, "rows").forward(xp, x, state["H1"], signs=state["B"])
-        return self._mix("H2", self.n_out, "cols").forward(xp, u * state["G"], state["H2"])
+        # H1's output is an intermediate the compiled FWHT writes into a reused scratch buffer; a batch
+        # too large for it goes through in slices of rows
+        rows = max(1, tf.SCRATCH_BYTES // (self.n_pad * (8 if str(x.dtype).endswith("64") else 4)))
+        if int(x.shape[0]) > rows:
+            return xp.concat([self._apply(xp, x[i : i + rows], state) for i in range(0, int(x.shape[0]), rows)],
+                             axis=0)
+        u = self._mix("H1", self.n_pad, "rows").forward(xp, x, state["H1"], signs=state["B"], diag=state["G"],
+                                                         scratch=True)
+        return self._mix("H2", self.n_out, "cols").forward(xp, u, state["H2"])
 
     def _adjoint(self, xp, y, state):
-        v = self._mix("H2", self.n_out, "cols").adjoint(xp, y, state["H2"]) * state["G"]
-        return self._unsign(self._mix("H1", self.n_pad, "rows").adjoint(xp, v, state["H1"]), state)
+        h1, h2 = self._mix("H1", self.n_pad, "rows"), self._mix("H2", self.n_out, "cols")
+        if h2.constant_lead and h1._butterflies(y, state["G"], state["B"]):
+            # H2^T R_D^T y is constant along H2's leading factors: hand one period to the FWHT of H1^T
+            v, periodic = h2.adjoint_period(xp, y, state["H2"]), True
+        else:
+            v, periodic = h2.adjoint(xp, y, state["H2"]), False
+        return self._unpad(h1.adjoint(xp, v, state["H1"], diag=state["G"], signs=state["B"], periodic=periodic))
 
 
 class AFJL(_LookupFree):
@@ -94,4 +106,5 @@ class AFJL(_LookupFree):
         return u * state["G"][: self.n_out]
 
     def _adjoint(self, xp, y, state):
-        return self._unsign(self._mix("H1", self.n_out, "rows").adjoint(xp, y * state["G"][: self.n_out], state["H1"]), state)
+        return self._unpad(self._mix("H1", self.n_out, "rows").adjoint(xp, y, state["H1"], diag=state["G"][: self.n_out],
+                                                                        signs=state["B"]))

@@ -68,14 +68,29 @@ class SketchOperator:
         return dict(self.options)
 
     @property
+    def revision(self) -> int:
+        """Revision of the construction of the random factors from the spec.
+
+        Bumped when the same spec starts to build a different operator, so
+        that a store written before cannot be resumed with the new one.
+        Revision 2 (sketcharray 0.2): Haar-orthogonal factors (``qk``, and
+        ``precond="kron"``) from a thin QR.
+        """
+        return 2 if self.opts.get("precond") == "kron" else 1
+
+    @property
     def spec(self) -> dict[str, Any]:
-        """A plain dict that rebuilds this operator: ``make_sketch(**op.spec)``."""
+        """A plain dict that rebuilds this operator: ``make_sketch(**op.spec)``.
+
+        Holds ``revision`` when it is above 1.
+        """
         return {
             "method": self.method,
             "n_in": self.n_in,
             "n_out": self.n_out,
             "seed": self.seed,
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options},
+            **({"revision": self.revision} if self.revision > 1 else {}),
         }
 
     def key(self, *names: object):
@@ -147,6 +162,20 @@ class SketchOperator:
     def __call__(self, x, **kwargs):
         return self.apply(x, **kwargs)
 
+    def prepare(self, like) -> "SketchOperator":
+        """Build the random state for arrays like ``like`` (library, device, dtype) now, not at the first call.
+
+        Also loads the compiled CPU kernels for host arrays.  For timing a
+        solver apart from its one-time setup; returns the operator.
+        """
+        xp, like, _ = self._prepare(like, int(like.shape[-1]), "like", "its length")
+        self._state(xp, like)
+        from .transforms import host_array, warm_up
+
+        if host_array(like) is not None:
+            warm_up(like.dtype)
+        return self
+
     # -------------------------------------------------------------- helpers
     def _prepare(self, x, length: int, name: str, what: str):
         try:
@@ -180,7 +209,9 @@ class SketchOperator:
         return xp, x, squeeze
 
     def _check_finite(self, xp, given, result, name: str) -> None:
-        if bool(xp.all(xp.isfinite(result))):
+        # The sum is finite iff every entry is, unless the finite entries' sum itself overflows;
+        # one pass without a boolean temporary (the adjoint's result is n_in long).
+        if bool(xp.isfinite(xp.sum(result))) or bool(xp.all(xp.isfinite(result))):
             return
         bad_rows = xp.nonzero(~xp.all(xp.isfinite(given), axis=1))[0]
         rows = [int(i) for i in bad_rows[:10]]
@@ -203,9 +234,31 @@ class SketchOperator:
                 state = self._cache.get(cache_key)
                 if state is None:
                     self.check_fits(device)
-                    state = self._build_state(xp, device, like.dtype)
+                    if xp.__name__.endswith("torch") and str(device) == "cpu":
+                        state = self._host_state(xp, like.dtype)
+                    else:
+                        state = self._build_state(xp, device, like.dtype)
                     self._cache[cache_key] = state
         return state
+
+    def _host_state(self, xp, dtype) -> dict:
+        # CPU torch: numpy builds the random factors (native uint32 hashing, blocks on several
+        # threads: several times faster) and torch shares their memory.
+        import array_api_compat.numpy as npx
+        import numpy as np
+
+        def share(v):
+            if isinstance(v, np.ndarray):
+                return xp.asarray(v)
+            if isinstance(v, np.dtype):
+                return dtype
+            if isinstance(v, (list, tuple)):
+                return type(v)(share(u) for u in v)
+            if isinstance(v, dict):
+                return {k: share(u) for k, u in v.items()}
+            return v
+
+        return share(self._build_state(npx, "cpu", np.dtype(str(dtype).rsplit(".", 1)[-1])))
 
     def _build_state(self, xp, device, dtype) -> dict:
         raise NotImplementedError

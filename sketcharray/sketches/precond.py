@@ -69,35 +69,97 @@ class Mixing:
         if self.precond == "fft":
             shift = int(rnd.random_bits(np, self.key, 0, 1)[0]) % self.n if self.permute else 0
             return {"shift": shift}
-        mats = []
+        mats, perms = [], []
         for k, b in enumerate(self.factors):
             sub = (*self.key[:2], (self.key[2] + k) & 0xFFFFFFFF)
             if self.precond == "kron":
                 m = tf.haar_orthogonal(sub, b)
             else:
+                perm = rnd.permutations(np, sub, b)[0] if self.permute else None
                 h = tf.hadamard(b)
-                if self.permute == "rows":
-                    h = h[rnd.permutations(np, sub, b)[0]]
-                elif self.permute == "cols":
-                    h = h[:, rnd.permutations(np, sub, b)[0]]
-                m = h
+                m = h[perm] if self.permute == "rows" else h[:, perm] if self.permute == "cols" else h
+                perms.append(perm)
             mats.append(xp.asarray(np.ascontiguousarray(m), dtype=dtype, device=device))
-        return {"mats": mats}
+        return {"mats": mats, "perms": perms}
 
-    def forward(self, xp, x, state, signs=None):
-        """``R_{n_out} T pad(signs * x)`` for the rows of ``x`` (B, <= n) -> (B, n_out)."""
+    def _butterflies(self, *arrays) -> bool:
+        # The full Kronecker Hadamard on host arrays runs as the compiled FWHT (tf.kron_hadamard);
+        # truncated transforms, GPU arrays and the other preconditioners use kron_apply's products.
+        return (self.precond == "hadamard" and self.n_out == self.n
+                and all(a is None or tf.host_array(a) is not None for a in arrays))
+
+    def forward(self, xp, x, state, signs=None, diag=None, scratch=False):
+        """``R_{n_out} T pad(signs * x) * diag`` for the rows of ``x`` (B, <= n) -> (B, n_out).
+
+        ``signs`` (length of ``x``'s rows) and ``diag`` (length ``n_out``) are
+        optional diagonals.  ``scratch``: the caller consumes the result
+        before its next call on this thread, so the compiled FWHT may write
+        it into a reused buffer (:func:`~sketcharray.sketches.transforms.scratch_buffer`).
+        """
+        if self._butterflies(x, signs, diag):
+            h = tf.host_array
+            return xp.asarray(tf.kron_hadamard(h(x), self.factors, state["perms"], permute=self.permute,
+                                               d_in=None if signs is None else h(signs),
+                                               d_out=None if diag is None else h(diag), scratch=scratch))
         if self.precond == "fft":
             if signs is not None:
                 x = x * signs
             x = tf.pad_columns(xp, x, self.n)
-            return tf.hartley(xp, tf.roll(xp, x, state["shift"]))[:, : self.n_out]
-        y = tf.kron_apply(xp, x, [m[:r] for m, r in zip(state["mats"], self.rows)], signs=signs)
-        return y[:, : self.n_out] if int(y.shape[1]) != self.n_out else y
+            y = tf.hartley(xp, tf.roll(xp, x, state["shift"]))[:, : self.n_out]
+        else:
+            y = tf.kron_apply(xp, x, [m[:r] for m, r in zip(state["mats"], self.rows)], signs=signs)
+            y = y[:, : self.n_out] if int(y.shape[1]) != self.n_out else y
+        return y if diag is None else y * diag
 
-    def adjoint(self, xp, y, state):
-        """``T^T R_{n_out}^T y`` for the rows of ``y`` (B, n_out) -> (B, n)."""
-        if self.precond == "fft":
-            return tf.roll(xp, tf.hartley(xp, tf.pad_columns(xp, y, self.n)), -state["shift"])
-        rows = self.rows
+    @property
+    def constant_lead(self) -> int:
+        """Leading Kronecker factors that the first ``n_out`` outputs see only through row 0.
+
+        Row 0 of an unpermuted or column-permuted Hadamard factor is the
+        constant ``1/sqrt(b)``, so :meth:`adjoint` is constant along these
+        factors: periodic with period ``prod(factors[lead:])``.
+        """
+        if self.precond != "hadamard" or self.permute == "rows":
+            return 0
+        rows, k = self.rows, 0
+        while k < len(rows) - 1 and rows[k] == 1:
+            k += 1
+        return k
+
+    def adjoint_period(self, xp, y, state):
+        """One period of :meth:`adjoint` (no diagonals): (B, prod(factors[constant_lead:])).
+
+        The full adjoint is this repeated ``prod(factors[:constant_lead])``
+        times; :func:`~sketcharray.sketches.transforms.kron_hadamard` reads
+        it as a periodic input without the repeats ever being written.
+        """
+        lead, rows = self.constant_lead, self.rows
         y = tf.pad_columns(xp, y, int(np.prod(rows)))
-        return tf.kron_apply(xp, y, [m[:r] for m, r in zip(state["mats"], rows)], transpose=True)
+        z = tf.kron_apply(xp, y, [m[:r] for m, r in zip(state["mats"][lead:], rows[lead:])], transpose=True)
+        return z * (1.0 / np.sqrt(float(np.prod(self.factors[:lead]))))
+
+    def adjoint(self, xp, y, state, diag=None, signs=None, periodic=False):
+        """The transpose of :meth:`forward`: ``signs * (T^T R_{n_out}^T (diag * y))[:, :len(signs)]``.
+
+        ``y`` is (B, n_out); the result is (B, len(signs)), or (B, n) without
+        ``signs``.  Both diagonals are optional.  ``periodic`` (compiled FWHT
+        only): ``y`` is (B, p) and stands for itself repeated to length ``n``
+        (see :meth:`adjoint_period`), with ``n_out == n``.
+        """
+        if self._butterflies(y, diag, signs):
+            h = tf.host_array
+            x = xp.asarray(tf.kron_hadamard(h(y), self.factors, state["perms"], permute=self.permute, transpose=True,
+                                            d_in=None if diag is None else h(diag),
+                                            d_out=None if signs is None else h(signs), periodic=periodic))
+            return x if signs is None else x[:, : int(signs.shape[0])]
+        if periodic:
+            raise ValueError("a periodic input needs the compiled FWHT (host arrays, the hadamard preconditioner)")
+        if diag is not None:
+            y = y * diag
+        if self.precond == "fft":
+            x = tf.roll(xp, tf.hartley(xp, tf.pad_columns(xp, y, self.n)), -state["shift"])
+        else:
+            rows = self.rows
+            y = tf.pad_columns(xp, y, int(np.prod(rows)))
+            x = tf.kron_apply(xp, y, [m[:r] for m, r in zip(state["mats"], rows)], transpose=True)
+        return x if signs is None else x[:, : int(signs.shape[0])] * signs

@@ -70,6 +70,10 @@ class QK(SketchOperator):
     def n_pad(self) -> int:
         return math.prod(self.blocks)
 
+    @property
+    def revision(self) -> int:
+        return 2
+
     def _state_floats(self) -> int:
         return sum(d * b for d, b in zip(self.out_factors, self.blocks))
 

@@ -98,8 +98,39 @@ def uniform(xp, key, start: int, count: int, *, device=None):
     return (xp.astype(bits, xp.float64) + 0.5) * (1.0 / 4294967296.0)
 
 
+#: draws per block when numpy generates a long stream on several threads
+_BLOCK = 1 << 20
+
+
+def _blocked(xp, draw, start: int, count: int, dtype):
+    # numpy: ``draw(s, c)`` for blocks of the range on a thread pool (ufuncs release the GIL), written
+    # into one array -- the same numbers, since every draw is a function of its index alone.  Blocks
+    # start at even offsets so Box-Muller pairs are never split.  Other libraries: one call.
+    if xp.__name__.split(".")[-1] != "numpy" or count <= 2 * _BLOCK:
+        return draw(start, count)
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = xp.empty(count, dtype=dtype)
+    cuts = [start] + list(range(start - start % 2 + _BLOCK, start + count, _BLOCK)) + [start + count]
+
+    def fill(a, b):
+        out[a - start : b - start] = draw(a, b - a)
+
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for f in [pool.submit(fill, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
+            f.result()
+    return out
+
+
 def normal(xp, key, start: int, count: int, *, dtype=None, device=None):
     """Standard Gaussian draws; draw ``2k`` and ``2k+1`` are the two Box-Muller outputs of pair ``k``."""
+    return _blocked(xp, lambda s, c: _normal(xp, key, s, c, dtype, device), start, count,
+                    xp.float64 if dtype is None else dtype)
+
+
+def _normal(xp, key, start: int, count: int, dtype, device):
     first, last = start // 2, (start + count + 1) // 2
     u1 = uniform(xp, _subkey(key, 1), first, last - first, device=device)
     u2 = (2.0 * math.pi) * uniform(xp, _subkey(key, 2), first, last - first, device=device)
@@ -111,8 +142,10 @@ def normal(xp, key, start: int, count: int, *, dtype=None, device=None):
 
 def signs(xp, key, count: int, *, dtype, device=None):
     """Rademacher draws: +1 or -1 with probability 1/2 each."""
-    bits = random_bits(xp, _subkey(key, 3), 0, count, device=device)
-    return xp.astype(1 - 2 * (bits >> 31), dtype)
+    def draw(s, c):
+        return xp.astype(1 - 2 * (random_bits(xp, _subkey(key, 3), s, c, device=device) >> 31), dtype)
+
+    return _blocked(xp, draw, 0, count, dtype)
 
 
 def permutations(xp, key, n: int, count: int = 1, *, device=None):

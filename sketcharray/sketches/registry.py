@@ -22,7 +22,8 @@ METHODS: dict[str, type[SketchOperator]] = {
 LOOKUP_FREE = ("affd", "afjl", "qk")
 
 
-def make_sketch(method: str, n_in: int, n_out: int, *, seed: int = 0, **options: Any) -> SketchOperator:
+def make_sketch(method: str, n_in: int, n_out: int, *, seed: int = 0, revision: int | None = None,
+                **options: Any) -> SketchOperator:
     """Build the sketch operator ``method`` mapping R^n_in to R^n_out.
 
     Parameters
@@ -36,6 +37,10 @@ def make_sketch(method: str, n_in: int, n_out: int, *, seed: int = 0, **options:
     seed : int
         Seed of every random factor; the same spec gives the same operator
         on every backend and in every process.
+    revision : int, optional
+        The construction revision a stored spec was made with (see
+        :attr:`SketchOperator.revision`); an error when this version builds
+        another one.
     **options
         ``precond`` ("hadamard", "fft", "kron") and ``max_factor`` (largest
         Kronecker factor, a power of two <= 1024) for fjl, ffd, affd, afjl;
@@ -73,6 +78,14 @@ def make_sketch(method: str, n_in: int, n_out: int, *, seed: int = 0, **options:
     _check_options(method, opts)
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items()))
     op = cls(n_in=n_in, n_out=n_out, seed=seed, options=frozen)
+    if revision is not None and revision != op.revision:
+        from .. import __version__
+
+        raise ValueError(
+            f"the spec was made with revision {revision} of sketch {method!r}, but sketcharray "
+            f"{__version__} builds revision {op.revision} (a different random operator); recompute "
+            "the sketches, or use the sketcharray version that wrote them"
+        )
     _check_sizes(op)
     op.check_fits()
     return op

@@ -14,6 +14,7 @@ cupy through ``array_api_compat``).
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -50,13 +51,17 @@ def hadamard(b: int, *, dtype=np.float64) -> np.ndarray:
 def haar_orthogonal(key, b: int, rows: int | None = None) -> np.ndarray:
     """First ``rows`` rows of a Haar-random ``b x b`` orthogonal matrix (float64, host).
 
-    QR of a Gaussian matrix from the project's generator, with the signs of
-    ``R``'s diagonal folded into ``Q`` so that the distribution is exactly Haar.
+    The transpose of the Q factor of a ``b x rows`` Gaussian matrix from the
+    project's generator (column ``j`` holds draws ``j*b .. (j+1)*b - 1``),
+    with the signs of ``R``'s diagonal folded into ``Q`` so that the
+    distribution is exactly Haar (uniform on the Stiefel manifold).  A thin
+    QR: ``O(b rows^2)`` work, and fewer rows are the first rows of more.
     """
-    g = rnd.normal(np, key, 0, b * b).reshape(b, b)
-    q, r = np.linalg.qr(g)
-    q *= np.sign(np.diag(r))[None, :]
-    return q[: (b if rows is None else rows)].copy()
+    r = b if rows is None else rows
+    z = rnd.normal(np, key, 0, b * r).reshape(r, b).T
+    q, upper = np.linalg.qr(z)
+    q *= np.sign(np.diag(upper))[None, :]
+    return np.ascontiguousarray(q.T)
 
 
 def kept_rows(factors: tuple[int, ...], n_out: int) -> tuple[int, ...]:
@@ -160,6 +165,192 @@ def kron_apply(xp, x, mats, *, transpose: bool = False, signs=None):
             x = xp.matmul(m, xp.reshape(x, (pre, b, post)))
         dims[k] = r
     return xp.reshape(x, (batch, math.prod(dims)))
+
+
+#: entries of the lowest group of factors one pass of the blocked FWHT keeps in cache (128 KiB of float32)
+FWHT_BLOCK = 1 << 15
+#: entries of a higher (strided) group of factors
+FWHT_STRIDED_BLOCK = 1 << 10
+#: bytes of the buffer of a strided pass (group entries x columns moved at a time): half an L2 cache
+FWHT_STRIDED_BYTES = 1 << 19
+
+
+def fwht_groups(factors: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Passes of the blocked FWHT: ranges ``[k0, k1)`` of consecutive factors, lowest (last) first.
+
+    The lowest group is as many trailing factors as fit in ``FWHT_BLOCK``
+    entries (at least one); each higher group as many as fit in
+    ``FWHT_STRIDED_BLOCK``.  Groups never split a factor, so a factor's
+    permutation stays inside one pass.
+    """
+    groups, k1, limit = [], len(factors), FWHT_BLOCK
+    while k1 > 0:
+        k0, size = k1 - 1, factors[k1 - 1]
+        while k0 > 0 and size * factors[k0 - 1] <= limit:
+            k0 -= 1
+            size *= factors[k0]
+        groups.append((k0, k1))
+        k1, limit = k0, FWHT_STRIDED_BLOCK
+    return groups
+
+
+def _digit_index(factors, perms) -> np.ndarray:
+    # Row-major gather index of a group: index[i_1..i_k] = sum_j perm_j[i_j] * stride_j.
+    index = np.zeros(1, dtype=np.int64)
+    for b, p in zip(factors, perms):
+        index = (index[:, None] * b + (np.arange(b) if p is None else np.asarray(p))[None, :]).reshape(-1)
+    return index
+
+
+_POOL = None
+_SCRATCH = threading.local()
+#: largest scratch buffer kept between calls (one per thread)
+SCRATCH_BYTES = 1 << 29
+
+
+def scratch_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised host array that this thread reuses between calls.
+
+    For intermediates consumed before the next call on the same thread: a
+    fresh allocation of hundreds of MiB costs a page fault per page (or a
+    compaction for huge pages) each time, as much as a pass of the transform.
+    Buffers above ``SCRATCH_BYTES`` are not kept.
+    """
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    held = getattr(_SCRATCH, "buffer", None)
+    if held is not None and held.nbytes >= size:
+        return held[:size].view(dtype).reshape(shape)
+    buf = np.empty(size, dtype=np.uint8)
+    if size <= SCRATCH_BYTES:
+        _SCRATCH.buffer = buf
+    return buf.view(dtype).reshape(shape)
+
+
+#: entries below which a transform runs on one core (a thread hand-off costs more than it saves)
+_SPLIT_MIN = 1 << 18
+
+
+def _split(units: int, run, entries: int) -> None:
+    # Run ``run(u0, u1)`` over [0, units): split across the cores from the main thread (the kernels
+    # release the GIL); on one core from any other thread, where dask already runs one chunk per core.
+    global _POOL
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    main = threading.current_thread() is threading.main_thread()
+    parts = min(cores, units) if main and entries >= _SPLIT_MIN else 1
+    if parts <= 1:
+        run(0, units)
+        return
+    if _POOL is None or _POOL._max_workers < parts:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="sketcharray-fwht")
+    bounds = [units * j // parts for j in range(parts + 1)]
+    for f in [_POOL.submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
+        f.result()
+
+
+def warm_up(dtype) -> None:
+    """Compile (or load from numba's cache) the FWHT kernels for ``dtype`` (float32 or float64)."""
+    x = np.ones((1, 64), dtype=np.dtype(str(dtype).rsplit(".", 1)[-1]))
+    kron_hadamard(x, (8, 8), [np.arange(8)] * 2, permute="rows", d_in=x[0], d_out=x[0])
+    kron_hadamard(x[:, :8], (8, 8), transpose=True, periodic=True)
+
+
+def host_array(x):
+    """A zero-copy numpy view of ``x`` if the compiled CPU kernels may read it, else None.
+
+    numpy arrays and plain CPU torch tensors outside autograd qualify; GPU
+    arrays, tensors that require grad and tensors wrapped by ``torch.func``
+    transforms do not (they stay on the array-API path).
+    """
+    lib = _library(x)
+    if lib is np:
+        return x
+    if lib.__name__ != "torch" or x.device.type != "cpu" or x.requires_grad:
+        return None
+    try:
+        return x.numpy()
+    except (RuntimeError, TypeError):  # functorch-wrapped tensors have no storage to share
+        return None
+
+
+def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permute: str | None = None,
+                  transpose: bool = False, d_in=None, d_out=None, periodic: bool = False,
+                  scratch: bool = False) -> np.ndarray:
+    """``d_out * M pad(d_in * x)`` (or with ``M^T``) for the Kronecker Hadamard ``M = F_1 x ... x F_K``.
+
+    ``F_k`` is the orthonormal Sylvester Hadamard ``H_{b_k}`` with its rows
+    (``permute="rows"``: ``H[perm_k]``) or columns (``"cols"``:
+    ``H[:, perm_k]``) permuted, or unpermuted -- the same matrix
+    :func:`kron_apply` multiplies by the dense factors, computed with
+    butterflies instead (``log2 N`` additions per entry instead of
+    ``sum b_k`` multiply-adds) in a few cache-blocked passes: the fast
+    Walsh-Hadamard transform.  Host (numpy) arrays only; compiled with numba
+    on first use.
+
+    Parameters
+    ----------
+    x : numpy.ndarray (B, n), float32 or float64, n <= prod(factors)
+        (zero-padded); with ``periodic``, n a power of two dividing
+        prod(factors) and the input is ``x`` repeated to the full length.
+    perms : sequence of index arrays (or None), one per factor
+    d_in : array (n,), optional; a diagonal applied to ``x`` before padding
+    d_out : array (<= prod(factors),), optional; a diagonal applied to the
+        result's first ``len(d_out)`` entries (the others are left as they are)
+    scratch : bool
+        Write the result into this thread's scratch buffer (see
+        :func:`scratch_buffer`), for a result the caller consumes before its
+        next call: a fresh array of this size costs the kernel page faults.
+
+    Returns
+    -------
+    numpy.ndarray (B, prod(factors)), the dtype of ``x``
+    """
+    from . import _fwht_cpu as kernels
+
+    src = np.ascontiguousarray(x)
+    if src.ndim != 2:
+        raise ValueError(f"x must be 2-D (batch, n); got shape {src.shape}")
+    n_full = math.prod(factors)
+    n = src.shape[1]
+    if n > n_full or (periodic and (n & (n - 1) or n_full % n)):
+        raise ValueError(f"x has {n} columns; the transform has length {n_full}"
+                         + (" (a periodic input needs a power of two that divides it)" if periodic else ""))
+    perms = [None] * len(factors) if perms is None or permute is None else list(perms)
+    # F = H[perm] gathers the transform's outputs; F = H[:, perm] gathers its inputs through perm^-1;
+    # transposing swaps the two (H is symmetric).
+    gather_out = (permute == "rows") != transpose
+    inverse = [None if p is None else np.argsort(p) for p in perms]
+    dtype = src.dtype
+    empty = np.zeros(0, dtype=dtype)
+    di = empty if d_in is None else np.ascontiguousarray(d_in, dtype=dtype)
+    do = empty if d_out is None else np.ascontiguousarray(d_out, dtype=dtype)
+    groups = fwht_groups(tuple(factors))
+    batch = src.shape[0]
+    out = scratch_buffer((batch, n_full), dtype) if scratch else np.empty((batch, n_full), dtype=dtype)
+    scale = 1.0 / math.sqrt(n_full)
+    for i, (k0, k1) in enumerate(groups):
+        none = [None] * (k1 - k0)
+        in_idx = _digit_index(factors[k0:k1], none if gather_out else inverse[k0:k1])
+        out_idx = _digit_index(factors[k0:k1], perms[k0:k1] if gather_out else none)
+        g, q = int(in_idx.size), math.prod(factors[k1:])
+        last = i == len(groups) - 1
+        s, d, has_d = (scale, do, d_out is not None) if last else (1.0, empty, False)
+        if i == 0:
+            same_in, same_out = (bool(np.array_equal(idx, np.arange(g))) for idx in (in_idx, out_idx))
+            n_in, mask = (n_full, n - 1) if periodic else (n, n_full - 1)
+            _split(batch * (n_full // g), lambda u0, u1: kernels.contiguous_pass(
+                src, n_in, mask, di, d_in is not None, out, u0, u1, g, in_idx, same_in, out_idx, same_out,
+                s, d, has_d), out.size)
+        else:
+            width = min(q, max(16, min(256, FWHT_STRIDED_BYTES // (g * dtype.itemsize))))
+            units = batch * (n_full // (g * q)) * -(-q // width)
+            _split(units, lambda u0, u1: kernels.strided_pass(out, u0, u1, g, q, width, in_idx, out_idx, s, d,
+                                                              has_d), out.size)
+    return out
 
 
 def hartley(xp, x):

@@ -179,7 +179,8 @@ def accuracy(args) -> dict:
           f"below the threshold (median of {args.seeds} seeds; '-' = never up to 2^{max(args.log2d)})")
     print(threshold_table({m: errors[m] for m in METHODS}))
     print("\nTable 1 analogue (digits): top-10 eigenvalues of one layer's diagonal Hessian block vs all parameters")
-    print(format_table([{"layer": k, "n": f"{v['n_params']:,}", "e": f"{v['top10_error']:.3f}"} for k, v in layers.items()],
+    print(format_table([{"layer": k, "n": f"{v['n_params']:,}", "e": f"{v['top10_error']:.3f}"}
+                        for k, v in layers.items()],
                        [("layer", "layer"), ("n", "parameters"), ("e", "top-10 relative error")]))
     print("\nFigure 2 analogue: spectrum along the digits training run (AFFD, D = 1024, Lanczos)", flush=True)
     ckpts = digits_checkpoints()

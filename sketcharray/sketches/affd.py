@@ -106,5 +106,5 @@ class AFJL(_LookupFree):
         return u * state["G"][: self.n_out]
 
     def _adjoint(self, xp, y, state):
-        return self._unpad(self._mix("H1", self.n_out, "rows").adjoint(xp, y, state["H1"], diag=state["G"][: self.n_out],
-                                                                        signs=state["B"]))
+        h1 = self._mix("H1", self.n_out, "rows")
+        return self._unpad(h1.adjoint(xp, y, state["H1"], diag=state["G"][: self.n_out], signs=state["B"]))

@@ -94,7 +94,8 @@ def test_checkpoints_are_saved_and_reused(small_problem, tmp_path, monkeypatch):
     again = hessian_spectrum(tiny_model(), cross_entropy_per_example, batches, spec, **kwargs)
     assert calls == []  # both checkpoints loaded from the store
     np.testing.assert_allclose(again.eigenvalue.values, ds.eigenvalue.values)
-    with pytest.raises(ValueError, match="holds a spectrum computed with .*'n_out': 16.*this call asks for .*'n_out': 8"):
+    with pytest.raises(ValueError,
+                       match="holds a spectrum computed with .*'n_out': 16.*this call asks for .*'n_out': 8"):
         hessian_spectrum(tiny_model(), cross_entropy_per_example, batches, dict(spec, n_out=8), **kwargs)
     assert calls == []
     stats = spectrum_statistics(ds)

@@ -148,9 +148,12 @@ class Mixing:
         """
         if self._butterflies(y, diag, signs):
             h = tf.host_array
-            x = xp.asarray(tf.kron_hadamard(h(y), self.factors, state["perms"], permute=self.permute, transpose=True,
-                                            d_in=None if diag is None else h(diag),
-                                            d_out=None if signs is None else h(signs), periodic=periodic))
+            # the result leaves the operator: allocated by y's library (torch's allocator does not ask for
+            # huge pages, whose compaction after an HVP costs more than plain page faults)
+            x = xp.empty((int(y.shape[0]), self.n), dtype=y.dtype)
+            tf.kron_hadamard(h(y), self.factors, state["perms"], permute=self.permute, transpose=True,
+                             d_in=None if diag is None else h(diag), d_out=None if signs is None else h(signs),
+                             periodic=periodic, out=h(x))
             return x if signs is None else x[:, : int(signs.shape[0])]
         if periodic:
             raise ValueError("a periodic input needs the compiled FWHT (host arrays, the hadamard preconditioner)")

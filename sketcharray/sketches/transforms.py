@@ -279,7 +279,7 @@ def host_array(x):
 
 def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permute: str | None = None,
                   transpose: bool = False, d_in=None, d_out=None, periodic: bool = False,
-                  scratch: bool = False) -> np.ndarray:
+                  scratch: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """``d_out * M pad(d_in * x)`` (or with ``M^T``) for the Kronecker Hadamard ``M = F_1 x ... x F_K``.
 
     ``F_k`` is the orthonormal Sylvester Hadamard ``H_{b_k}`` with its rows
@@ -304,6 +304,8 @@ def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permut
         Write the result into this thread's scratch buffer (see
         :func:`scratch_buffer`), for a result the caller consumes before its
         next call: a fresh array of this size costs the kernel page faults.
+    out : numpy.ndarray (B, prod(factors)), optional
+        Where to write the result (C-contiguous, the dtype of ``x``).
 
     Returns
     -------
@@ -330,7 +332,11 @@ def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permut
     do = empty if d_out is None else np.ascontiguousarray(d_out, dtype=dtype)
     groups = fwht_groups(tuple(factors))
     batch = src.shape[0]
-    out = scratch_buffer((batch, n_full), dtype) if scratch else np.empty((batch, n_full), dtype=dtype)
+    if out is None:
+        out = scratch_buffer((batch, n_full), dtype) if scratch else np.empty((batch, n_full), dtype=dtype)
+    elif out.shape != (batch, n_full) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {(batch, n_full)}; "
+                         f"got {out.dtype} {out.shape}")
     scale = 1.0 / math.sqrt(n_full)
     for i, (k0, k1) in enumerate(groups):
         none = [None] * (k1 - k0)

@@ -102,3 +102,21 @@ def test_checkpoints_are_saved_and_reused(small_problem, tmp_path, monkeypatch):
     plot_spectrum_evolution(stats, tmp_path / "fig2.png")
     assert (tmp_path / "fig2.png").stat().st_size > 5000
     torch.testing.assert_close(model.state_dict()["0.weight"], states["late"]["0.weight"])
+
+
+def test_small_solves_run_numpy_blas_on_one_thread():
+    """Krylov algebra on D-vectors alternates with torch's HVPs; for small D NumPy's BLAS pool is held at one
+    thread so the two libraries' spinning pools do not take each other's cores."""
+    from threadpoolctl import threadpool_info
+
+    from sketcharray.analysis.eigen import ONE_BLAS_THREAD_DIM, _one_blas_thread
+
+    def blas_threads():
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    before = blas_threads()
+    with _one_blas_thread(1024):
+        assert blas_threads() <= {1}
+    assert blas_threads() == before
+    with _one_blas_thread(ONE_BLAS_THREAD_DIM + 1):
+        assert blas_threads() == before

@@ -10,14 +10,14 @@ factor.  A factor's row or column permutation becomes a gather inside the
 buffer.  Strided passes move ``width`` contiguous entries per row (enough to
 amortise the page walk of each strided row); the first four stages of a
 contiguous group run in registers.  Kernels release
-the GIL and run on one core each: callers split the batch across threads.
+the GIL and run on one core each over a range of work units: callers split
+the units across threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
-
 
 
 @njit(nogil=True, cache=True)

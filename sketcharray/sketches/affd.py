@@ -59,14 +59,14 @@ class AFFD(_LookupFree):
         }
 
     def _apply(self, xp, x, state):
-        # H1's output is an intermediate the compiled FWHT writes into a reused scratch buffer; a batch
-        # too large for it goes through in slices of rows
+        h1 = self._mix("H1", self.n_pad, "rows")
+        # On the host H1's output is an intermediate the compiled FWHT writes into a reused scratch
+        # buffer; a batch too large for it goes through in slices of rows
         rows = max(1, tf.SCRATCH_BYTES // (self.n_pad * (8 if str(x.dtype).endswith("64") else 4)))
-        if int(x.shape[0]) > rows:
+        if int(x.shape[0]) > rows and h1._butterflies(x):
             return xp.concat([self._apply(xp, x[i : i + rows], state) for i in range(0, int(x.shape[0]), rows)],
                              axis=0)
-        u = self._mix("H1", self.n_pad, "rows").forward(xp, x, state["H1"], signs=state["B"], diag=state["G"],
-                                                         scratch=True)
+        u = h1.forward(xp, x, state["H1"], signs=state["B"], diag=state["G"], scratch=True)
         return self._mix("H2", self.n_out, "cols").forward(xp, u, state["H2"])
 
     def _adjoint(self, xp, y, state):

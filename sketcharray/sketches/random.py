@@ -108,19 +108,14 @@ def _blocked(xp, draw, start: int, count: int, dtype):
     # start at even offsets so Box-Muller pairs are never split.  Other libraries: one call.
     if xp.__name__.split(".")[-1] != "numpy" or count <= 2 * _BLOCK:
         return draw(start, count)
-    import os
-    from concurrent.futures import ThreadPoolExecutor
+    from ._threads import run_ranges
 
     out = xp.empty(count, dtype=dtype)
-    cuts = [start] + list(range(start - start % 2 + _BLOCK, start + count, _BLOCK)) + [start + count]
 
     def fill(a, b):
         out[a - start : b - start] = draw(a, b - a)
 
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for f in [pool.submit(fill, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
-            f.result()
+    run_ranges(fill, [start] + list(range(start - start % 2 + _BLOCK, start + count, _BLOCK)) + [start + count])
     return out
 
 

@@ -202,7 +202,6 @@ def _digit_index(factors, perms) -> np.ndarray:
     return index
 
 
-_POOL = None
 _SCRATCH = threading.local()
 #: largest scratch buffer kept between calls (one per thread)
 SCRATCH_BYTES = 1 << 29
@@ -234,22 +233,14 @@ _SPLIT_MIN = 1 << 18
 def _split(units: int, run, entries: int) -> None:
     # Run ``run(u0, u1)`` over [0, units): split across the cores from the main thread (the kernels
     # release the GIL); on one core from any other thread, where dask already runs one chunk per core.
-    global _POOL
-    import os
+    from ._threads import cores, run_ranges
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     main = threading.current_thread() is threading.main_thread()
-    parts = min(cores, units) if main and entries >= _SPLIT_MIN else 1
+    parts = min(cores(), units) if main and entries >= _SPLIT_MIN else 1
     if parts <= 1:
         run(0, units)
         return
-    if _POOL is None or _POOL._max_workers < parts:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="sketcharray-fwht")
-    bounds = [units * j // parts for j in range(parts + 1)]
-    for f in [_POOL.submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
-        f.result()
+    run_ranges(run, [units * j // parts for j in range(parts + 1)])
 
 
 def warm_up(dtype) -> None:

@@ -1,6 +1,6 @@
 """sketcharray: gradient and Hessian sketches of large neural networks, stored as labeled arrays."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .sketches import METHODS, SketchOperator, make_sketch  # noqa: E402
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -30,7 +31,9 @@ BENCHMARKS = {
 }
 
 WORKLOAD_HELP = ("the model and data: an embedded workload (digits, the default; minilm with the 'workloads' "
-                 "extra) or your own as module:factory, a function returning a sketcharray.workloads.Workload")
+                 "extra) or your own as module:factory, a function returning a sketcharray.workloads.Workload; "
+                 "the module is imported from the installed packages first and from the current folder only "
+                 "as a fallback (a file there never shadows an installed module)")
 
 
 def _benchmark_module(name: str):
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", nargs="+", metavar="ID", default=None, help="only these query ids")
     p.add_argument("--first", type=int, default=None, help="only the first N queries")
     p.add_argument("--damping", type=float, default=None, help="lambda of the influence score")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="accept queries sketched at other model weights than the training examples (e.g. a "
+                        "fine-tuned model against its base); refused otherwise, and recorded when allowed")
     p.add_argument("--out", default=None, help="write the result (Zarr, or netCDF when it ends in .nc)")
     _common(p, workload=False)
 
@@ -166,10 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PNG", help="metric against D")
     _common(p, sketch=("affd", 0), batch_size=None)
 
-    p = command("info", "what a store holds: dims, sketch, progress, valid rows",
-                "Describe a gradient/HVP sketch store, a spectrum folder or an intrinsic-dimension folder.",
-                commands.info)
+    p = command("info", "what a store holds: dims, sketch, progress, valid rows; --verify checks every chunk",
+                "Describe a gradient/HVP sketch store, a spectrum folder or an intrinsic-dimension folder. With "
+                "--verify, read every chunk of a gradient sketch store, check its checksum and its batch's "
+                "digest, and list each damaged batch (exit code 3 when there is one); rerunning the sketch "
+                "command that wrote the store recomputes exactly those.", commands.info)
     p.add_argument("store", metavar="STORE", help="a path written by sketcharray")
+    p.add_argument("--verify", action="store_true", help="read and check every chunk; list the damage")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     bench = command("bench", "run a benchmark (prints a table, writes JSON)",
@@ -181,7 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _current_folder_last() -> None:
+    """Let the current folder only complete the import path, never lead it.
+
+    ``python -m`` puts the current folder first on ``sys.path``, so a file
+    named ``sklearn.py`` there would be imported (and run) in place of the
+    installed package.  The folder stays importable, after everything
+    installed, for ``--workload module:factory`` (spawned dask workers
+    inherit the same path).
+    """
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != cwd] + [cwd]
+
+
 def main(argv: list[str] | None = None) -> int:
+    _current_folder_last()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -191,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError as exc:
         print(f"sketcharray {args.command}: out of memory: {exc}", file=sys.stderr)
         return EXIT_MEMORY
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"sketcharray {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as exc:  # bad input, a path in the way, a missing module
+        print(f"sketcharray {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_INPUT
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import __version__
 from . import store as st
+from .provenance import provenance, with_provenance
 from .sketches import SketchOperator, make_sketch
 from .sketches import random as rnd
 from .torch import HVP, SubspaceHessian, model_fingerprint, select_params, sketch_batch
@@ -64,16 +65,20 @@ class DataSource:
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) of every batch; raises ValueError when the data hold no examples."""
         if self.dataset is not None:
             n = len(self.dataset)
-            return [(s, min(n, s + self.batch_size)) for s in range(0, n, self.batch_size)]
-        from .torch.grads import batch_size_of
+            out = [(s, min(n, s + self.batch_size)) for s in range(0, n, self.batch_size)]
+        else:
+            from .torch.grads import batch_size_of
 
-        out, start = [], 0
-        for b in self.batches:
-            size = batch_size_of(b)
-            out.append((start, start + size))
-            start += size
+            out, start = [], 0
+            for b in self.batches:
+                size = batch_size_of(b)
+                out.append((start, start + size))
+                start += size
+        if not out or out[-1][1] == 0:
+            raise ValueError("data holds no examples (expected at least one; got an empty dataset)")
         return out
 
     def load(self, index: int, start: int, stop: int):
@@ -202,7 +207,7 @@ def _to_host(t: torch.Tensor, cuda_chunks: bool):
 
 # ---------------------------------------------------------------- gradients
 def _gradient_task(model_src, loss_fn, forward, data: DataSource, index, start, stop, op, params,
-                   mode, device, per_example, store_path):
+                   mode, device, per_example, store_path, ids=None):
     dev = _device_of(device)
     model = _on_device(_model_from(model_src), dev)
     paramset = select_params(model, params)
@@ -220,7 +225,7 @@ def _gradient_task(model_src, loss_fn, forward, data: DataSource, index, start, 
         result["label"] = labels.cpu().numpy()
     if store_path is not None:
         host = {k: (v.get() if hasattr(v, "get") and not isinstance(v, np.ndarray) else v) for k, v in result.items()}
-        st.write_batch(store_path, index, start, stop, host)
+        st.write_batch(store_path, index, start, stop, host, ids)
         return int((~result["valid"]).sum())
     return result
 
@@ -309,24 +314,29 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
         return _lazy_dataset(model_src, task_args, bounds, op, params, mode, device, per_example,
                              ids, has_label, labels, attrs, checkpoint)
 
-    existing = st.read_attrs(store)
-    if existing is None:
-        st.create_store(store, variable="grad", row_dim="example", n_rows=n, n_out=op.n_out, chunk=chunk,
-                        ids=ids, has_label=has_label, label_dtype=labels.cpu().numpy().dtype if has_label else None,
-                        storage_dtype=dtype, attrs=attrs)
-    else:
-        st.check_compatible(store, existing, attrs, ids=ids)
-    todo = st.pending_batches(store)
-    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource) else model_src
-    token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
-    tasks = [
-        dask.delayed(_gradient_task, pure=True)(
-            model_d, *task_args, int(i), *bounds[i], op, params, mode, device, per_example, str(store),
-            dask_key_name=(f"sketch-gradients-{token}", int(i)))
-        for i in todo
-    ]
-    invalid = compute_with_progress(tasks, progress=progress, scheduler=scheduler,
-                                    message=f"sketching {len(todo)} of {len(bounds)} batches to {store}")
+    skeleton = dict(variable="grad", row_dim="example", n_rows=n, n_out=op.n_out, chunk=chunk, ids=ids,
+                    has_label=has_label, label_dtype=labels.cpu().numpy().dtype if has_label else None,
+                    storage_dtype=dtype, attrs=attrs)
+    with st.writer_lock(store, quiet=not progress):
+        existing = st.read_attrs(store)
+        if existing is None:
+            st.create_store(store, **skeleton)
+        else:
+            st.check_compatible(store, existing, attrs)
+            st.repair_store(store, quiet=not progress, **skeleton)
+            st.check_compatible(store, existing, attrs, ids=ids)
+        todo = st.pending_batches(store)
+        model_d = (dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource)
+                   else model_src)
+        token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
+        tasks = [
+            dask.delayed(_gradient_task, pure=True)(
+                model_d, *task_args, int(i), *bounds[i], op, params, mode, device, per_example, str(store),
+                ids[bounds[i][0]:bounds[i][1]], dask_key_name=(f"sketch-gradients-{token}", int(i)))
+            for i in todo
+        ]
+        invalid = compute_with_progress(tasks, progress=progress, scheduler=scheduler,
+                                        message=f"sketching {len(todo)} of {len(bounds)} batches to {store}")
     if sum(invalid):
         warnings.warn(f"{sum(invalid)} example(s) had non-finite gradients or losses; stored with valid=False",
                       RuntimeWarning, stacklevel=2)
@@ -396,6 +406,7 @@ def _lazy_dataset(model_src, task_args, bounds, op, params, mode, device, per_ex
         coords["checkpoint"] = checkpoint
     ds = xr.Dataset(data_vars, coords=coords)
     ds.attrs.update({**attrs, "param_names": list(attrs["param_names"]), "param_sizes": list(attrs["param_sizes"])})
+    with_provenance(ds["grad"], provenance(ds))
     return ds
 
 
@@ -433,6 +444,9 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
     if isinstance(probes, (int, np.integer)):
+        if probes < 1:
+            raise ValueError(f"probes must be a positive int (how many random directions) or an array "
+                             f"(k, {paramset.n}); got {probes!r}")
         v = random_probes(paramset.n, int(probes), seed)
     else:
         v = np.asarray(probes, dtype=np.float32)

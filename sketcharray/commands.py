@@ -16,15 +16,8 @@ from .report import markdown_table
 
 
 def _workload(args):
-    import os
-    import sys
-
     from .workloads import load_workload
 
-    # like `python -m`, a module:factory in the current folder is importable (dask workers of a
-    # cluster need it installed or on PYTHONPATH)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     return load_workload(args.workload)
 
 
@@ -65,25 +58,31 @@ def sketch(args) -> int:
 
 
 def _write_zarr(ds, path, quiet: bool, what: str) -> None:
-    if Path(path).exists():
-        raise ValueError(f"{path} exists; HVP sketches are written whole, choose a new --out")
-    job = ds.to_zarr(str(path), mode="w-", compute=False, consolidated=False)
-    if quiet:
-        job.compute()
-        return
-    from dask.diagnostics import ProgressBar
+    from .store import chunk_codecs, writer_lock
 
-    print(f"computing {what} to {path}", flush=True)
-    with ProgressBar():
-        job.compute()
+    with writer_lock(path, quiet=quiet):
+        if Path(path).exists():
+            raise ValueError(f"{path} exists; HVP sketches are written whole, choose a new --out")
+        encoding = {name: {"compressors": chunk_codecs()} for name in [*ds.data_vars, *ds.coords]}
+        job = ds.to_zarr(str(path), mode="w-", compute=False, consolidated=False, zarr_format=3, encoding=encoding)
+        if quiet:
+            job.compute()
+            return
+        from dask.diagnostics import ProgressBar
+
+        print(f"computing {what} to {path}", flush=True)
+        with ProgressBar():
+            job.compute()
 
 
 def attribute(args) -> int:
     from .analysis import attribute as attribute_scores
-    from .store import open_sketches
+    from .store import open_sketches, read_attrs
 
-    train, queries = open_sketches(args.train), open_sketches(args.queries)
-    q = queries.grad
+    train, q = open_sketches(args.train), open_sketches(args.queries)
+    if args.out and Path(args.out).exists() and (read_attrs(args.out) is not None or Path(args.out).resolve() in (
+            Path(args.train).resolve(), Path(args.queries).resolve())):
+        raise ValueError(f"--out {args.out} is a sketch store, which the scores would overwrite; choose another path")
     if args.query:
         missing = [i for i in args.query if i not in set(map(str, q.example.values))]
         if missing:
@@ -91,20 +90,25 @@ def attribute(args) -> int:
                              f"(it holds {q.sizes['example']} examples, e.g. {list(map(str, q.example.values[:3]))})")
         q = q.sel(example=np.asarray(args.query, dtype=object))
     elif args.first is not None:
+        if args.first < 1:
+            raise ValueError(f"--first must be at least 1; got {args.first}")
         q = q.isel(example=slice(0, args.first))
     from .collect import compute_with_progress
 
-    res = attribute_scores(train, q, score=args.score, k=args.k, which=args.which, damping=args.damping)
+    res = attribute_scores(train, q, score=args.score, k=args.k, which=args.which, damping=args.damping,
+                           allow_model_mismatch=args.allow_model_mismatch)
     (res,) = compute_with_progress([res], progress=not args.quiet,
                                    message=f"scoring {q.sizes['example']} queries against {train.sizes['example']} "
                                            f"training examples in {len(train.chunks['example'])} chunks")
     if args.out:
         res.to_netcdf(args.out) if str(args.out).endswith(".nc") else res.to_zarr(args.out, mode="w",
-                                                                                   consolidated=False)
+                                                                                   consolidated=False, zarr_format=3)
     rows = [{"query": str(qid), "rank": int(r) + 1, "example": str(res.example.values[i, r]),
              "score": float(res.score.values[i, r])}
             for i, qid in enumerate(res["query"].values) for r in range(res.sizes["rank"])]
     if not args.quiet:
+        if "model_mismatch_allowed" in res.attrs:
+            print(f"note: model mismatch allowed: {res.attrs['model_mismatch_allowed']}")
         print(f"{args.which} {args.k} training examples by {args.score} score:")
         print(markdown_table(rows, [("query", "query"), ("rank", "rank"), ("example", "training example"),
                                     ("score", args.score)]))
@@ -221,11 +225,11 @@ def store_info(path) -> dict:
                 "finite": bool(np.isfinite(hvps.hvp.values).all())}
     spectra = sorted(path.glob("checkpoint-*.zarr"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
     if spectra:
-        import xarray as xr
+        from .store import open_zarr_dataset
 
         out = {"kind": "spectrum folder", "path": str(path), "checkpoints": {}}
         for p in spectra:
-            ds = xr.open_zarr(str(p), consolidated=False)
+            ds = open_zarr_dataset(p)
             top = ds.eigenvalue.sel(sign="positive").values.ravel() if "positive" in ds.sign.values else []
             out["checkpoints"][p.name[len("checkpoint-"):-len(".zarr")]] = {
                 "method": ds.attrs.get("method"), "k": int(ds.sizes["rank"]), "hvps": ds.attrs.get("hvps"),
@@ -250,16 +254,32 @@ def _hvp_store(path: Path):
     """The Dataset of a store written by ``sketch --hvps`` (``hvp`` over probe x sketch), else None."""
     if not (path / "zarr.json").exists():
         return None
-    import xarray as xr
+    from .store import StoreError, open_zarr_dataset
 
     try:
-        ds = xr.open_zarr(str(path), consolidated=False)
+        ds = open_zarr_dataset(path)
+    except StoreError:
+        raise
     except (ValueError, KeyError, FileNotFoundError):
         return None
     return ds if "hvp" in ds else None
 
 
 def info(args) -> int:
+    if args.verify:
+        from .store import verify_store
+
+        report = verify_store(args.store, progress=not args.json)
+        if args.json:
+            print(json.dumps({"path": report.path, "verifiable": report.verifiable, "batches": report.batches,
+                              "checked": report.checked, "ok": report.ok,
+                              "damaged_batches": report.damaged_batches, "damaged_arrays": report.damaged_arrays,
+                              "damage": [str(d) for d in report.damage]}, indent=2))
+        else:
+            print(report)
+            if not report.ok:
+                print("rerun the sketch command that wrote the store to recompute exactly these batches")
+        return 0 if report.ok else 3
     data = store_info(args.store)
     if args.json:
         print(json.dumps(data, indent=2, default=str))

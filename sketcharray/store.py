@@ -1,23 +1,55 @@
-"""The on-disk layout of sketch stores: Zarr v3 through xarray, filled batch by batch.
+"""The on-disk layout of sketch stores: Zarr v3, filled batch by batch, checksummed, one writer at a time.
 
 A store holds, along ``example``: ``grad`` (example, sketch), ``loss``,
 ``valid`` and, when the data carry labels, ``label``; along ``batch``:
-``batch_done``, the progress record.  Metadata and coordinates are written
-once by :func:`create_store` (one writer, ``xarray.Dataset.to_zarr`` with
-``compute=False``); each batch is then written as whole Zarr chunks (the
-chunking of every ``example`` variable is the batch size, so no two batches
-share a chunk) and only then flagged done.  A run killed at any point leaves
-at worst a batch written but not flagged, which a resumed run recomputes and
-rewrites with identical values.
+``batch_done`` (the progress record) and ``batch_digest`` (batch, part).
+
+What a store promises, and how:
+
+* **Resume.** Metadata and coordinates are written once by
+  :func:`create_store`; each batch is then written as whole Zarr chunks
+  (the chunking of every ``example`` variable is the batch size, so no two
+  batches share a chunk), then its digest, and only then its done flag.  A
+  run killed at any point leaves at worst a batch written but not flagged,
+  which a resumed run recomputes and rewrites with identical values.
+* **Integrity.** Every chunk carries a CRC32C checksum (Zarr v3's ``crc32c``
+  codec), and every finished batch a digest per part (its ids and each
+  variable's rows: the first 64 bits of SHA-256 over the batch index, the
+  part name and the stored bytes).  Reading a chunk checks both, so a
+  missing, truncated, corrupt, swapped or foreign chunk raises
+  :class:`StoreDamaged` naming the variable, the batch and the example
+  range; it is never read as fill values.  :func:`verify_store` checks every
+  chunk and lists the damage; rerunning the ``sketch_gradients`` call that
+  made the store recomputes exactly the damaged batches.
+* **One writer.** Creating a store builds it in a temporary sibling and
+  renames it into place (atomic on a local filesystem), and a writer holds
+  an exclusive lock (``filelock``, the file ``STORE.lock`` beside the store,
+  the holder's host and pid in ``STORE.writer.json``) for the whole run; a
+  second writer gets :class:`StoreLocked` naming the holder.  A lock left by
+  a killed writer is released by the operating system and taken over with
+  a message.  Readers never lock.
+* **Provenance.** The root attributes record the sketch spec, the
+  parameter selection and the model fingerprint; resuming with other
+  settings is refused with both values named, and two stores meet only
+  through :mod:`sketcharray.provenance`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import shutil
+import socket
+import time
+import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -26,10 +58,39 @@ import zarr
 from . import __version__
 
 PROGRESS = "batch_done"
+DIGEST = "batch_digest"
+#: 2: checksummed chunks and per-batch digests; stores without ``store_format`` predate them
+STORE_FORMAT = 2
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 #: attrs that must agree for a run to resume into an existing store
 IDENTITY_ATTRS = ("param_names", "param_sizes", "model_fingerprint", "sketch_spec", "mode",
                   "n_examples", "batch_size", "storage_dtype", "checkpoint", "variable")
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked: damaged, locked by another writer, or in the way."""
+
+
+class StoreDamaged(StoreError):
+    """A chunk or metadata document of a store is missing, corrupt, or not the one that was written.
+
+    ``variable`` and ``reason`` say what and why; ``batch`` is None when a
+    whole array (its metadata, or a coordinate) is damaged.
+    """
+
+    def __init__(self, path, variable: str, reason: str, batch: int | None = None, start: int | None = None,
+                 stop: int | None = None, ids=None):
+        where = f"{variable} of batch {batch} (examples {start}..{stop - 1}" if batch is not None else variable
+        if batch is not None:
+            if ids is not None and len(ids) >= stop:
+                where += f", ids {ids[start]!s}..{ids[stop - 1]!s}"
+            where += ")"
+        super().__init__(f"store {path}: {where}: {reason}; rerun the command that wrote it to repair")
+        self.variable, self.reason, self.batch, self.start, self.stop = variable, reason, batch, start, stop
+
+
+class StoreLocked(StoreError):
+    """Another writer holds the store."""
 
 
 def encode(values: np.ndarray, storage_dtype: str) -> np.ndarray:
@@ -50,14 +111,110 @@ def _numpy_dtype(storage_dtype: str):
     return np.uint16 if storage_dtype == "bfloat16" else np.dtype(storage_dtype)
 
 
-def create_store(path, *, variable: str, row_dim: str, n_rows: int, n_out: int, chunk: int, ids,
-                 has_label: bool, label_dtype=None, storage_dtype: str = "float32",
-                 attrs: dict[str, Any], compressors="default") -> None:
-    """Pre-allocate a store: metadata, coordinates and an all-zero progress record.
+def chunk_codecs(compressed: bool = True) -> list:
+    """The bytes-to-bytes codecs of every array this package writes: Zstd (optional), then CRC32C."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    ``compressors=None`` stores the sketches uncompressed (random-looking
-    floats barely compress; reading them is then pure I/O).
+    return [ZstdCodec(), Crc32cCodec()] if compressed else [Crc32cCodec()]
+
+
+# ------------------------------------------------------------------ digests
+def _ids_bytes(ids) -> bytes:
+    return "\x1f".join(str(i) for i in ids).encode("utf-8")
+
+
+def digest(batch_index: int, part: str, payload: bytes) -> int:
+    """The digest of one part of one batch: 64 bits of SHA-256 over (batch index, part name, bytes)."""
+    h = hashlib.sha256(f"{int(batch_index)}|{part}|".encode())
+    h.update(payload)
+    return int.from_bytes(h.digest()[:8], "little") | 1  # never 0, the fill value of an unwritten digest
+
+
+def _rows_digest(batch_index: int, part: str, values: np.ndarray) -> int:
+    values = np.ascontiguousarray(values)
+    return digest(batch_index, part, f"{values.dtype.str}{values.shape}".encode() + values.tobytes())
+
+
+def _ids_digest(batch_index: int, ids) -> int:
+    return digest(batch_index, "example", _ids_bytes(ids))
+
+
+# ------------------------------------------------------------------ locking
+def _sibling(path, suffix: str) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + suffix)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def writer_lock(path, *, quiet: bool = False):
+    """Hold the exclusive writer lock of the store at ``path`` (which need not exist yet).
+
+    Raises :class:`StoreLocked` at once, naming the holder, when another
+    process (or another call in this one) holds it.  A record left by a
+    writer that died is reported and taken over.
     """
+    import filelock
+
+    path = Path(path)
+    parent = path.parent
+    _check_parent(path)
+    parent.mkdir(parents=True, exist_ok=True)
+    owner_file = _sibling(path, ".writer.json")
+    lock = filelock.FileLock(str(_sibling(path, ".lock")), timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        holder = _read_owner(owner_file)
+        who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})" if holder
+               else "another process")
+        raise StoreLocked(f"store {path} is being written by {who}; wait for it to finish, or use another "
+                          f"path (the lock is {_sibling(path, '.lock')})") from None
+    try:
+        stale = _read_owner(owner_file)
+        if stale and not quiet:
+            state = ("no longer running" if stale.get("host") == socket.gethostname()
+                     and not _pid_alive(int(stale.get("pid", 0))) else "its lock released")
+            print(f"taking over the lock of store {path} left by process {stale.get('pid')} on "
+                  f"{stale.get('host')} ({state})", flush=True)
+        owner_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                          "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            owner_file.unlink()
+        lock.release()
+
+
+def _read_owner(owner_file: Path) -> dict | None:
+    try:
+        return json.loads(owner_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------- creation
+def _check_parent(path: Path) -> None:
+    """Refuse a store path below a regular file (``--out file.txt/s.zarr``)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"cannot create store {path}: {parent} is a file, not a folder")
+            return
+
+
+def _write_skeleton(path, *, variable: str, row_dim: str, n_rows: int, n_out: int, chunk: int, ids,
+                    has_label: bool, label_dtype=None, storage_dtype: str = "float32", attrs: dict[str, Any],
+                    compressors="default") -> None:
     n_batches = -(-n_rows // chunk)
     rows = (chunk,)
     data_vars = {
@@ -70,21 +227,61 @@ def create_store(path, *, variable: str, row_dim: str, n_rows: int, n_out: int, 
         data_vars["loss"] = ((row_dim,), da.zeros(n_rows, chunks=rows, dtype=np.float32))
     if has_label:
         data_vars["label"] = ((row_dim,), da.zeros(n_rows, chunks=rows, dtype=label_dtype))
+    parts = [row_dim, variable] + [v for v in ("loss", "valid", "label") if v in data_vars]
+    data_vars[DIGEST] = (("batch", "part"), np.zeros((n_batches, len(parts)), dtype=np.uint64))
     ds = xr.Dataset(data_vars, coords={row_dim: _ids_array(ids), "sketch": np.arange(n_out)})
     ds.attrs.update({k: _jsonable(v) for k, v in attrs.items()})
-    ds.attrs.update(storage_dtype=storage_dtype, sketcharray_version=__version__,
-                    variable=variable, row_dim=row_dim)
-    encoding = {PROGRESS: {"chunks": (1,)}}
+    ds.attrs.update(storage_dtype=storage_dtype, sketcharray_version=__version__, variable=variable,
+                    row_dim=row_dim, n_examples=n_rows, batch_size=chunk, store_format=STORE_FORMAT,
+                    digest_parts=json.dumps(parts))
+    codecs = chunk_codecs(compressed=True)
+    encoding = {name: {"compressors": codecs} for name in [*data_vars, row_dim, "sketch"]}
+    encoding[PROGRESS]["chunks"] = (1,)
+    encoding[DIGEST]["chunks"] = (1, len(parts))
     if compressors != "default":
-        encoding[variable] = {"compressors": compressors}
+        encoding[variable]["compressors"] = chunk_codecs(compressed=False) if compressors is None else compressors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        ds.to_zarr(str(path), mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+        ds.to_zarr(str(path), mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+
+
+def create_store(path, **skeleton) -> None:
+    """Pre-allocate a store atomically: metadata, coordinates, an all-zero progress record and digests.
+
+    The skeleton is written into a temporary sibling and renamed into
+    place, so a store path holds either nothing or a whole skeleton.
+    Call it holding :func:`writer_lock`.  ``compressors=None`` stores the
+    sketches uncompressed (random-looking floats barely compress; reading
+    them is then pure I/O), still checksummed.
+
+    Raises
+    ------
+    StoreError
+        When ``path`` is a file, a folder that holds something else, or
+        lies below a file.
+    """
+    path = Path(path)
+    _check_parent(path)
+    if path.exists():
+        if not path.is_dir():
+            raise StoreError(f"cannot create store {path}: it is a file")
+        if any(path.iterdir()):
+            raise StoreError(f"cannot create store {path}: the folder exists and is not a sketcharray store "
+                             "(no zarr.json with a sketch spec); choose another path or remove it")
+        path.rmdir()
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a creator that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_skeleton(tmp, **skeleton)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ids_array(ids) -> np.ndarray:
     arr = np.asarray(ids)
-    return arr.astype(object) if arr.dtype.kind in "US" else arr
+    return arr.astype(object) if arr.dtype.kind in "UST" else arr
 
 
 def _jsonable(v):
@@ -93,32 +290,255 @@ def _jsonable(v):
     return "" if v is None else v
 
 
-def write_batch(path, batch_index: int, start: int, stop: int, result: dict[str, np.ndarray]) -> None:
-    """Write one batch's rows (whole chunks), then flag the batch done."""
+# ------------------------------------------------------------------ writing
+def write_batch(path, batch_index: int, start: int, stop: int, result: dict[str, np.ndarray], ids) -> None:
+    """Write one batch's rows (whole chunks), then its digests, then flag the batch done."""
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    storage_dtype = group.attrs["storage_dtype"]
+    attrs = group.attrs
+    storage_dtype, variable = attrs["storage_dtype"], attrs["variable"]
+    parts = json.loads(attrs["digest_parts"]) if "digest_parts" in attrs else None
+    digests = {}
     for name, values in result.items():
-        if name == group.attrs["variable"]:
-            values = encode(values, storage_dtype)
-        group[name][start:stop] = values
+        arr = group[name].with_config({"write_empty_chunks": True})  # a chunk file for every batch
+        values = encode(values, storage_dtype) if name == variable else np.asarray(values, dtype=arr.dtype)
+        arr[start:stop] = values
+        digests[name] = _rows_digest(batch_index, name, values)
+    if parts is not None:
+        missing = [p for p in parts[1:] if p not in digests]
+        if missing:
+            raise ValueError(f"batch {batch_index} must write every variable of the store; missing {missing}")
+        if len(ids) != stop - start:
+            raise ValueError(f"batch {batch_index} has {stop - start} rows but {len(ids)} ids")
+        digests[parts[0]] = _ids_digest(batch_index, ids)
+        row = np.array([digests[p] for p in parts], dtype=np.uint64)
+        group[DIGEST].with_config({"write_empty_chunks": True})[batch_index] = row
     group[PROGRESS][batch_index] = 1
 
 
+# ------------------------------------------------------------------ reading
+#: codecs a store may name; anything else (a pickle codec above all) is refused before a chunk is decoded
+SAFE_CODECS = frozenset({"bytes", "zstd", "crc32c", "vlen-utf8", "vlen-bytes", "blosc", "gzip", "transpose",
+                         "sharding_indexed"})
+
+
+def check_codecs(path) -> None:
+    """Refuse a Zarr store whose arrays name a codec outside :data:`SAFE_CODECS`.
+
+    Zarr decodes chunks with the codecs the store's metadata names, and
+    some codec registries include pickle; a crafted store could run code on
+    read.  Only Zarr v3 metadata is ever read (``zarr_format=3``).
+    """
+    def names(codecs):
+        for c in codecs or []:
+            name = c.get("name") if isinstance(c, dict) else c
+            yield name
+            if isinstance(c, dict):
+                yield from names((c.get("configuration") or {}).get("codecs"))
+                yield from names((c.get("configuration") or {}).get("index_codecs"))
+
+    for meta in [Path(path, "zarr.json"), *Path(path).glob("*/zarr.json")]:  # the only arrays ever opened
+        try:
+            doc = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue  # unreadable metadata is reported as damage where the array is opened
+        if not isinstance(doc, dict) or doc.get("node_type") != "array":
+            continue
+        unsafe = sorted({str(n) for n in names(doc.get("codecs")) if n not in SAFE_CODECS})
+        if unsafe:
+            raise StoreError(f"store {path}: {meta.parent.name} uses codec(s) {unsafe}, which this package never "
+                             f"writes and will not decode (allowed: {sorted(SAFE_CODECS)})")
+
+
+def open_zarr_dataset(path) -> xr.Dataset:
+    """``xarray.open_zarr`` for result folders this package wrote (spectra, HVP sketches), codecs checked first."""
+    check_codecs(path)
+    return xr.open_zarr(str(path), consolidated=False, zarr_format=3)
+
+
 def read_attrs(path) -> dict | None:
-    """The store's attrs, or None when ``path`` holds no sketch store."""
-    if not Path(path).exists():
+    """The store's root attrs, or None when ``path`` holds no sketch store.
+
+    Raises :class:`StoreDamaged` when the root metadata exists but cannot be read.
+    """
+    root = Path(path)
+    if not (root / "zarr.json").is_file():
         return None
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
-        return None
-    return dict(group.attrs) if PROGRESS in group else None
+        attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StoreDamaged(path, "zarr.json", f"the root metadata is unreadable ({exc})") from None
+    return dict(attrs) if "variable" in attrs and "sketch_spec" in attrs else None
+
+
+def _group(path):
+    return zarr.open_group(str(path), mode="r", zarr_format=3)
+
+
+def _array(group, path, name):
+    """One array of the store, or StoreDamaged naming its missing or unreadable metadata."""
+    try:
+        return group[name]
+    except Exception as exc:  # KeyError (no zarr.json), JSONDecodeError, ValueError (bad metadata)
+        reason = "missing" if isinstance(exc, KeyError) else f"unreadable: {exc}"
+        raise StoreDamaged(path, name, f"its metadata {name}/zarr.json is {reason}") from None
+
+
+def _example_vars(attrs: dict, group) -> list[str]:
+    if "digest_parts" in attrs:
+        return json.loads(attrs["digest_parts"])[1:]
+    return [v for v in (attrs["variable"], "loss", "valid", "label") if v in group]
+
+
+def _batches(n_rows: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(n_rows, s + chunk)) for s in range(0, n_rows, chunk)]
+
+
+def _chunk_path(path, arr, batch: int) -> Path:
+    key = arr.metadata.encode_chunk_key((batch,) + (0,) * (arr.ndim - 1))
+    return Path(path, arr.path, *key.split("/"))
+
+
+def read_rows(path, name: str, batch: int, start: int, stop: int, expected: int | None = None,
+              decode: bool = False, arr=None) -> np.ndarray:
+    """Rows ``start:stop`` (batch ``batch``) of one variable, checked against its checksum and digest.
+
+    ``arr``: the variable's Zarr array when the caller has it open.
+    Raises :class:`StoreDamaged` naming the variable, the batch and the example range.
+    """
+    if arr is None:
+        arr = _array(_group(path), path, name)
+    try:
+        values = arr[start:stop]
+    except Exception as exc:
+        raise StoreDamaged(path, name, f"the chunk is corrupt or truncated ({type(exc).__name__}: {exc})", batch,
+                           start, stop) from None
+    if expected is not None and _rows_digest(batch, name, values) != int(expected):
+        missing = not _chunk_path(path, arr, batch).exists()
+        what = ("its chunk file is missing" if missing
+                else "its rows do not match the digest written with the batch (a chunk replaced, swapped or altered)")
+        raise StoreDamaged(path, name, what, batch, start, stop)
+    return decode_bfloat16(values) if decode else values
+
+
+def _read_block(path, variable, bounds, done, digests, decode, tail, out_dtype, block_id=None):
+    """One stored batch of one variable; a batch not yet written reads as missing (NaN, or False/0)."""
+    batch = block_id[0]
+    start, stop = bounds[batch]
+    if not done[batch]:
+        return np.full((stop - start, *tail), np.nan if np.issubdtype(out_dtype, np.floating) else 0,
+                       dtype=out_dtype)
+    return read_rows(path, variable, batch, start, stop, None if digests is None else digests[batch], decode)
+
+
+def _read_whole(path, group, name) -> np.ndarray:
+    arr = _array(group, path, name)
+    try:
+        return arr[...]
+    except Exception as exc:
+        raise StoreDamaged(path, name, f"corrupt or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) -> xr.Dataset:
+    """Open a sketch store lazily (dask arrays, one chunk per stored batch).
+
+    Parameters
+    ----------
+    path : str or Path
+    allow_incomplete : bool
+        Open a store whose run has not finished: its missing rows are NaN
+        with ``valid`` False.  Otherwise an incomplete store raises.
+    verify : bool
+        Check each chunk read against the digest written with its batch
+        (64 bits of SHA-256, about 2 GB/s per core); the CRC32C checksum of
+        every chunk is checked either way.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``grad`` (or ``hvp``), ``loss``, ``valid``, ``label`` as dask arrays;
+        ``batch_done`` in memory; attrs with the parsed sketch spec and
+        parameter lists, also on the sketch variable.  Computing a chunk
+        that is missing or damaged raises :class:`StoreDamaged`.
+
+    Raises
+    ------
+    ValueError
+        When ``path`` is no sketch store, or the store is incomplete.
+    StoreDamaged
+        When its metadata, progress record or ids are damaged.
+    """
+    attrs = read_attrs(path)
+    if attrs is None:
+        raise StoreError(f"{path} is not a sketcharray store (no zarr.json with a sketch spec found)")
+    check_codecs(path)
+    group = _group(path)
+    row_dim, variable = attrs.get("row_dim", "example"), attrs["variable"]
+    names = _example_vars(attrs, group)
+    arrays = {name: _array(group, path, name) for name in names}
+    done = _read_whole(path, group, PROGRESS).astype(bool)
+    ids = _ids_array(_read_whole(path, group, row_dim))
+    sketch = _read_whole(path, group, "sketch")
+    n_rows, n_out = arrays[variable].shape
+    chunk = int(attrs["batch_size"])
+    bounds = _batches(n_rows, chunk)
+    if len(ids) != n_rows or len(done) != len(bounds) or not np.array_equal(sketch, np.arange(n_out)):
+        raise StoreDamaged(path, "coordinates", f"they disagree with the shape ({len(ids)} ids, {len(done)} batch "
+                           f"flags and sketch 0..{len(sketch) - 1} for {n_rows} x {n_out})")
+    if not done.all() and not allow_incomplete:
+        raise StoreError(
+            f"store {path} is incomplete: {int((~done).sum())} of {done.size} batches not written; "
+            "rerun the same call to resume, or pass allow_incomplete=True"
+        )
+    parts = json.loads(attrs["digest_parts"]) if "digest_parts" in attrs else None
+    digests = None
+    if parts is None:
+        warnings.warn(f"store {path} was written before sketcharray 0.3 and has no digests: its chunks cannot be "
+                      "verified", UserWarning, stacklevel=2)
+    elif verify:
+        digests = _read_whole(path, group, DIGEST)
+        for b in np.flatnonzero(done):
+            start, stop = bounds[b]
+            if _ids_digest(b, ids[start:stop]) != int(digests[b, 0]):
+                raise StoreDamaged(path, row_dim, "the ids do not match the digest written with the batch", b,
+                                   start, stop)
+    token = dask.base.tokenize(str(Path(path).resolve()), os.stat(Path(path, PROGRESS)).st_mtime_ns, verify)
+    data_vars = {}
+    for name, arr in arrays.items():
+        decode = name == variable and attrs["storage_dtype"] == "bfloat16"
+        col = None if digests is None else digests[:, parts.index(name)]
+        chunks = (tuple(b - a for a, b in bounds),) + tuple((s,) for s in arr.shape[1:])
+        dtype = np.float32 if decode else arr.dtype
+        data = da.map_blocks(_read_block, path=str(path), variable=name, bounds=bounds, done=tuple(done.tolist()),
+                             digests=col, decode=decode, tail=arr.shape[1:], out_dtype=dtype, dtype=dtype, chunks=chunks,
+                             meta=np.empty((0,) * arr.ndim, dtype=dtype), token=f"read-{name}-{token}")
+        dims = tuple(arr.metadata.dimension_names or (row_dim, "sketch")[: arr.ndim])
+        data_vars[name] = (dims, data)
+    data_vars[PROGRESS] = (("batch",), done.astype(np.int8))
+    ds = xr.Dataset(data_vars, coords={row_dim: ids, "sketch": np.arange(n_out)})
+    ds.attrs.update(attrs)
+    for key in ("sketch_spec", "param_names", "param_sizes", "digest_parts"):
+        if isinstance(ds.attrs.get(key), str):
+            ds.attrs[key] = json.loads(ds.attrs[key])
+    from .provenance import provenance, with_provenance
+
+    with_provenance(ds[variable], provenance(ds))
+    return ds
 
 
 def pending_batches(path) -> np.ndarray:
-    """Indices of batches not yet flagged done."""
+    """Indices of batches not yet flagged done (a damaged flag counts as not done)."""
     group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    return np.flatnonzero(group[PROGRESS][:] == 0)
+    arr = group[PROGRESS]
+    try:
+        return np.flatnonzero(arr[:] == 0)
+    except Exception:  # a damaged flag chunk: read flag by flag
+        flags = []
+        for b in range(arr.shape[0]):
+            try:
+                flags.append(int(arr[b]))
+            except Exception:
+                flags.append(0)
+        return np.flatnonzero(np.array(flags) == 0)
 
 
 def check_compatible(path, existing: dict, wanted: dict, ids=None) -> None:
@@ -132,37 +552,220 @@ def check_compatible(path, existing: dict, wanted: dict, ids=None) -> None:
             )
     if ids is not None:
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        stored = group[existing.get("row_dim", "example")][:]
-        if len(stored) != len(ids) or not np.array_equal(np.asarray(stored, dtype=object), np.asarray(ids, dtype=object)):
+        stored = _read_whole(path, group, existing.get("row_dim", "example"))
+        if len(stored) != len(ids) or not np.array_equal(_ids_array(stored), _ids_array(ids)):
             raise ValueError(f"store {path} holds different example ids than this run ({len(stored)} vs {len(ids)} ids)")
 
 
-def open_sketches(path, *, allow_incomplete: bool = False) -> xr.Dataset:
-    """Open a sketch store lazily (dask arrays, chunks aligned with the stored batches).
+# ---------------------------------------------------------- verification
+@dataclass(frozen=True)
+class Damage:
+    """One damaged part of a store: a variable of one batch, or a whole array (``batch`` None)."""
 
-    Decodes the storage dtype (float16/bfloat16 become float32 lazily), parses
-    the JSON attrs, and checks the progress record: an incomplete store
-    raises ``ValueError`` unless ``allow_incomplete`` (then its missing rows
-    are NaN with ``valid`` False).
+    variable: str
+    reason: str
+    batch: int | None = None
+    start: int | None = None
+    stop: int | None = None
+
+    def __str__(self) -> str:
+        if self.batch is None:
+            return f"{self.variable}: {self.reason}"
+        return f"{self.variable} of batch {self.batch} (examples {self.start}..{self.stop - 1}): {self.reason}"
+
+
+@dataclass
+class StoreReport:
+    """What :func:`verify_store` found: the batches checked and every damaged part."""
+
+    path: str
+    verifiable: bool
+    batches: int = 0
+    checked: int = 0
+    damage: list[Damage] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damage
+
+    @property
+    def damaged_batches(self) -> list[int]:
+        return sorted({int(d.batch) for d in self.damage if d.batch is not None})
+
+    @property
+    def damaged_arrays(self) -> list[str]:
+        return sorted({d.variable for d in self.damage if d.batch is None})
+
+    def __str__(self) -> str:
+        if not self.verifiable:
+            return f"store {self.path}: written before sketcharray 0.3, no digests: cannot be verified"
+        head = (f"store {self.path}: {self.checked} finished batches of {self.batches} verified, "
+                + ("no damage" if self.ok else f"{len(self.damaged_batches)} damaged batch(es), "
+                   f"{len(self.damaged_arrays)} damaged array(s)"))
+        return "\n".join([head, *(f"  {d}" for d in self.damage)])
+
+
+def verify_store(path, *, progress: bool = False) -> StoreReport:
+    """Read every chunk of a store and check its checksum and its batch's digest.
+
+    Returns a :class:`StoreReport` listing each damaged batch (variable,
+    example range, what is wrong) and each array whose metadata or
+    coordinates are damaged; it raises only when ``path`` is no store.
+    Rerunning the call that wrote the store repairs what it lists.
     """
     attrs = read_attrs(path)
     if attrs is None:
-        raise ValueError(f"{path} is not a sketcharray store (no {PROGRESS!r} progress record found)")
-    ds = xr.open_zarr(str(path), consolidated=False, zarr_format=3)
-    done = ds[PROGRESS].values
-    if not done.all() and not allow_incomplete:
-        raise ValueError(
-            f"store {path} is incomplete: {int((done == 0).sum())} of {done.size} batches not written; "
-            "rerun the same call to resume, or pass allow_incomplete=True"
-        )
+        raise StoreError(f"{path} is not a sketcharray store (no zarr.json with a sketch spec found)")
+    report = StoreReport(str(path), verifiable="digest_parts" in attrs)
+    check_codecs(path)
+    if not report.verifiable:
+        return report
+    group = _group(path)
+    row_dim, variable = attrs.get("row_dim", "example"), attrs["variable"]
+    parts = json.loads(attrs["digest_parts"])
+    chunk = int(attrs["batch_size"])
+    n_rows = int(attrs.get("n_examples", 0)) or None
+    arrays = {}
+    for name in [*parts, PROGRESS, DIGEST, "sketch"]:
+        try:
+            arrays[name] = _array(group, path, name)
+        except StoreDamaged as exc:
+            report.damage.append(Damage(name, exc.reason))
+    if n_rows is None:
+        n_rows = next((a.shape[0] for n, a in arrays.items() if n in parts), 0)
+    bounds = _batches(n_rows, chunk)
+    report.batches = len(bounds)
+    ids = None
+    if row_dim in arrays:
+        try:
+            ids = _ids_array(_read_whole(path, group, row_dim))
+        except StoreDamaged as exc:
+            report.damage.append(Damage(row_dim, exc.reason))
+        if ids is not None and len(ids) != n_rows:
+            report.damage.append(Damage(row_dim, f"holds {len(ids)} ids for {n_rows} rows"))
+            ids = None
+    if "sketch" in arrays:
+        try:
+            sketch = _read_whole(path, group, "sketch")
+            n_out = arrays[variable].shape[1] if variable in arrays else len(sketch)
+            if not np.array_equal(sketch, np.arange(n_out)):
+                report.damage.append(Damage("sketch", f"holds other values than 0..{n_out - 1}"))
+        except StoreDamaged as exc:
+            report.damage.append(Damage("sketch", exc.reason))
+    done = np.zeros(len(bounds), dtype=bool)
+    if PROGRESS in arrays:
+        done[:] = True
+        done[pending_batches(path)] = False
+    digests = None
+    if DIGEST in arrays:
+        digests = np.zeros((len(bounds), len(parts)), dtype=np.uint64)
+        for b in np.flatnonzero(done):
+            try:
+                digests[b] = arrays[DIGEST][b]
+            except Exception as exc:
+                report.damage.append(Damage(DIGEST, f"corrupt or truncated ({exc})", b, *bounds[b]))
+    bar = _progress_bar(progress, len(bounds), f"verifying {path}")
+    for b in np.flatnonzero(done):
+        start, stop = bounds[b]
+        if digests is None or digests[b].min() == 0:
+            if digests is not None and not any(d.batch == b for d in report.damage):
+                report.damage.append(Damage(DIGEST, "the batch is flagged done but has no digest", b, start, stop))
+            continue
+        report.checked += 1
+        if ids is not None and _ids_digest(b, ids[start:stop]) != int(digests[b, 0]):
+            report.damage.append(Damage(row_dim, "the ids do not match the digest written with the batch", b,
+                                        start, stop))
+        for i, name in enumerate(parts[1:], start=1):
+            if name not in arrays:
+                continue
+            try:
+                read_rows(path, name, b, start, stop, digests[b, i], arr=arrays[name])
+            except StoreDamaged as exc:
+                report.damage.append(Damage(name, exc.reason, b, start, stop))
+        bar(1)
+    bar(None)
+    return report
+
+
+def _progress_bar(show: bool, total: int, message: str):
+    """A plain per-step counter on stderr (one line per 10%); a no-op when ``show`` is False."""
+    import sys
+
+    state = {"n": 0, "last": -1}
+
+    def step(n):
+        if not show:
+            return
+        if n is None:
+            print(f"{message}: done", file=sys.stderr, flush=True)
+            return
+        state["n"] += n
+        tenth = 10 * state["n"] // max(total, 1)
+        if tenth != state["last"]:
+            state["last"] = tenth
+            print(f"{message}: {state['n']} of {total} batches", file=sys.stderr, flush=True)
+
+    return step
+
+
+def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:
+    """Make a damaged store resumable again; returns the batches flagged for recomputation.
+
+    Array metadata that is missing or unreadable is restored from a fresh
+    skeleton built with the run's settings (``skeleton``: the arguments of
+    :func:`create_store`), and so are damaged coordinates once the run's
+    ids are shown to match the digests of the finished batches; every
+    batch with a damaged chunk or digest is flagged not done, so the
+    resumed run recomputes exactly those.  Call it holding :func:`writer_lock`.
+    """
+    path = Path(path)
+    report = verify_store(path)
+    if not report.verifiable or report.ok:
+        return []
+    attrs = read_attrs(path)
     row_dim = attrs.get("row_dim", "example")
-    if ds[row_dim].dtype.kind in "TUS":  # string ids as Python objects, as the caller gave them
-        ds = ds.assign_coords({row_dim: ds[row_dim].values.astype(object)})
-    variable = attrs["variable"]
-    if attrs["storage_dtype"] == "bfloat16":
-        v = ds[variable]
-        ds[variable] = v.copy(data=da.map_blocks(decode_bfloat16, v.data, dtype=np.float32))
-    for key in ("sketch_spec", "param_names", "param_sizes"):
-        if isinstance(ds.attrs.get(key), str):
-            ds.attrs[key] = json.loads(ds.attrs[key])
-    return ds
+    restore = set(report.damaged_arrays) | ({row_dim} if any(d.variable == row_dim for d in report.damage) else set())
+    if restore:
+        tmp = path.parent / f".{path.name}.repair-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            _write_skeleton(tmp, **skeleton)
+            if row_dim in restore or "sketch" in restore:
+                _check_ids_against_digests(path, skeleton["ids"], attrs)
+            for name in restore:
+                if name in (row_dim, "sketch"):  # coordinates: written once at creation, copied whole
+                    shutil.rmtree(path / name, ignore_errors=True)
+                    shutil.copytree(tmp / name, path / name)
+                else:
+                    (path / name).mkdir(exist_ok=True)
+                    shutil.copy2(tmp / name / "zarr.json", path / name / "zarr.json")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        report = verify_store(path)
+    damaged = report.damaged_batches
+    if damaged:
+        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        for b in damaged:
+            group[PROGRESS][b] = 0
+    if not quiet:
+        restored = f"restored {', '.join(sorted(restore))} from the run's settings; " if restore else ""
+        print(f"repairing store {path}: {restored}recomputing {len(damaged)} damaged batch(es) {damaged}",
+              flush=True)
+    return damaged
+
+
+def _check_ids_against_digests(path, ids, attrs) -> None:
+    """Before restoring a damaged id coordinate from this run's ids: they must be the ids the store was written with."""
+    group = _group(path)
+    chunk = int(attrs["batch_size"])
+    ids = list(ids)
+    try:
+        digests = group[DIGEST][...]
+        done = ~np.isin(np.arange(digests.shape[0]), pending_batches(path))
+    except Exception:
+        return  # no readable digests: the damaged batches are recomputed whole
+    for b in np.flatnonzero(done):
+        start, stop = b * chunk, min(len(ids), (b + 1) * chunk)
+        if digests[b, 0] and _ids_digest(b, ids[start:stop]) != int(digests[b, 0]):
+            raise ValueError(f"store {path} holds different example ids than this run (batch {b}, examples "
+                             f"{start}..{stop - 1}); use a new store path, or the same ids to resume")
+

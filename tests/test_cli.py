@@ -201,11 +201,137 @@ def _save_state(tmp_path):
     (["attribute", "{tmp}/none.zarr", "{tmp}/none.zarr"], "is not a sketcharray store"),
     (["info", "{tmp}"], "is not a sketcharray store, spectrum folder or intrinsic-dimension folder"),
     (["spectrum", "--workload", TINY, "--checkpoint", "x={tmp}/missing.pt"], "no file"),
+    (["sketch", "--out", "{tmp}/s.zarr", "--workload", TINY, "--limit", "0", "--n-out", "8"],
+     "data holds no examples (expected at least one; got an empty dataset)"),
+    (["spectrum", "--workload", TINY, "--examples", "0", "--n-out", "8"], "data holds no examples"),
+    (["sketch", "--out", "{tmp}/file/s.zarr", "--workload", TINY, "--n-out", "8"], "file is a file, not a folder"),
+    (["sketch", "--out", "{tmp}/file", "--workload", TINY, "--n-out", "8"], "cannot create store"),
+    (["sketch", "--out", "{tmp}/folder", "--workload", TINY, "--n-out", "8"], "the folder exists and is not a sketcharray store"),
+    (["info", "{tmp}/file", "--verify"], "is not a sketcharray store"),
+    (["sketch", "--out", "{tmp}/h.zarr", "--workload", TINY, "--n-out", "8", "--hvps", "-1"],
+     "probes must be a positive int"),
+    (["spectrum", "--workload", TINY, "--n-out", "8", "--k", "0"], "k (eigenvalues at each end) must be an int >= 1"),
+    (["spectrum", "--workload", TINY, "--n-out", "8", "--k", "2", "--checkpoint", "x={tmp}/file"],
+     "checkpoint {tmp}/file cannot be loaded as weights only"),
+    (["spectrum", "--workload", TINY, "--n-out", "8", "--k", "2", "--checkpoint", "x={tmp}/crafted.pt"],
+     "cannot be loaded as weights only (UnpicklingError)"),
+    (["intrinsic-dim", "--workload", TINY, "--target", "0"], "target (a fraction of the reference metric) must be > 0"),
 ])
 def test_bad_input_exits_3_with_a_message_naming_it(argv, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("a file where a folder is expected")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("someone else's")
+    import torch
+
+    from .analysis.test_intrinsic import _Crafted
+
+    torch.save({"w": _Crafted(tmp_path / "code-ran")}, tmp_path / "crafted.pt")  # a checkpoint that runs code
     assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == cli.EXIT_INPUT
     err = capsys.readouterr().err
-    assert err.startswith(f"sketcharray {argv[0]}: error: ") and message in err
+    assert err.startswith(f"sketcharray {argv[0]}: error: ") and message.replace("{tmp}", str(tmp_path)) in err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+    assert (tmp_path / "folder" / "notes.txt").read_text() == "someone else's"
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_attribution_across_sketches_or_models_exits_3_unless_allowed(tmp_path, capsys):
+    common = ["--workload", TINY, "--n-out", "8", "--batch-size", "12", "--quiet"]
+    stores = {name: str(tmp_path / f"{name}.zarr") for name in ("train", "test", "seed", "method", "params")}
+    assert cli.main(["sketch", "--out", stores["train"], *common]) == 0
+    assert cli.main(["sketch", "--out", stores["test"], "--split", "test", *common]) == 0
+    assert cli.main(["sketch", "--out", stores["seed"], "--split", "test", *common, "--seed", "1"]) == 0
+    assert cli.main(["sketch", "--out", stores["method"], "--split", "test", *common, "--method", "qk"]) == 0
+    assert cli.main(["sketch", "--out", stores["params"], "--split", "test", *common, "--params", "2.*"]) == 0
+    capsys.readouterr()
+    for other, key in (("seed", "sketch_spec"), ("method", "sketch_spec"), ("params", "param_names")):
+        assert cli.main(["attribute", stores["train"], stores[other], "--k", "3", "--quiet"]) == cli.EXIT_INPUT
+        err = capsys.readouterr().err
+        assert f"train has {key}=" in err and f"queries has {key}=" in err, err
+    # queries from other weights at the same checkpoint: refused, then allowed and said so
+    from sketcharray.collect import sketch_gradients
+    from sketcharray.workloads import load_workload
+
+    from .workload_fixture import _model
+
+    w = load_workload(TINY)
+    import functools
+
+    sketch_gradients(functools.partial(_model, 3), w.loss_fn, w.test, {"method": "afjl", "n_out": 8, "seed": 0},
+                     batch_size=12, ids=w.test_ids, store=tmp_path / "tuned.zarr", progress=False)
+    args = ["attribute", stores["train"], str(tmp_path / "tuned.zarr"), "--k", "2", "--first", "1"]
+    assert cli.main(args) == cli.EXIT_INPUT
+    assert "come from different model weights" in capsys.readouterr().err
+    assert cli.main([*args, "--allow-model-mismatch"]) == 0
+    assert "note: model mismatch allowed: train model" in capsys.readouterr().out
+    assert cli.main(["attribute", stores["train"], stores["test"], "--out", stores["test"]]) == cli.EXIT_INPUT
+    assert "is a sketch store, which the scores would overwrite" in capsys.readouterr().err
+
+
+def test_a_damaged_store_exits_3_is_listed_by_verify_and_repaired_by_sketch(tmp_path, capsys):
+    store = tmp_path / "train.zarr"
+    args = ["sketch", "--out", str(store), "--workload", TINY, "--n-out", "8", "--batch-size", "10", "--quiet"]
+    assert cli.main(args) == 0
+    assert cli.main(["info", str(store), "--verify"]) == 0
+    assert "5 finished batches of 5 verified, no damage" in capsys.readouterr().out
+    (store / "grad" / "c" / "3" / "0").write_bytes(b"garbage")
+    (store / "valid" / "c" / "1").unlink()
+    assert cli.main(["info", str(store)]) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "valid of batch 1 (examples 10..19): its chunk file is missing" in err and len(err.splitlines()) == 1
+    assert cli.main(["attribute", str(store), str(store), "--k", "2", "--quiet"]) == cli.EXIT_INPUT
+    assert "of batch" in capsys.readouterr().err
+    assert cli.main(["info", str(store), "--verify"]) == cli.EXIT_INPUT
+    out = capsys.readouterr().out
+    assert "2 damaged batch(es)" in out and "grad of batch 3 (examples 30..39): the chunk is corrupt" in out
+    assert "valid of batch 1 (examples 10..19): its chunk file is missing" in out
+    assert cli.main(args[:-1]) == 0
+    assert "recomputing 2 damaged batch(es) [1, 3]" in capsys.readouterr().out
+    assert cli.main(["info", str(store), "--verify", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    (store / "grad" / "zarr.json").unlink()
+    assert cli.main(["info", str(store)]) == cli.EXIT_INPUT
+    assert "grad: its metadata grad/zarr.json is missing" in capsys.readouterr().err
+
+
+def test_a_store_held_by_another_writer_exits_3_naming_it(tmp_path, capsys):
+    import os
+
+    from sketcharray.store import writer_lock
+
+    store = tmp_path / "s.zarr"
+    with writer_lock(store):
+        assert cli.main(["sketch", "--out", str(store), "--workload", TINY, "--n-out", "8", "--quiet"]) == 3
+    assert f"is being written by process {os.getpid()}" in capsys.readouterr().err
+    assert cli.main(["sketch", "--out", str(store), "--workload", TINY, "--n-out", "8", "--quiet"]) == 0
+
+
+SHADOW = "import pathlib; pathlib.Path({marker!r}).touch()\nraise SystemExit('the shadowing module ran')\n"
+
+
+# ``python -m`` itself puts the current folder first while it imports the package (Python's rule; ``python -P``
+# turns it off), so that launcher is tested with a module the package imports only once the command runs.
+@pytest.mark.parametrize("launcher, shadows", [("script", ("sklearn", "torch", "numpy", "dask", "zarr")),
+                                               ("module", ("sklearn",))])
+def test_the_current_folder_never_shadows_an_installed_module(tmp_path, launcher, shadows):
+    import os
+    import shutil
+
+    marker = tmp_path / "code-ran"
+    for name in shadows:
+        (tmp_path / f"{name}.py").write_text(SHADOW.format(marker=str(marker)))
+    # a user's workload module in the current folder still loads, after everything installed
+    (tmp_path / "myload.py").write_text("from tests.workload_fixture import tiny as factory\n")
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent)}
+    script = __import__("pathlib").Path(sys.executable).parent / "sketcharray"
+    script = str(script) if script.exists() else shutil.which("sketcharray")
+    head = ([sys.executable, "-m", "sketcharray.cli"] if launcher == "module"
+            else [script or pytest.skip("the sketcharray console script is not installed")])
+    for workload in ("digits", "myload:factory"):
+        done = subprocess.run([*head, "sketch", "--workload", workload, "--limit", "20", "--n-out", "8", "--out",
+                               f"{workload.replace(':', '-')}.zarr", "--quiet"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert not marker.exists()
 
 
 def test_a_store_from_another_sketch_is_refused(tmp_path, capsys):

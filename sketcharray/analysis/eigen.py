@@ -209,6 +209,22 @@ def _spectrum_dataset(result: dict, k: int, eigenvectors: bool) -> xr.Dataset:
     return xr.Dataset(data, coords={"sign": signs, "rank": np.arange(1, k + 1)})
 
 
+def _load_state_dict(path) -> dict:
+    """A ``torch.save``d state_dict, loaded with ``weights_only=True`` (tensors and plain containers, no code)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for a file that is not (only) weights, RuntimeError for a bad zip
+        raise ValueError(f"checkpoint {path} cannot be loaded as weights only ({type(exc).__name__}): checkpoints "
+                         "are read with torch.load(weights_only=True), which refuses anything but tensors and "
+                         "plain containers (nothing in them can run code); save model.state_dict()") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a state_dict (a dict of "
+                         "tensors)")
+    return state
+
+
 def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = "both", method: str = "lanczos",
                      checkpoints=None, params=None, batch_size: int | None = None, device=None, forward=None,
                      eigenvectors: bool = False, store=None, progress: bool = True, **solver_options) -> xr.Dataset:
@@ -244,10 +260,13 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
     import torch
 
     from ..collect import resolve_sketch, subspace_hessian
+    from ..store import open_zarr_dataset
     from ..torch.params import select_params
 
     if method not in SOLVERS:
         raise ValueError(f"method must be one of {list(SOLVERS)}; got {method!r}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (eigenvalues at each end) must be an int >= 1; got {k!r}")
     base = model if isinstance(model, torch.nn.Module) else model()
     items = [(None, None)] if checkpoints is None else list(checkpoints.items())
     results = []
@@ -255,10 +274,10 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
         path = None if store is None or name is None else Path(store) / f"checkpoint-{name}.zarr"
         if state is not None:
             if isinstance(state, (str, Path)):
-                state = torch.load(state, map_location="cpu", weights_only=True)
+                state = _load_state_dict(state)
             base.load_state_dict(state)
         if path is not None and path.exists():
-            saved = xr.open_zarr(str(path), consolidated=False).load()
+            saved = open_zarr_dataset(path).load()
             op = resolve_sketch(sketch, select_params(base, params).n)
             wanted = {"method": method, "sketch_spec": str(op.spec), "k": k, "which": which}
             have = {"method": saved.attrs.get("method"), "sketch_spec": saved.attrs.get("sketch_spec"),
@@ -285,7 +304,7 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
             path.parent.mkdir(parents=True, exist_ok=True)
             with warnings.catch_warnings():  # zarr's note that fixed-width strings (the names) lack a v3 spec
                 warnings.simplefilter("ignore", category=FutureWarning)
-                ds.to_zarr(str(path), mode="w", consolidated=False)
+                ds.to_zarr(str(path), mode="w", consolidated=False, zarr_format=3)
         results.append(ds)
     if checkpoints is None:
         return results[0]

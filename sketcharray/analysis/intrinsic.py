@@ -178,6 +178,8 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
     and the trajectory ``d``, ``step``, ``metric`` (seed, eval); attrs hold the
     reference, the target metric and the settings.
     """
+    if not target > 0:
+        raise ValueError(f"target (a fraction of the reference metric) must be > 0; got {target!r}")
     base = model if isinstance(model, torch.nn.Module) else model()
     forward = forward or default_forward
     n_params = select_params(base, params).n
@@ -255,10 +257,13 @@ def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt, sett
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"omega": sub.omega.detach().cpu(), "opt": opt.state_dict()}, folder / "weights.pt.tmp")
-    (folder / "weights.pt.tmp").replace(folder / "weights.pt")
+    arrays, groups = _optimizer_arrays(opt.state_dict())
+    arrays["omega"] = sub.omega.detach().cpu().numpy()
+    with open(folder / "weights.npz.tmp", "wb") as f:  # arrays only: nothing in it can run code when read
+        np.savez(f, **arrays)
+    (folder / "weights.npz.tmp").replace(folder / "weights.npz")
     payload = {"d": state.d, "step": state.step, "last": state.last, "trajectory": state.trajectory,
-               "done": state.done, "d_star": state.d_star, "settings": settings}
+               "done": state.done, "d_star": state.d_star, "settings": settings, "optimizer": groups}
     (folder / "state.json.tmp").write_text(json.dumps(payload))
     (folder / "state.json.tmp").replace(folder / "state.json")
 
@@ -271,12 +276,38 @@ def _load(folder: Path | None, sub: SubspaceModel, opt, settings: dict) -> Searc
     if saved != json.loads(json.dumps(settings)):
         raise ValueError(f"the search saved in {folder} ran with settings {saved}, but this run has {settings}; "
                          "use a new store folder, or the same settings to resume")
-    weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=False)
+    if not (folder / "weights.npz").exists() or "optimizer" not in payload:
+        raise ValueError(f"the search saved in {folder} has no weights.npz (a folder from sketcharray < 0.3 keeps a "
+                         "pickle, weights.pt, which is never loaded: it could run code); remove the folder to "
+                         "start the search over")
+    groups = payload.pop("optimizer")
+    with np.load(folder / "weights.npz", allow_pickle=False) as weights:
+        arrays = {k: weights[k] for k in weights.files}
     with torch.no_grad():
-        sub.omega.copy_(weights["omega"])
-    opt.load_state_dict(weights["opt"])
+        sub.omega.copy_(torch.from_numpy(arrays.pop("omega")))
+    opt.load_state_dict(_optimizer_state(arrays, groups))
     payload["trajectory"] = [tuple(t) for t in payload["trajectory"]]
     return SearchState(**payload)
+
+
+def _optimizer_arrays(state_dict: dict) -> tuple[dict[str, np.ndarray], list]:
+    """An optimizer's state_dict as named arrays (``state/<param>/<key>``) and JSON-able param groups."""
+    arrays = {f"state/{pid}/{key}": (value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
+                                     else np.asarray(value))
+              for pid, entries in state_dict["state"].items() for key, value in entries.items()}
+    return arrays, json.loads(json.dumps(state_dict["param_groups"]))
+
+
+def _optimizer_state(arrays: dict[str, np.ndarray], groups: list) -> dict:
+    """The inverse of :func:`_optimizer_arrays`."""
+    state: dict = {}
+    for name, value in arrays.items():
+        _, pid, key = name.split("/", 2)
+        state.setdefault(int(pid), {})[key] = torch.from_numpy(np.array(value))
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
 
 
 def _result(rows, reference, goal, method, n_params, d_max, steps_per_eval, min_improvement, lr) -> xr.Dataset:

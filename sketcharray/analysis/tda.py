@@ -24,6 +24,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..provenance import check_same_sketch, provenance, with_provenance
+
 SCORES = ("dot", "cosine", "influence")
 
 
@@ -89,7 +91,8 @@ def gram(train, *, checkpoint=None) -> xr.DataArray:
     g = grad.where(ok, 0.0).transpose(..., "example", "sketch")
     n = ok.sum("example")
     f = xr.dot(g, g.rename(sketch="sketch_"), dim="example") / n
-    return f.rename(sketch_="sketch2").assign_coords(sketch2=grad["sketch"].values)
+    f = f.rename(sketch_="sketch2").assign_coords(sketch2=grad["sketch"].values)
+    return with_provenance(f, provenance(train))
 
 
 def _preconditioner(train, damping, preconditioner) -> tuple[np.ndarray, float]:
@@ -99,6 +102,8 @@ def _preconditioner(train, damping, preconditioner) -> tuple[np.ndarray, float]:
     if preconditioner is None:
         f = np.asarray(gram(train).values, dtype=np.float64)
     else:
+        check_same_sketch(provenance(train), provenance(preconditioner), names=("train", "preconditioner"),
+                          allow_model_mismatch=True)
         f = np.asarray(preconditioner.values if isinstance(preconditioner, xr.DataArray) else preconditioner,
                        dtype=np.float64)
         if f.shape != (d, d):
@@ -112,16 +117,22 @@ def _preconditioner(train, damping, preconditioner) -> tuple[np.ndarray, float]:
 
 
 # -------------------------------------------------------------- scoring
-def _checked(train, queries, score):
-    """Validated (grad, valid, queries) for a score."""
+def _checked(train, queries, score, allow_model_mismatch=False):
+    """Validated (grad, valid, queries, provenance attrs) for a score.
+
+    Sketch sets that carry provenance (stores, ``sketch_gradients``) must
+    come from the same operator and parameters, and at one checkpoint from
+    the same model unless ``allow_model_mismatch``.
+    """
     if score not in SCORES:
         raise ValueError(f"score must be one of {list(SCORES)}; got {score!r}")
     grad, valid = _as_train(train)
+    allowed = check_same_sketch(provenance(train), provenance(queries), allow_model_mismatch=allow_model_mismatch)
     q = _as_queries(queries)
     if q.sizes["sketch"] != grad.sizes["sketch"]:
         raise ValueError(f"queries have D={q.sizes['sketch']} but train has D={grad.sizes['sketch']} "
                          "(sketch both with the same operator)")
-    return grad, valid, q
+    return grad, valid, q, {} if allowed is None else {"model_mismatch_allowed": allowed}
 
 
 def _scored_queries(q, score, train, damping, preconditioner):
@@ -135,19 +146,19 @@ def _scored_queries(q, score, train, damping, preconditioner):
     return q, attrs
 
 
-def _prepared(train, queries, score, damping, preconditioner):
-    grad, valid, q = _checked(train, queries, score)
+def _prepared(train, queries, score, damping, preconditioner, allow_model_mismatch=False):
+    grad, valid, q, notes = _checked(train, queries, score, allow_model_mismatch)
     ok = _valid_mask(grad, valid)
     g = grad.where(ok, 0.0)
     if score == "cosine":
         g = g / np.sqrt((g**2).sum("sketch")).where(ok, 1.0)
     q, attrs = _scored_queries(q, score, train, damping, preconditioner)
-    return g, q, ok, attrs
+    return g, q, ok, {**attrs, **notes}
 
 
 def attribute(train, queries, *, score: str = "dot", k: int | None = None, which: str = "top",
               damping: float | None = None, preconditioner=None, checkpoint_weights=None,
-              query_batch: int = 1024):
+              query_batch: int = 1024, allow_model_mismatch: bool = False):
     """Attribution scores of training examples for queries (lazy).
 
     Parameters
@@ -172,17 +183,28 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
     query_batch : int
         With ``k``: queries scored together against each training chunk
         (memory per task: query_batch x chunk rows of scores).
+    allow_model_mismatch : bool
+        Accept queries sketched at other model weights than the training
+        examples at the same checkpoint (e.g. a fine-tuned model against its
+        base); the result's ``model_mismatch_allowed`` attr records it.
 
     Returns
     -------
     xarray.DataArray (query, example) of scores, lazy; invalid examples NaN.
     With ``k``: Dataset with ``score`` and ``example`` (query, rank), ranks 1..k best first, lazy;
     computing it streams the training set chunk by chunk.
+
+    Raises
+    ------
+    ValueError
+        When train and queries were sketched by different operators or
+        parameter selections, or (unless ``allow_model_mismatch``) from
+        different model weights at one checkpoint; the message names both.
     """
     if k is not None:
         return _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_weights, k, which,
-                              query_batch)
-    g, q, ok, attrs = _prepared(train, queries, score, damping, preconditioner)
+                              query_batch, allow_model_mismatch)
+    g, q, ok, attrs = _prepared(train, queries, score, damping, preconditioner, allow_model_mismatch)
     weights = _checkpoint_weights(g, checkpoint_weights)
     s = xr.dot(q, g, dim="sketch")
     if weights is not None:
@@ -245,13 +267,14 @@ def _to_host(x):
     return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
 
 
-def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_weights, k, which, query_batch):
+def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_weights, k, which, query_batch,
+                   allow_model_mismatch):
     """Top-k by query batches; each batch streams the raw training chunks once."""
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom'; got {which!r}")
-    grad, valid, q = _checked(train, queries, score)
+    grad, valid, q, notes = _checked(train, queries, score, allow_model_mismatch)
     q, attrs = _scored_queries(q, score, train, damping, preconditioner)
-    attrs["which"] = which
+    attrs.update(notes, which=which)
     weights = _checkpoint_weights(grad, checkpoint_weights)
     # the k check reads only the 1-byte valid flags; non-finite rows are dropped chunk by chunk
     n_valid = int(valid.sum()) if valid is not None else grad.sizes["example"]
@@ -271,6 +294,8 @@ def _top_k(grad, valid, q, weights, k, which, normalize):
     qarr = q.transpose("query", "sketch", *order[2:]).data
     if not isinstance(garr, da.Array):
         garr = da.from_array(garr, chunks=(max(1, min(garr.shape[0], 4096)),) + garr.shape[1:])
+    # one block per training chunk: the sketch and checkpoint axes whole (stacked checkpoints come one chunk each)
+    garr = garr.rechunk({axis: -1 for axis in range(1, garr.ndim)})
     okblocks = [None] * len(garr.chunks[0])
     if valid is not None:
         okarr = valid.data if isinstance(valid.data, da.Array) else da.from_array(valid.values, chunks=(garr.chunks[0],))

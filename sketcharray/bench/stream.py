@@ -60,7 +60,8 @@ def measure(workload, method: str, n_out: int, batch_size: int, n_batches: int, 
         t2 = time.perf_counter()
         start = i * batch_size
         st.write_batch(path, i, start, start + len(losses), {
-            "grad": sk.float().cpu().numpy(), "valid": np.ones(len(losses), bool)})
+            "grad": sk.float().cpu().numpy(), "loss": losses.detach().float().cpu().numpy(),
+            "valid": np.ones(len(losses), bool)}, range(start, start + len(losses)))
         t3 = time.perf_counter()
         t["grad"] += t1 - t0
         t["sketch"] += t2 - t1

@@ -64,7 +64,8 @@ def make_store(path: Path, rows: int, d: int, chunk_rows: int) -> None:
     for i, s in enumerate(range(0, rows, chunk_rows)):
         e = min(rows, s + chunk_rows)
         st.write_batch(path, i, s, e, {"grad": rng.standard_normal((e - s, d), dtype=np.float32),
-                                       "valid": np.ones(e - s, bool)})
+                                       "loss": np.zeros(e - s, np.float32), "valid": np.ones(e - s, bool)},
+                       range(s, e))
 
 
 def drop_caches() -> bool:

@@ -111,20 +111,25 @@ def test_search_finds_a_known_intrinsic_dimension_within_a_factor_of_two(method)
     assert ds.sizes["eval"] >= 3 and ds.attrs["target_metric"] == pytest.approx(0.9)
 
 
-def test_search_resumes_after_an_interruption(tmp_path):
-    kwargs = dict(reference=1.0, d0=4, d_max=256, steps_per_eval=50, min_improvement=0.01, lr=0.05, batch_size=8,
-                  seeds=(0,), progress=False, check=False)
-    full = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", **kwargs)
+def interrupt_search(store, at: int, **kwargs) -> None:
+    """Run a toy search into ``store`` and interrupt it (KeyboardInterrupt) at evaluation ``at``."""
     calls = [0]
 
     def interrupted_metric(model):
         calls[0] += 1
-        if calls[0] == 5:
+        if calls[0] == at:
             raise KeyboardInterrupt
         return _toy_metric(model)
 
     with pytest.raises(KeyboardInterrupt):
-        intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, interrupted_metric, "affd", store=tmp_path, **kwargs)
+        intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, interrupted_metric, "affd", store=store, **kwargs)
+
+
+def test_search_resumes_after_an_interruption(tmp_path):
+    kwargs = dict(reference=1.0, d0=4, d_max=256, steps_per_eval=50, min_improvement=0.01, lr=0.05, batch_size=8,
+                  seeds=(0,), progress=False, check=False)
+    full = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", **kwargs)
+    interrupt_search(tmp_path, 5, **kwargs)
     resumed = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", store=tmp_path, **kwargs)
     np.testing.assert_array_equal(resumed.d.values, full.d.values)
     np.testing.assert_allclose(resumed.metric.values, full.metric.values, rtol=1e-12)
@@ -138,3 +143,35 @@ def test_grid_mode_and_plot(tmp_path):
     assert m[0] < m[1] < m[2] and m[2] > 0.95 and m[0] < 0.5
     plot_intrinsic({"grid": grid}, tmp_path / "id.png", reference=1.0)
     assert (tmp_path / "id.png").stat().st_size > 5000
+
+
+class _Crafted:
+    """A pickle that creates a marker file when it is loaded: what a crafted search folder could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_search_folder_holds_no_pickle_and_a_crafted_one_runs_nothing(tmp_path):
+    import pickle
+
+    kwargs = dict(reference=1.0, d0=4, d_max=64, steps_per_eval=20, min_improvement=0.01, lr=0.05, batch_size=8,
+                  seeds=(0,), progress=False, check=False)
+    interrupt_search(tmp_path, 3, **kwargs)
+    folder = tmp_path / "affd-seed0"
+    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "weights.npz"]
+    with np.load(folder / "weights.npz", allow_pickle=False) as saved:  # arrays only
+        assert {"omega", "state/0/exp_avg", "state/0/exp_avg_sq", "state/0/step"} <= set(saved.files)
+    marker = tmp_path / "code-ran"
+    (folder / "weights.npz").unlink()
+    (folder / "weights.pt").write_bytes(pickle.dumps(_Crafted(marker)))
+    with pytest.raises(ValueError, match="keeps a pickle, weights.pt, which is never loaded"):
+        intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", store=tmp_path, **kwargs)
+    assert not marker.exists()
+    pickle.loads((folder / "weights.pt").read_bytes())  # the marker proves the file would have run code
+    assert marker.exists()

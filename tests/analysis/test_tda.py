@@ -86,7 +86,10 @@ def test_queries_are_scored_in_batches():
     qa, q = make_queries(m=11)
     batched = attribute(ds, qa, k=4, query_batch=3)
     assert batched.score.data.chunks[0] == (3, 3, 3, 2)
-    xr.testing.assert_identical(batched.compute(), attribute(ds, qa, k=4).compute())
+    got, whole = batched.compute(), attribute(ds, qa, k=4).compute()
+    # the same ranking; scores to the last bits only, since BLAS picks its kernel by the number of query rows
+    np.testing.assert_array_equal(got.example.values, whole.example.values)
+    np.testing.assert_allclose(got.score.values, whole.score.values, rtol=1e-12)
 
 
 def test_top_k_ties_prefer_the_lower_index_and_k_is_checked():

@@ -1,0 +1,191 @@
+"""What made a set of sketches, and the check that two sets may meet.
+
+Two sketch sets can be compared (a query against training examples, a
+preconditioner against the sketches it preconditions, checkpoints stacked
+for TracIn-CP) only when the same operator Phi made them from the same
+parameter selection: ``<Phi g, Phi g'>`` estimates ``<g, g'>`` for one Phi,
+and is noise for two.  The record of what made a set lives in its attrs
+(``sketch_spec``, ``param_names``, ``param_sizes``, ``model_fingerprint``,
+``checkpoint``), in a store's root attributes and on every Dataset and
+DataArray this package returns.  :func:`check_same_sketch` compares two such
+records and refuses a mismatch with both values named.
+
+The model fingerprint is different by design across checkpoints; at one
+checkpoint, training and query sketches of different models are refused
+unless the caller says the difference is intended
+(``allow_model_mismatch=True``, e.g. queries from a fine-tuned model against
+its base), and the result then records that it was allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+#: attrs that say which operator and which parameters made a set of sketches
+SKETCH_KEYS = ("param_names", "param_sizes", "sketch_spec")  # the parameters first: they also change n_in
+PROVENANCE_KEYS = (*SKETCH_KEYS, "model_fingerprint", "checkpoint")
+
+
+def _parsed(value):
+    """An attr as a Python value (stores keep dicts and lists as JSON strings)."""
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def provenance(obj) -> dict[str, Any] | None:
+    """The provenance record of a Dataset or DataArray of sketches, or None when it carries none.
+
+    With a ``checkpoint`` dimension (sketches stacked over checkpoints),
+    ``model_fingerprint`` is a dict ``{checkpoint: fingerprint}`` read from
+    the coordinate of that name.
+    """
+    attrs = getattr(obj, "attrs", None)
+    if not attrs or "sketch_spec" not in attrs:
+        return None
+    record = {key: _parsed(attrs.get(key)) for key in PROVENANCE_KEYS}
+    if record["checkpoint"] == "":  # a store keeps "no checkpoint" as an empty string
+        record["checkpoint"] = None
+    coords = getattr(obj, "coords", {})
+    if "model_fingerprint" in coords and "checkpoint" in coords["model_fingerprint"].dims:
+        fp = coords["model_fingerprint"]
+        record["model_fingerprint"] = {str(c): str(f) for c, f in zip(fp["checkpoint"].values, fp.values)}
+        record["checkpoint"] = [str(c) for c in fp["checkpoint"].values]
+    return record
+
+
+def with_provenance(obj, record: dict | None):
+    """``obj`` with the provenance record in its attrs (scalar entries only; None leaves it as is)."""
+    if record is None:
+        return obj
+    obj.attrs.update({k: v for k, v in record.items() if k in SKETCH_KEYS or not isinstance(v, (dict, list))})
+    return obj
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str) if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_same_sketch(a: dict | None, b: dict | None, *, names: tuple[str, str] = ("train", "queries"),
+                      allow_model_mismatch: bool = False) -> str | None:
+    """Refuse two sketch sets made by different operators, parameters or (at one checkpoint) models.
+
+    Parameters
+    ----------
+    a, b : dict or None
+        Records from :func:`provenance`; a None (a bare array) has nothing
+        to compare and passes.
+    names : (str, str)
+        What the two sets are, for the message.
+    allow_model_mismatch : bool
+        Accept different model fingerprints at the same checkpoint.
+
+    Returns
+    -------
+    str or None
+        A note describing the allowed model mismatch, to record in the
+        result's attrs; None when the models agree.
+
+    Raises
+    ------
+    ValueError
+        Naming the differing key and both values.
+    """
+    if a is None or b is None:
+        return None
+    for key in SKETCH_KEYS:
+        if a.get(key) != b.get(key):
+            raise ValueError(
+                f"{names[0]} and {names[1]} were sketched differently: {names[0]} has {key}={_short(a.get(key))}, "
+                f"{names[1]} has {key}={_short(b.get(key))}; scores between two sketches are meaningless, "
+                "sketch both with the same operator (method, n_out, seed, options) and parameters")
+    fa, fb = a.get("model_fingerprint"), b.get("model_fingerprint")
+    if isinstance(fa, dict) or isinstance(fb, dict):
+        ca = sorted(fa) if isinstance(fa, dict) else [str(a.get("checkpoint"))]
+        cb = sorted(fb) if isinstance(fb, dict) else [str(b.get("checkpoint"))]
+        if ca != cb:
+            raise ValueError(f"{names[0]} holds checkpoints {ca} but {names[1]} holds {cb}; TracIn-CP needs "
+                             "both sketched at the same checkpoints")
+        fa = fa if isinstance(fa, dict) else {ca[0]: fa}
+        fb = fb if isinstance(fb, dict) else {cb[0]: fb}
+        differ = [c for c in ca if fa[c] != fb[c]]
+        detail = "; ".join(f"checkpoint {c}: {names[0]} model {fa[c]}, {names[1]} model {fb[c]}" for c in differ)
+    else:
+        differ = [] if fa == fb else [a.get("checkpoint")]
+        detail = (f"{names[0]} model {fa} (checkpoint {a.get('checkpoint')!r}), {names[1]} model {fb} "
+                  f"(checkpoint {b.get('checkpoint')!r})")
+    if not differ:
+        return None
+    if not allow_model_mismatch:
+        raise ValueError(f"{names[0]} and {names[1]} come from different model weights ({detail}); pass "
+                         "allow_model_mismatch=True (--allow-model-mismatch) if that is intended, e.g. queries "
+                         "from a fine-tuned model against its base")
+    return detail
+
+
+def stack_checkpoints(sketches: dict[str, xr.Dataset] | list[xr.Dataset]) -> xr.Dataset:
+    """Gradient sketches of the same examples at several checkpoints, stacked for TracIn-CP.
+
+    Parameters
+    ----------
+    sketches : dict name -> Dataset, or list of Datasets
+        Each from :func:`sketcharray.store.open_sketches` or
+        ``sketch_gradients`` at one checkpoint (a list takes the names
+        from each Dataset's ``checkpoint`` attr).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``grad`` (checkpoint, example, sketch), ``valid`` (example: valid at
+        every checkpoint), ``loss`` (checkpoint, example), and a
+        ``model_fingerprint`` coordinate along ``checkpoint``; lazy.
+
+    Raises
+    ------
+    ValueError
+        When the sets were made by different sketches or parameters, hold
+        different example ids, or share a checkpoint name.
+    """
+    if isinstance(sketches, dict):
+        items = list(sketches.items())
+    else:
+        items = [(str(ds.attrs.get("checkpoint")), ds) for ds in sketches]
+    if not items:
+        raise ValueError("stack_checkpoints needs at least one Dataset; got none")
+    names = [str(n) for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"checkpoint names must be unique; got {names} (name them with a dict)")
+    first_name, first = items[0]
+    base = provenance(first)
+    for name, ds in items[1:]:
+        check_same_sketch(base, provenance(ds), names=(f"checkpoint {first_name}", f"checkpoint {name}"),
+                          allow_model_mismatch=True)
+        if not np.array_equal(np.asarray(ds["example"].values, dtype=object),
+                              np.asarray(first["example"].values, dtype=object)):
+            raise ValueError(f"checkpoint {name} holds other example ids than checkpoint {first_name} "
+                             f"({ds.sizes['example']} vs {first.sizes['example']} examples)")
+    fingerprints = [str((provenance(ds) or {}).get("model_fingerprint")) for _, ds in items]
+    keep = [v for v in ("grad", "loss") if all(v in ds for _, ds in items)]
+    stacked = xr.concat([ds[keep].drop_vars("checkpoint", errors="ignore") for _, ds in items], dim="checkpoint",
+                        combine_attrs="drop")
+    stacked = stacked.assign_coords(checkpoint=names, model_fingerprint=("checkpoint", fingerprints))
+    if all("valid" in ds for _, ds in items):
+        stacked["valid"] = xr.concat([ds["valid"].drop_vars("checkpoint", errors="ignore") for _, ds in items],
+                                     dim="checkpoint").all("checkpoint")
+    record = {k: base.get(k) for k in SKETCH_KEYS} if base else None
+    if record:
+        stacked.attrs.update(record)
+        with_provenance(stacked["grad"], record)
+    return stacked

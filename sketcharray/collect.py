@@ -477,10 +477,18 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
 
 def subspace_hessian(model, loss_fn: Callable, data, sketch, *, params=None, batch_size: int | None = None,
                      device=None, forward=None, hvp_mode: str = "auto") -> SubspaceHessian:
-    """The reusable operator ``K w = Phi H Phi^T w`` (batched over several w) for the spectrum."""
-    model = model if isinstance(model, nn.Module) else model()
+    """The reusable operator ``K w = Phi H Phi^T w`` (batched over several w) for the spectrum.
+
+    A module elsewhere than ``device`` is copied there; the caller's module is never moved.
+    """
     dev = _device_of(device)
-    model = model.to(dev)
+    if isinstance(model, nn.Module):
+        if any(t.device != torch.empty(0, device=dev).device for t in [*model.parameters(), *model.buffers()]):
+            import copy
+
+            model = copy.deepcopy(model).to(dev)
+    else:
+        model = model().to(dev)
     paramset = select_params(model, params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)

@@ -133,7 +133,7 @@ def _checkpoints(values: list[str] | None):
 
 def spectrum(args) -> int:
     from .analysis import hessian_spectrum, spectrum_statistics
-    from .analysis.eigen import plot_spectrum_evolution
+    from .analysis.eigen import format_outliers, plot_spectrum_evolution
 
     w = _workload(args)
     data, _ = w.split("train", args.examples)
@@ -157,7 +157,7 @@ def spectrum(args) -> int:
                                     ("eigenvalue", "eigenvalue")]))
         if stats is not None and "RNEG" in stats:
             print(f"RNEG: {np.round(np.atleast_1d(stats.RNEG.values), 4).tolist()}, outliers (R_n > 0.2): "
-                  f"{np.atleast_1d(stats.outliers.values).tolist()}")
+                  f"{format_outliers(stats)}")
     if args.plot and stats is not None:
         plot_spectrum_evolution(stats, args.plot)
         _say(args, f"wrote {Path(args.plot).resolve()}")
@@ -178,12 +178,15 @@ def intrinsic_dim(args) -> int:
                               seeds=tuple(args.seeds), params=args.params, forward=w.forward, device=args.device,
                               check=args.check, store=args.out, progress=not args.quiet, **settings)
     if not args.quiet:
-        rows = [{"seed": int(s), "D*": float(res.d_star.sel(seed=s)), "metric at D*": float(res.final_metric.sel(seed=s)),
-                 "metric at D*/2": float(res.check_metric.sel(seed=s))} for s in res.seed.values]
-        print(f"reference {res.attrs['reference']:.4f}, target {res.attrs['target_metric']:.4f}")
-        print(markdown_table(rows, [(c, c) for c in ("seed", "D*", "metric at D*", "metric at D*/2")]))
+        rows = [{"seed": int(s), "D*": float(r.d_star), "D* of the doubling": float(r.d_star_raw),
+                 "metric at D*": float(r.d_star_metric), "metric at D*/2": float(r.check_metric),
+                 "factor 2 confirmed": bool(r.confirmed)} for s in res.seed.values for r in [res.sel(seed=s)]]
+        print(f"metric at theta_0 {res.attrs['theta0_metric']:.4f}, reference (full training) "
+              f"{res.attrs['reference']:.4f}, target {res.attrs['target_metric']:.4f}, d_max {res.attrs['d_max']}")
+        print(markdown_table(rows, [(c, c) for c in rows[0]]))
     if args.plot:
-        plot_intrinsic({args.method: res}, args.plot, reference=res.attrs["reference"], target=args.target)
+        plot_intrinsic({args.method: res}, args.plot, reference=res.attrs["reference"], target=args.target,
+                       metric_name=f"test accuracy ({w.name})")
         _say(args, f"wrote {Path(args.plot).resolve()}")
     return 0
 

@@ -34,6 +34,56 @@ def cross_entropy_per_example(output, batch):
 
 @dataclass
 class Workload:
+    """A model, its data and how to score it: what the demo, the CLI and the benchmarks run.
+
+    A user's own model enters as a function returning a ``Workload``, named
+    by its import path (``sketcharray sketch --workload mypkg.mod:factory``,
+    see :func:`load_workload`).
+
+    Parameters
+    ----------
+    name : str
+        A short name for reports and file names.
+    model_factory : callable
+        ``model_factory() -> nn.Module``, the model with its (trained)
+        weights.  Picklable (a module-level function or a
+        ``functools.partial``) so dask workers can rebuild it.
+    loss_fn : callable
+        ``loss_fn(output, batch) -> (B,)`` per-example losses, e.g.
+        :func:`cross_entropy_per_example`.
+    train, test : torch.utils.data.Dataset
+        Map-style datasets whose items collate into batches: tuples
+        ``(inputs, labels, ...)`` or dicts of tensors.
+    train_ids, test_ids : list
+        One id per example (strings or ints), used as the ``example``
+        coordinate of every store and result.
+    classes : list of str
+        Class names, indexed by label.
+    forward : callable, optional
+        ``forward(model, batch) -> output`` when ``model(batch[0])`` (or
+        ``model(**batch)`` without the label key) won't do.
+    info : dict
+        Free-form facts for reports (e.g. ``{"n_params": ...}``).
+    checkpoints : callable, optional
+        ``checkpoints() -> {name: state_dict}`` along the model's training
+        run; ``spectrum --workload-checkpoints`` and the demo use them.
+    describe : callable, optional
+        ``describe(split, index) -> str``, a human-readable view of one
+        example (its text, say), for attribution reports.
+    search_start : callable, optional
+        ``search_start() -> nn.Module``: the weights theta_0 an
+        intrinsic-dimension search starts from (the pre-trained model before
+        fine-tuning, or a model with a fresh head).  They must be *below* the
+        target metric, so the trained ``model_factory()`` will not do; the
+        search refuses a theta_0 that already reaches it.  Default: the
+        trained model (:meth:`search_model`).
+    search_settings : dict
+        Keyword arguments of :func:`sketcharray.analysis.intrinsic.intrinsic_dimension`
+        that suit this workload (``d0``, ``d_max``, ``steps_per_eval``,
+        ``min_improvement``, ``lr``, ``reference_lr``, ``batch_size``); the
+        command line's flags override them.
+    """
+
     name: str
     model_factory: Callable[[], nn.Module]
     loss_fn: Callable
@@ -44,16 +94,13 @@ class Workload:
     classes: list[str]
     forward: Callable | None = None
     info: dict = field(default_factory=dict)
-    #: optional: ``checkpoints() -> {name: state_dict}`` along the model's training run
     checkpoints: Callable[[], dict] | None = None
-    #: optional: ``describe(split, index) -> str``, a human-readable view of one example (e.g. its text)
     describe: Callable[[str, int], str] | None = None
-    #: optional: the weights theta_0 an intrinsic-dimension search starts from (default: :meth:`model`)
     search_start: Callable[[], nn.Module] | None = None
-    #: keyword arguments of ``intrinsic_dimension`` that suit this workload (d0, d_max, lr, ...)
     search_settings: dict = field(default_factory=dict)
 
     def model(self) -> nn.Module:
+        """A fresh copy of the model: ``model_factory()``."""
         return self.model_factory()
 
     def search_model(self) -> nn.Module:

@@ -54,3 +54,25 @@ def test_example_notebook_executes(notebook, tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # each notebook shows a plot
     assert (tmp_path / "example-stores").is_dir()
+
+
+def _python_blocks(page: Path) -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+PAGES = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if _python_blocks(p)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_every_python_block_runs_as_written(page, tmp_path):
+    # each block is a script of its own (it defines what it needs), run in order in one scratch folder,
+    # so a later block may reuse a store an earlier one wrote, as a reader going down the page would
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    for i, block in enumerate(_python_blocks(page)):
+        script = tmp_path / f"block{i}.py"
+        script.write_text(block)
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, f"{page.name}, python block {i + 1}:\n{block}\n{done.stderr[-3000:]}"

@@ -18,6 +18,8 @@ the paper's RNEG, R_n and outlier counts.
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
 import time
 import warnings
@@ -67,8 +69,14 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     Returns ``{"positive"|"negative": (values, vectors (dim, k), residuals)}``
-    plus ``"iterations"``.  Residuals are the Ritz residual norms
-    ``|beta_m s_{m,i}|`` = ||K v_i - lambda_i v_i||.  The Krylov basis takes
+    plus ``"iterations"`` and ``"restarts"``.  Residuals are the Ritz residual
+    norms ``|beta_m s_{m,i}|`` = ||K v_i - lambda_i v_i||.  When the Krylov
+    space becomes invariant (K has fewer distinct eigenvalues than the basis
+    needs, or repeated ones, which one start vector sees once each), the
+    iteration restarts from a random vector orthogonal to the basis, with a
+    zero coupling in the tridiagonal matrix, so every copy of a repeated
+    eigenvalue is found and the relation K V = V T + beta v e^T still
+    holds.  The Krylov basis takes
     ``(max_iter + 1) x dim`` entries of ``basis_dtype``; float32 halves it
     for very long vectors (a reference run on an unsketched Hessian), with the
     projections computed in float32 and the recurrence in float64.
@@ -84,7 +92,7 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     basis[0] = v / np.linalg.norm(v)
     alpha, beta = np.zeros(m_max), np.zeros(m_max)
     bar = _Progress("lanczos", m_max, progress)
-    m = 0
+    m, restarts = 0, 0
     result = None
     for j in range(m_max):
         w = np.asarray(matvec(basis[j][None, :]), dtype=np.float64)[0]
@@ -96,20 +104,32 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
         m = j + 1
         bar.update(m)
         invariant = beta[j] <= 1e-12 * max(1.0, np.abs(alpha[: j + 1]).max())
-        if m >= k and (m % check_every == 0 or invariant or m == m_max):
+        if invariant:
+            beta[j] = 0.0  # K maps span(basis) into itself: the Ritz pairs so far are exact
+        # an invariant space is no convergence: its extreme values need not be K's (a repeated
+        # eigenvalue appears once), so go on from a fresh direction while there is room
+        if m >= k and (m % check_every == 0 or m == m_max):
             t = np.diag(alpha[:m]) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
             theta, s = np.linalg.eigh(t)
             res = np.abs(beta[m - 1] * s[-1, :])
             result = _select(theta, s, res, k, which)
             scale = np.abs(theta).max()
-            if invariant or all(r.max() <= tol * scale for _, _, r in result.values()):
+            if not invariant and all(r.max() <= tol * scale for _, _, r in result.values()):
                 break
-        if invariant:
+        if m == m_max:
             break
+        if invariant:
+            restarts += 1
+            w = rng.standard_normal(dim)
+            for _ in range(2):
+                w -= b.T @ (b @ w.astype(b.dtype, copy=False))
+            basis[j + 1] = w / np.linalg.norm(w)
+            continue
         basis[j + 1] = w / beta[j]
     bar.close()
     out = {key: (vals, basis[:m].T @ s.astype(basis.dtype), res) for key, (vals, s, res) in result.items()}
     out["iterations"] = m
+    out["restarts"] = restarts
     return out
 
 
@@ -259,16 +279,19 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
     """
     import torch
 
-    from ..collect import resolve_sketch, subspace_hessian
+    from ..collect import DataSource, resolve_sketch, subspace_hessian
     from ..store import open_zarr_dataset
-    from ..torch.params import select_params
+    from ..torch.grads import data_fingerprint
+    from ..torch.params import model_fingerprint, select_params
 
     if method not in SOLVERS:
         raise ValueError(f"method must be one of {list(SOLVERS)}; got {method!r}")
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (eigenvalues at each end) must be an int >= 1; got {k!r}")
-    base = model if isinstance(model, torch.nn.Module) else model()
+    # the caller's module is never loaded into or moved: checkpoints go into a copy
+    base = copy.deepcopy(model) if isinstance(model, torch.nn.Module) else model()
     items = [(None, None)] if checkpoints is None else list(checkpoints.items())
+    data_fp = None
     results = []
     for name, state in items:
         path = None if store is None or name is None else Path(store) / f"checkpoint-{name}.zarr"
@@ -276,15 +299,24 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
             if isinstance(state, (str, Path)):
                 state = _load_state_dict(state)
             base.load_state_dict(state)
+        if path is not None:
+            if data_fp is None:
+                source = DataSource.from_data(data, batch_size)
+                data_fp = data_fingerprint(source.load(i, a, b) for i, (a, b) in enumerate(source.bounds))
+            op = resolve_sketch(sketch, select_params(base, params).n)
+            # a stored result is reused only for the same weights, data, sketch and solver settings
+            wanted = {"method": method, "sketch_spec": str(op.spec), "k": k, "which": which,
+                      "params": json.dumps(params), "model_fingerprint": model_fingerprint(base),
+                      "data_fingerprint": data_fp, "solver_options": json.dumps(solver_options, sort_keys=True)}
         if path is not None and path.exists():
             saved = open_zarr_dataset(path).load()
-            op = resolve_sketch(sketch, select_params(base, params).n)
-            wanted = {"method": method, "sketch_spec": str(op.spec), "k": k, "which": which}
-            have = {"method": saved.attrs.get("method"), "sketch_spec": saved.attrs.get("sketch_spec"),
-                    "k": saved.sizes["rank"], "which": saved.attrs.get("which", which)}
+            have = {key: saved.attrs.get(key) for key in wanted}
+            have["k"] = saved.sizes["rank"]
             if have != wanted:
-                raise ValueError(f"{path} holds a spectrum computed with {have}, but this call asks for {wanted}; "
-                                 "use a new store folder, or the same settings to reuse it")
+                differ = [key for key in wanted if have[key] != wanted[key]]
+                raise ValueError(f"{path} holds a spectrum computed with {({key: have[key] for key in differ})}, but "
+                                 f"this call asks for {({key: wanted[key] for key in differ})}; use a new store "
+                                 "folder, or the same weights, data and settings to reuse it")
             results.append(saved)
             continue
         K = subspace_hessian(base, loss_fn, data, sketch, params=params, batch_size=batch_size, device=device,
@@ -298,6 +330,8 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
                         hvp_seconds=K.hvp_seconds, other_seconds=total - K.hvp_seconds,
                         setup_seconds=K.setup_seconds,
                         hvp_mode=K.hvp.mode, sketch_spec=str(K.op.spec))
+        if path is not None:
+            ds.attrs.update(wanted)
         if name is not None:
             ds = ds.expand_dims(checkpoint=[name])
         if path is not None:
@@ -313,16 +347,29 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
 
 def spectrum_statistics(spectrum: xr.Dataset, outlier_ratio: float = 0.2) -> xr.Dataset:
     """The paper's statistics: RNEG = |lambda_min| / lambda_max, R_n = lambda_n / lambda_1,
-    and the number of outliers (positive eigenvalues with R_n > ``outlier_ratio``, lambda_1 included)."""
+    and the number of outliers (positive eigenvalues with R_n > ``outlier_ratio``, lambda_1 included).
+
+    With k eigenvalues computed, a count of k means *at least* k: the
+    ``outliers_at_least`` flag says so, and :func:`format_outliers` prints
+    it as ">= k".
+    """
     top = spectrum.eigenvalue.sel(sign="positive")
     lam1 = top.sel(rank=1)
     out = xr.Dataset({"R": top / lam1, "lambda_max": lam1})
     out["outliers"] = (out.R > outlier_ratio).sum("rank")
+    out["outliers_at_least"] = out["outliers"] == top.sizes["rank"]
     if "negative" in spectrum.sign.values:
         lam_min = spectrum.eigenvalue.sel(sign="negative", rank=1)
         out["lambda_min"] = lam_min
         out["RNEG"] = np.abs(lam_min) / lam1
     return out.drop_vars("sign", errors="ignore")
+
+
+def format_outliers(stats: xr.Dataset) -> list[str]:
+    """The outlier counts as text, ">= k" where all k computed eigenvalues are outliers."""
+    counts = np.atleast_1d(stats.outliers.values)
+    at_least = np.atleast_1d(stats.get("outliers_at_least", xr.zeros_like(stats.outliers, dtype=bool)).values)
+    return [f">= {int(c)}" if a else str(int(c)) for c, a in zip(counts, at_least)]
 
 
 def plot_spectrum_evolution(stats: xr.Dataset, path) -> None:
@@ -345,6 +392,9 @@ def plot_spectrum_evolution(stats: xr.Dataset, path) -> None:
         r = stats.R.sel(checkpoint=c)
         b.plot(r["rank"].values, r.values, marker=".", label=lab)
     b.axhline(0.2, color="grey", ls=":", lw=0.8)
+    from matplotlib.ticker import MaxNLocator
+
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))  # n is a rank: no tick at 1.5
     b.set_xlabel("n")
     b.set_ylabel("R_n = lambda_n / lambda_1")
     b.set_title("outliers: R_n > 0.2")

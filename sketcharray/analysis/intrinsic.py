@@ -2,13 +2,22 @@
 
 SPEC, "Intrinsic dimension": draw one projection of dimension D_max once;
 "dimension d" trains only omega's first d coordinates, so subspaces are
-nested and training continues without restarting when d doubles.  Loop:
-train ``steps_per_eval`` steps; evaluate the metric tau; if tau >= target x
-reference return d (= D*, within a factor 2 of D_int90); else if tau
+nested and training continues without restarting when d doubles.  The
+metric at theta_0 is evaluated first (the start of the improvement rule; a
+theta_0 that already reaches the target is an error).  Loop: train
+``steps_per_eval`` steps; evaluate the metric tau; if tau >= target x
+reference return d (the raw D*, within a factor 2 of D_int90); else if tau
 improved by less than ``min_improvement`` since the last evaluation, double d
-(an error past D_max).  A check run at D*/2 (fresh omega) confirms the factor
-of 2.  Everything computes now, with progress lines, and can resume from the
-state saved after every evaluation.
+(an error past D_max).
+
+The plateau rule stops Adam well before convergence, so the raw D* is often
+one doubling too high.  Check runs train a fresh omega at D*/2 *to
+convergence* (:func:`train_to_convergence`: Adam, its learning rate halved at
+each plateau); while one reaches the target, D* is refined to D*/2 and the
+next half is checked.  The result reports the refined ``d_star`` beside the
+raw ``d_star_raw``, and ``confirmed`` when the run at d_star/2 falls short
+(the factor of 2 holds).  Everything computes now, with progress lines, and
+can resume from the state saved after every evaluation.
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ class SearchExhausted(RuntimeError):
     """The doubling search passed D_max without reaching the target."""
 
 
+class StartMeetsTarget(ValueError):
+    """theta_0 already reaches the target: the search would measure nothing."""
+
+
 @dataclass
 class SearchState:
     """Everything the doubling search needs to continue: saved after each evaluation."""
@@ -43,6 +56,7 @@ class SearchState:
     trajectory: list = field(default_factory=list)  # (d, step, metric)
     done: bool = False
     d_star: int | None = None
+    theta0: float | None = None  # the metric at theta_0, evaluated before any training
 
 
 def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], float], *, target_metric: float,
@@ -52,13 +66,26 @@ def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], fl
     """The paper's search, independent of what is trained.
 
     ``train(d, n)`` trains n steps at dimension d (continuing); ``evaluate()``
-    returns the metric.  Returns the final state (``d_star`` set when the
-    target was reached).  Raises :class:`SearchExhausted` past ``d_max`` or
-    ``max_steps``.
+    returns the metric.  The metric at the start (theta_0) is evaluated first
+    and is the "last" metric of the improvement rule.  Returns the final
+    state (``d_star`` set when the target was reached).  Raises
+    :class:`SearchExhausted` past ``d_max`` or ``max_steps``, and
+    :class:`StartMeetsTarget` when theta_0 already reaches the target.
     """
     if not 1 <= d0 <= d_max:
         raise ValueError(f"d0 must be between 1 and d_max={d_max}; got d0={d0}")
     state = state or SearchState(d=d0)
+    if state.theta0 is None and state.step == 0:
+        state.theta0 = state.last = float(evaluate())
+        if progress:
+            print(f"  theta_0: metric={state.theta0:.4f} (target {target_metric:.4f})", flush=True)
+        if state.theta0 >= target_metric:
+            raise StartMeetsTarget(
+                f"the starting weights theta_0 already reach the target (metric {state.theta0:.4f} >= "
+                f"{target_metric:.4f}): the search measures how many dimensions training *from* theta_0 needs. "
+                "Start from weights below the target: a Workload's search_start (a factory of the model the "
+                "search starts from, e.g. the pre-trained model before fine-tuning or a fresh head), or pass "
+                "such a model to intrinsic_dimension")
     while not state.done:
         train(state.d, steps_per_eval)
         state.step += steps_per_eval
@@ -108,38 +135,76 @@ def _train_steps(module, opt, stream: _Stream, start: int, n: int, loss_fn, forw
         opt.step()
 
 
-def train_to_plateau(module, trainable, data, loss_fn, eval_fn, *, lr: float, batch_size: int, steps_per_eval: int,
-                     min_improvement: float, max_steps: int, seed: int = 0, forward=None, device=None) -> float:
-    """Adam on ``trainable`` until the metric improves by less than ``min_improvement`` between
-    evaluations (or ``max_steps``); returns the best metric seen."""
+#: learning-rate halvings before :func:`train_to_convergence` stops (lr / 64 at the end)
+DECAYS = 6
+
+
+def train_to_convergence(module, trainable, data, loss_fn, eval_fn, *, lr: float, batch_size: int,
+                         steps_per_eval: int, min_improvement: float, max_steps: int, seed: int = 0, forward=None,
+                         device=None) -> float:
+    """Adam on ``trainable`` to convergence; returns the best metric seen.
+
+    Every ``steps_per_eval`` steps the metric is evaluated; when it has not
+    improved on the best by ``min_improvement / 10`` the learning rate is
+    halved, and after :data:`DECAYS` halvings (or ``max_steps``) training
+    stops.  A constant learning rate leaves Adam circling the optimum at a
+    distance set by the rate; halving it at each plateau lets it settle.
+    Validated on a least-squares toy (tests/analysis/test_intrinsic.py): a
+    subspace that holds the solution reaches the least-squares metric within
+    0.01, where the plateau rule alone (stop at the first improvement below
+    ``min_improvement``) left it 0.1-0.2 short.
+    """
     opt = torch.optim.Adam(trainable, lr=lr)
-    stream, step, last, best = _Stream(data, batch_size, seed), 0, -math.inf, -math.inf
+    stream, step, best, decays = _Stream(data, batch_size, seed), 0, -math.inf, 0
+    tol = min_improvement / 10
     while step < max_steps:
         _train_steps(module, opt, stream, step, steps_per_eval, loss_fn, forward or default_forward, device)
         step += steps_per_eval
         with torch.no_grad():
             tau = float(eval_fn(module))
+        if tau > best + tol:
+            best = tau
+            continue
         best = max(best, tau)
-        if tau - last < min_improvement:
+        decays += 1
+        if decays > DECAYS:
             break
-        last = tau
+        for group in opt.param_groups:
+            group["lr"] /= 2
     return best
 
 
 def full_finetune_metric(model, loss_fn, data, eval_fn, *, lr: float, batch_size: int, steps_per_eval: int,
                          min_improvement: float, max_steps: int, seed: int = 0, forward=None, device=None) -> float:
-    """The reference: all parameters trained by :func:`train_to_plateau`."""
+    """The reference: all parameters trained by :func:`train_to_convergence`."""
     model = copy.deepcopy(model).to(device or "cpu")
     for p in model.parameters():
         p.requires_grad_(True)
-    return train_to_plateau(model, list(model.parameters()), data, loss_fn, eval_fn, lr=lr, batch_size=batch_size,
-                            steps_per_eval=steps_per_eval, min_improvement=min_improvement, max_steps=max_steps,
-                            seed=seed, forward=forward, device=device)
+    return train_to_convergence(model, list(model.parameters()), data, loss_fn, eval_fn, lr=lr,
+                                batch_size=batch_size, steps_per_eval=steps_per_eval,
+                                min_improvement=min_improvement, max_steps=max_steps, seed=seed, forward=forward,
+                                device=device)
+
+
+def largest_d(method: str, n_params: int, d0: int, **sketch_options) -> int:
+    """The largest D the doubling search can reach from ``d0`` that ``method`` admits for N = ``n_params``.
+
+    That is d0 x 2^k for the largest k with d0 x 2^k <= the method's largest
+    n_out (the padded input length for most methods).
+    """
+    limit = make_sketch(method, n_params, 1, seed=0, **sketch_options).max_n_out
+    if d0 > limit:
+        raise ValueError(f"d0={d0} exceeds the largest D the {method!r} sketch admits for this model "
+                         f"(N={n_params}: at most {limit}); lower d0")
+    d = d0
+    while d * 2 <= limit:
+        d *= 2
+    return d
 
 
 def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module], float], sketch_method: str = "affd",
                         *, target: float = 0.9, reference: float | None = None, d0: int = 16,
-                        d_max: int = 1 << 14, steps_per_eval: int = 200, min_improvement: float = 0.01,
+                        d_max: int | None = None, steps_per_eval: int = 200, min_improvement: float = 0.01,
                         lr: float = 1e-2, reference_lr: float = 1e-2, batch_size: int = 64,
                         max_steps: int = 100_000, seeds=(0,), params=None, forward=None, device=None,
                         check: bool = True, store=None, progress: bool = True, **sketch_options) -> xr.Dataset:
@@ -148,7 +213,9 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
     Parameters
     ----------
     model : nn.Module or factory
-        Its current weights are theta_0.
+        Its current weights are theta_0; they must be below the target
+        (else :class:`StartMeetsTarget`): a model before fine-tuning, not
+        the fine-tuned one (a Workload's ``search_start``).
     loss_fn, data, forward, params, device : as for ``sketch_gradients``
     eval_fn : callable
         ``eval_fn(model) -> metric`` (higher is better), called on the
@@ -163,10 +230,13 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
     d0, d_max, steps_per_eval, min_improvement, lr, batch_size, max_steps
         The search's settings (SPEC: delta = 0.1 on accuracy, c = 2000 steps,
         Adam lr 1e-4 on a language model; defaults here suit small models).
+        ``d_max`` defaults to the largest D the sketch admits for the model
+        (:func:`largest_d`); a larger one is refused before any training.
     seeds : sequence of int
         One projection (and minibatch order) per seed.
     check : bool
-        Also train a fresh omega at D*/2 and report its metric.
+        Check runs: a fresh omega trained to convergence at D*/2, refining
+        D* to D*/2 while such a run reaches the target.
     store : path, optional
         A folder where the search state is saved after every evaluation
         (and the computed reference once); a rerun resumes each seed where
@@ -174,15 +244,38 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
 
     Returns
     -------
-    xarray.Dataset with ``d_star``, ``final_metric``, ``check_metric`` (seed)
-    and the trajectory ``d``, ``step``, ``metric`` (seed, eval); attrs hold the
-    reference, the target metric and the settings.
+    xarray.Dataset with, per seed, ``d_star`` (refined by the check runs),
+    ``d_star_raw`` (where the doubling search stopped), ``d_star_metric`` (the
+    metric reached at d_star), ``final_metric`` (the search's last metric), ``check_metric`` (the check run at d_star/2) and
+    ``confirmed`` (that run fell short of the target: d_star is within a
+    factor of 2 of the intrinsic dimension), and the trajectory ``d``,
+    ``step``, ``metric`` (seed, eval); attrs hold the reference, the metric
+    at theta_0, the target metric and the settings.
+
+    Raises
+    ------
+    StartMeetsTarget
+        When theta_0 already reaches the target.
+    ValueError
+        When ``d0`` or ``d_max`` exceed what the sketch admits (before any training).
     """
     if not target > 0:
         raise ValueError(f"target (a fraction of the reference metric) must be > 0; got {target!r}")
     base = model if isinstance(model, torch.nn.Module) else model()
     forward = forward or default_forward
     n_params = select_params(base, params).n
+    admissible = largest_d(sketch_method, n_params, d0, **sketch_options)
+    if d_max is None:
+        d_max = admissible
+        if progress:
+            print(f"d_max = {d_max}: the largest D {sketch_method} admits for N = {n_params} from d0 = {d0}",
+                  flush=True)
+    elif d_max > admissible:
+        raise ValueError(f"d_max={d_max} exceeds the largest D the {sketch_method!r} sketch admits for this model "
+                         f"(N={n_params}: at most {admissible} from d0={d0}); lower d_max (--d-max), or leave it "
+                         "out for that largest value")
+    with torch.no_grad():  # theta_0 first: a search from weights already at the target measures nothing
+        theta0 = float(eval_fn(copy.deepcopy(base).to(device or "cpu")))
     ref_file = None if store is None else Path(store) / "reference.json"
     if reference is None and ref_file is not None and ref_file.exists():
         reference = json.loads(ref_file.read_text())["reference"]
@@ -196,12 +289,20 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
             ref_file.parent.mkdir(parents=True, exist_ok=True)
             ref_file.write_text(json.dumps({"reference": reference}))
     goal = target * reference
+    if theta0 >= goal:
+        raise StartMeetsTarget(
+            f"the starting weights theta_0 already reach the target (metric {theta0:.4f} >= {target} x reference "
+            f"{reference:.4f} = {goal:.4f}): the search measures how many dimensions training *from* theta_0 "
+            "needs. Start from weights below the target: a Workload's search_start (a factory of the model the "
+            "search starts from, e.g. the pre-trained model before fine-tuning, or a fresh head), or pass such a "
+            "model to intrinsic_dimension")
     rows = []
     for seed in seeds:
         rows.append(_search_one(base, params, n_params, sketch_method, sketch_options, seed, goal, data, loss_fn,
                                 eval_fn, forward, device, lr, batch_size, d0, d_max, steps_per_eval,
                                 min_improvement, max_steps, check, store, progress))
-    return _result(rows, reference, goal, sketch_method, n_params, d_max, steps_per_eval, min_improvement, lr)
+    return _result(rows, reference, theta0, goal, sketch_method, n_params, d_max, steps_per_eval, min_improvement,
+                   lr)
 
 
 def _search_one(base, params, n_params, method, sketch_options, seed, goal, data, loss_fn, eval_fn, forward, device,
@@ -236,21 +337,28 @@ def _search_one(base, params, n_params, method, sketch_options, seed, goal, data
                             on_eval=lambda st: _save(folder, st, sub, opt, settings))
         except SearchExhausted as exc:
             error = str(exc)
-    check_metric = np.nan
-    if check and state.d_star is not None and state.d_star > 1:
-        check_metric = _check_run(base, op, params, state.d_star // 2, data, loss_fn, eval_fn, lr, batch_size,
+    refined, check_metric = state.d_star, np.nan
+    at_refined = state.trajectory[-1][2] if state.trajectory else np.nan  # the metric that reached the target
+    while check and refined is not None and refined > 1:
+        check_metric = _check_run(base, op, params, refined // 2, data, loss_fn, eval_fn, lr, batch_size,
                                   steps_per_eval, min_improvement, max_steps, seed, forward, device)
-    return seed, state, check_metric, error
+        if progress:
+            print(f"  check run at d={refined // 2}: metric={check_metric:.4f} (target {goal:.4f})"
+                  + (" -> D* refined" if check_metric >= goal else " -> D* confirmed"), flush=True)
+        if check_metric < goal:
+            break
+        refined, at_refined = refined // 2, check_metric
+    return seed, state, refined, (check_metric, at_refined), error
 
 
 def _check_run(base, op, params, d, data, loss_fn, eval_fn, lr, batch_size, steps_per_eval, min_improvement,
                max_steps, seed, forward, device) -> float:
-    """A fresh omega trained at dimension d only (the check at D*/2, and the grid mode)."""
+    """A fresh omega trained to convergence at dimension d only (the check at D*/2, and the grid mode)."""
     sub = SubspaceModel(copy.deepcopy(base), op, params).to(device or "cpu")
     sub.active = d
-    return train_to_plateau(sub, [sub.omega], data, loss_fn, eval_fn, lr=lr, batch_size=batch_size,
-                            steps_per_eval=steps_per_eval, min_improvement=min_improvement, max_steps=max_steps,
-                            seed=seed, forward=forward, device=device)
+    return train_to_convergence(sub, [sub.omega], data, loss_fn, eval_fn, lr=lr, batch_size=batch_size,
+                                steps_per_eval=steps_per_eval, min_improvement=min_improvement, max_steps=max_steps,
+                                seed=seed, forward=forward, device=device)
 
 
 def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt, settings: dict) -> None:
@@ -263,7 +371,8 @@ def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt, sett
         np.savez(f, **arrays)
     (folder / "weights.npz.tmp").replace(folder / "weights.npz")
     payload = {"d": state.d, "step": state.step, "last": state.last, "trajectory": state.trajectory,
-               "done": state.done, "d_star": state.d_star, "settings": settings, "optimizer": groups}
+               "done": state.done, "d_star": state.d_star, "theta0": state.theta0, "settings": settings,
+               "optimizer": groups}
     (folder / "state.json.tmp").write_text(json.dumps(payload))
     (folder / "state.json.tmp").replace(folder / "state.json")
 
@@ -310,25 +419,33 @@ def _optimizer_state(arrays: dict[str, np.ndarray], groups: list) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def _result(rows, reference, goal, method, n_params, d_max, steps_per_eval, min_improvement, lr) -> xr.Dataset:
-    n_eval = max(len(s.trajectory) for _, s, _, _ in rows)
+def _result(rows, reference, theta0, goal, method, n_params, d_max, steps_per_eval, min_improvement,
+            lr) -> xr.Dataset:
+    n_eval = max(len(s.trajectory) for _, s, _, _, _ in rows)
     traj = np.full((len(rows), n_eval, 3), np.nan)
-    for i, (_, s, _, _) in enumerate(rows):
+    for i, (_, s, _, _, _) in enumerate(rows):
         if s.trajectory:
             traj[i, : len(s.trajectory)] = np.array(s.trajectory, dtype=float)
+    check = np.array([c for _, _, _, (c, _), _ in rows], dtype=float)
     return xr.Dataset(
         {
-            "d_star": ("seed", np.array([np.nan if s.d_star is None else s.d_star for _, s, _, _ in rows])),
-            "final_metric": ("seed", np.array([s.trajectory[-1][2] if s.trajectory else np.nan for _, s, _, _ in rows])),
-            "check_metric": ("seed", np.array([c for _, _, c, _ in rows])),
+            "d_star": ("seed", np.array([np.nan if r is None else r for _, _, r, _, _ in rows], dtype=float)),
+            "d_star_raw": ("seed", np.array([np.nan if s.d_star is None else s.d_star for _, s, _, _, _ in rows],
+                                            dtype=float)),
+            "d_star_metric": ("seed", np.array([m for _, _, _, (_, m), _ in rows], dtype=float)),
+            "final_metric": ("seed", np.array([s.trajectory[-1][2] if s.trajectory else np.nan
+                                               for _, s, _, _, _ in rows])),
+            "check_metric": ("seed", check),
+            "confirmed": ("seed", np.isfinite(check) & (check < goal)),
             "d": (("seed", "eval"), traj[:, :, 0]),
             "step": (("seed", "eval"), traj[:, :, 1]),
             "metric": (("seed", "eval"), traj[:, :, 2]),
         },
-        coords={"seed": [seed for seed, _, _, _ in rows], "eval": np.arange(n_eval)},
-        attrs={"reference": reference, "target_metric": goal, "method": method, "n_params": n_params,
-               "d_max": d_max, "steps_per_eval": steps_per_eval, "min_improvement": min_improvement, "lr": lr,
-               "errors": json.dumps({str(seed): err for seed, _, _, err in rows if err})},
+        coords={"seed": [seed for seed, _, _, _, _ in rows], "eval": np.arange(n_eval)},
+        attrs={"reference": reference, "theta0_metric": theta0, "target_metric": goal, "method": method,
+               "n_params": n_params, "d_max": d_max, "steps_per_eval": steps_per_eval,
+               "min_improvement": min_improvement, "lr": lr,
+               "errors": json.dumps({str(seed): err for seed, _, _, _, err in rows if err})},
     )
 
 
@@ -348,8 +465,10 @@ def intrinsic_dimension_grid(model, loss_fn, data, eval_fn, sketch_method: str =
                       attrs={"method": sketch_method, "n_params": n_params})
 
 
-def plot_intrinsic(results: dict[str, xr.Dataset], path, *, reference: float | None = None, target: float = 0.9) -> None:
-    """Metric against D (log scale) per method, with the target line (90% of the reference)."""
+def plot_intrinsic(results: dict[str, xr.Dataset], path, *, reference: float | None = None, target: float = 0.9,
+                   metric_name: str = "metric") -> None:
+    """``metric_name`` against D (log scale) per method, with the target line (``target`` x the reference:
+    the metric of training all parameters, from theta_0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,10 +483,11 @@ def plot_intrinsic(results: dict[str, xr.Dataset], path, *, reference: float | N
         else:
             ax.plot(ds.d.values, ds.metric.values, marker="o", label=name)
     if reference is not None:
-        ax.axhline(target * reference, color="grey", ls="--", lw=0.8, label=f"{int(100 * target)}% of full fine-tuning")
+        ax.axhline(target * reference, color="grey", ls="--", lw=0.8,
+                   label=f"target: {100 * target:g}% of training all parameters ({reference:.3g})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("subspace dimension D")
-    ax.set_ylabel("metric")
+    ax.set_ylabel(metric_name)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -7,8 +7,9 @@ Scores of a query sketch q against training sketches Phi g_i:
 * ``cosine``: the same on unit-normalised sketches;
 * ``influence``: q^T (F + lambda I)^{-1} Phi g_i with F the Gauss-Newton /
   Fisher estimate from the training sketches (their D x D Gram divided by
-  the number of valid examples) or a user-supplied D x D matrix (e.g. from
-  HVP sketches).
+  the number of valid examples; one F per checkpoint when there are
+  several) or a user-supplied D x D matrix (e.g. from HVP sketches); lazy,
+  through an eigendecomposition of F when computed.
 
 Everything is lazy: the full score matrix is a dask array; ``k=`` gives the
 top (or bottom) k per query through a blockwise running merge that never
@@ -95,25 +96,64 @@ def gram(train, *, checkpoint=None) -> xr.DataArray:
     return with_provenance(f, provenance(train))
 
 
-def _preconditioner(train, damping, preconditioner) -> tuple[np.ndarray, float]:
-    """(F + lambda I)^{-1} (computed: D x D) and the damping used."""
+DEFAULT_DAMPING = "0.1 x trace(F) / D"
+
+
+def _damped_solve(f, q, lam):
+    """q (F + lam I)^{-1} for one D x D F (symmetric) and queries q (m, D), by an eigendecomposition of F.
+
+    For a Gram F (positive semi-definite) every eigenvalue of F + lam I is at
+    least lam > 0.  A user-supplied F may be indefinite (a sketched Hessian):
+    then an eigenvalue of F + lam I at zero, to working precision, is an error
+    rather than an amplified inverse.
+    """
+    f = np.asarray(f, dtype=np.float64)
+    w, u = np.linalg.eigh((f + f.T) / 2)
+    shifted = w + float(lam)
+    if np.abs(shifted).min() <= 1e-12 * max(np.abs(shifted).max(), 1e-300):
+        raise ValueError(f"F + lambda I is singular (lambda = {float(lam):.3g}, smallest |eigenvalue| "
+                         f"{np.abs(shifted).min():.3g}); increase damping")
+    return ((np.asarray(q, dtype=np.float64) @ u) / shifted) @ u.T
+
+
+def _preconditioned(q: xr.DataArray, train, damping, preconditioner) -> tuple[xr.DataArray, xr.DataArray, dict]:
+    """Queries times (F + lambda I)^{-1}, lazily, one F per checkpoint when there are several.
+
+    F is the Gram of the valid training sketches (one blockwise pass,
+    :func:`gram`) or ``preconditioner``; the default damping is 0.1 x the
+    mean eigenvalue trace(F)/D, computed from F in the same graph.  Nothing
+    is computed here: the eigendecomposition of each D x D F runs when the
+    scores are computed.  Returns (queries, damping used (lazy), attrs).
+    """
     grad, _ = _as_train(train)
     d = grad.sizes["sketch"]
     if preconditioner is None:
-        f = np.asarray(gram(train).values, dtype=np.float64)
+        f = gram(train)
     else:
         check_same_sketch(provenance(train), provenance(preconditioner), names=("train", "preconditioner"),
                           allow_model_mismatch=True)
-        f = np.asarray(preconditioner.values if isinstance(preconditioner, xr.DataArray) else preconditioner,
-                       dtype=np.float64)
-        if f.shape != (d, d):
+        f = preconditioner if isinstance(preconditioner, xr.DataArray) else xr.DataArray(
+            np.asarray(preconditioner, dtype=np.float64), dims=("sketch", "sketch2"))
+        if f.shape[-2:] != (d, d):
             raise ValueError(f"preconditioner must be {d} x {d} (sketch x sketch); got shape {f.shape}")
+        if "sketch2" not in f.dims:
+            f = f.rename({f.dims[-1]: "sketch2"}) if f.dims[-1] != "sketch" else f.rename({f.dims[-2]: "sketch2"})
+    eye = xr.DataArray(np.eye(d), dims=("sketch", "sketch2"))
     if damping is None:
-        # 10% of the mean eigenvalue: keeps the inverse well conditioned whatever the scale
-        damping = 0.1 * float(np.trace(f)) / d
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0; got {damping!r}")
-    return np.linalg.inv(f + damping * np.eye(d)), damping
+        lam = 0.1 * (f * eye).sum(("sketch", "sketch2")) / d
+    else:
+        if not damping > 0:
+            raise ValueError(f"damping must be > 0; got {damping!r}")
+        lam = xr.DataArray(float(damping))
+    f = f.drop_vars([c for c in ("sketch", "sketch2") if c in f.coords])
+    solved = xr.apply_ufunc(
+        _damped_solve, f, q.drop_vars("sketch", errors="ignore"), lam,
+        input_core_dims=[["sketch", "sketch2"], ["query", "sketch"], []], output_core_dims=[["query", "sketch"]],
+        vectorize=True, dask="parallelized", output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"allow_rechunk": True})
+    if "sketch" in q.coords:
+        solved = solved.assign_coords(sketch=q["sketch"].values)
+    return solved, lam, {"damping": float(damping) if damping is not None else DEFAULT_DAMPING}
 
 
 # -------------------------------------------------------------- scoring
@@ -135,15 +175,30 @@ def _checked(train, queries, score, allow_model_mismatch=False):
     return grad, valid, q, {} if allowed is None else {"model_mismatch_allowed": allowed}
 
 
+def _with_damping(out, lam):
+    """The damping used, as a (lazy) ``damping`` coordinate where its dims fit the result.
+
+    With several checkpoints summed (TracIn-CP) the per-checkpoint dampings
+    have no place in a (query, example) result; the attrs name the rule.
+    """
+    if lam is None or not set(lam.dims) <= set(out.dims):
+        return out
+    return out.assign_coords(damping=lam)
+
+
 def _scored_queries(q, score, train, damping, preconditioner):
-    """Queries ready for a plain inner product: unit-normalised (cosine) or preconditioned (influence)."""
+    """Queries ready for a plain inner product: unit-normalised (cosine) or preconditioned (influence).
+
+    Returns (queries, damping (a lazy scalar, or per checkpoint) or None, attrs).
+    """
     attrs = {"score": score}
+    lam = None
     if score == "cosine":
         q = q / np.sqrt((q**2).sum("sketch"))
     elif score == "influence":
-        inv, attrs["damping"] = _preconditioner(train, damping, preconditioner)
-        q = xr.dot(q, xr.DataArray(inv, dims=("sketch", "sketch_")), dim="sketch").rename(sketch_="sketch")
-    return q, attrs
+        q, lam, extra = _preconditioned(q, train, damping, preconditioner)
+        attrs.update(extra)
+    return q, lam, attrs
 
 
 def _prepared(train, queries, score, damping, preconditioner, allow_model_mismatch=False):
@@ -152,8 +207,8 @@ def _prepared(train, queries, score, damping, preconditioner, allow_model_mismat
     g = grad.where(ok, 0.0)
     if score == "cosine":
         g = g / np.sqrt((g**2).sum("sketch")).where(ok, 1.0)
-    q, attrs = _scored_queries(q, score, train, damping, preconditioner)
-    return g, q, ok, {**attrs, **notes}
+    q, lam, attrs = _scored_queries(q, score, train, damping, preconditioner)
+    return g, q, ok, lam, {**attrs, **notes}
 
 
 def attribute(train, queries, *, score: str = "dot", k: int | None = None, which: str = "top",
@@ -204,7 +259,7 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
     if k is not None:
         return _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_weights, k, which,
                               query_batch, allow_model_mismatch)
-    g, q, ok, attrs = _prepared(train, queries, score, damping, preconditioner, allow_model_mismatch)
+    g, q, ok, lam, attrs = _prepared(train, queries, score, damping, preconditioner, allow_model_mismatch)
     weights = _checkpoint_weights(g, checkpoint_weights)
     s = xr.dot(q, g, dim="sketch")
     if weights is not None:
@@ -212,6 +267,7 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
     if "checkpoint" in ok.dims:
         ok = ok.all("checkpoint")
     out = s.where(ok).transpose("query", "example", ...)
+    out = _with_damping(out, lam)
     out.attrs.update(attrs)
     return out.rename("score")
 
@@ -221,7 +277,7 @@ def self_influence(train, *, score: str = "dot", damping: float | None = None, p
     """Each training example's score against itself (lazy, one pass): ||g||^2 or g^T (F+lambda I)^{-1} g."""
     if score not in ("dot", "influence"):
         raise ValueError(f"self_influence score must be 'dot' or 'influence'; got {score!r}")
-    g, q, ok, attrs = _prepared(train, train, score, damping, preconditioner)
+    g, q, ok, lam, attrs = _prepared(train, train, score, damping, preconditioner)
     q = q.rename(query="example")
     s = (g * q.where(ok, 0.0)).sum("sketch")
     weights = _checkpoint_weights(g, checkpoint_weights)
@@ -229,6 +285,7 @@ def self_influence(train, *, score: str = "dot", damping: float | None = None, p
         s = (s * weights).sum("checkpoint")
         ok = ok.all("checkpoint")
     out = s.where(ok).rename("self_influence")
+    out = _with_damping(out, lam)
     out.attrs.update(attrs)
     return out
 
@@ -273,7 +330,7 @@ def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_we
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom'; got {which!r}")
     grad, valid, q, notes = _checked(train, queries, score, allow_model_mismatch)
-    q, attrs = _scored_queries(q, score, train, damping, preconditioner)
+    q, lam, attrs = _scored_queries(q, score, train, damping, preconditioner)
     attrs.update(notes, which=which)
     weights = _checkpoint_weights(grad, checkpoint_weights)
     # the k check reads only the 1-byte valid flags; non-finite rows are dropped chunk by chunk
@@ -283,6 +340,7 @@ def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_we
     parts = [_top_k(grad, valid, q.isel(query=slice(s, s + query_batch)), weights, k, which, score == "cosine")
              for s in range(0, q.sizes["query"], query_batch)]
     out = parts[0] if len(parts) == 1 else xr.concat(parts, dim="query")
+    out = _with_damping(out, lam)
     out.attrs.update(attrs)
     return out
 

@@ -70,12 +70,12 @@ def main(argv=None, args=None) -> int:
     print(f"\nTable 10 analogue ({args.workload}, N={runs['affd'].attrs['n_params']:,}): reference (full "
           f"fine-tuning) {reference:.4f}, target {target:.4f}")
     rows = [{"seed": int(s), "d": fmt(float(runs["affd"].d_star.sel(seed=s))),
-             "final": fmt(float(runs["affd"].final_metric.sel(seed=s))),
+             "final": fmt(float(runs["affd"].d_star_metric.sel(seed=s))),
              "check": fmt(float(runs["affd"].check_metric.sel(seed=s)))} for s in runs["affd"].seed.values]
     print(format_table(rows, [("seed", "AFFD seed"), ("d", "D*"), ("final", "metric at D*"),
                               ("check", "metric at D*/2")]))
     print("\nFFD vs AFFD vs QK (seed 0):")
-    rows = [{"m": m, "d": fmt(float(ds.d_star.sel(seed=0))), "final": fmt(float(ds.final_metric.sel(seed=0))),
+    rows = [{"m": m, "d": fmt(float(ds.d_star.sel(seed=0))), "final": fmt(float(ds.d_star_metric.sel(seed=0))),
              "check": fmt(float(ds.check_metric.sel(seed=0))), "steps": fmt(float(ds.step.sel(seed=0).max()))}
             for m, ds in runs.items()]
     print(format_table(rows, [("m", "method"), ("d", "D*"), ("final", "metric at D*"), ("check", "metric at D*/2"),
@@ -83,7 +83,7 @@ def main(argv=None, args=None) -> int:
     d_stars = runs["affd"].d_star.values
     spread = float(np.nanmax(d_stars) / np.nanmin(d_stars)) if np.isfinite(d_stars).any() else float("nan")
     print(f"\nAFFD D* across seeds within a factor {spread:.0f} ({elapsed:.0f} s in all)")
-    plot_intrinsic(runs, args.plot, reference=reference)
+    plot_intrinsic(runs, args.plot, reference=reference, metric_name="test accuracy")
     write_json(args.json, {"benchmark": "intrinsic", "workload": args.workload, "reference": reference,
                            "runs": {m: ds.to_dict() for m, ds in runs.items()}, "seconds": elapsed})
     print(f"wrote {args.json} and {args.plot}")

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from ..analysis.eigen import hessian_spectrum, lanczos, plot_spectrum_evolution, spectrum_statistics
+from ..analysis.eigen import format_outliers, hessian_spectrum, lanczos, plot_spectrum_evolution, spectrum_statistics
 from ..collect import DataSource
 from ..sketches import make_sketch
 from ..torch import HVP, SubspaceHessian, select_params
@@ -191,7 +191,7 @@ def accuracy(args) -> dict:
     print(format_table([{"ckpt": str(c), "lmax": f"{float(stats.lambda_max.sel(checkpoint=c)):.4g}",
                          "lmin": f"{float(stats.lambda_min.sel(checkpoint=c)):.4g}",
                          "rneg": f"{float(stats.RNEG.sel(checkpoint=c)):.3f}",
-                         "out": str(int(stats.outliers.sel(checkpoint=c)))} for c in stats.checkpoint.values],
+                         "out": format_outliers(stats.sel(checkpoint=c))[0]} for c in stats.checkpoint.values],
                        [("ckpt", "checkpoint"), ("lmax", "lambda_max"), ("lmin", "lambda_min"), ("rneg", "RNEG"),
                         ("out", "outliers (R > 0.2)")]))
     plot_spectrum_evolution(stats, args.plot)

@@ -58,6 +58,31 @@ def to_device(batch, device):
     return _map(batch, lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)
 
 
+def data_fingerprint(batches) -> str:
+    """SHA-256 (16 hex digits) of a list of batches: every tensor's key, dtype, shape and values, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(x, key=""):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().to("cpu").contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                feed(x[k], f"{key}.{k}")
+        elif isinstance(x, (tuple, list)):
+            for i, v in enumerate(x):
+                feed(v, f"{key}[{i}]")
+        else:
+            h.update(f"{key}={x!r};".encode())
+
+    for i, batch in enumerate(batches):
+        feed(batch, f"batch{i}")
+    return h.hexdigest()[:16]
+
+
 class _Forward(nn.Module):
     """Lets ``functional_call`` run a user's ``forward(model, batch)``."""
 

@@ -79,6 +79,12 @@ def test_statistics_match_numpy():
     np.testing.assert_allclose(st.RNEG.values, [0.4, 0.1])
     np.testing.assert_allclose(st.R.values, vals[:, 0] / vals[:, 0, :1])
     assert st.outliers.values.tolist() == [3, 1]  # R > 0.2: {1, 0.3, 0.25} and {1}
+    assert st.outliers_at_least.values.tolist() == [False, False]
+    saturated = spectrum_statistics(ds.isel(rank=slice(0, 3)))  # all 3 computed are outliers at checkpoint a
+    assert saturated.outliers_at_least.values.tolist() == [True, False]
+    from sketcharray.analysis.eigen import format_outliers
+
+    assert format_outliers(saturated) == [">= 3", "1"]
 
 
 def test_checkpoints_are_saved_and_reused(small_problem, tmp_path, monkeypatch):
@@ -120,3 +126,41 @@ def test_small_solves_run_numpy_blas_on_one_thread():
     assert blas_threads() == before
     with _one_blas_thread(ONE_BLAS_THREAD_DIM + 1):
         assert blas_threads() == before
+
+
+@pytest.mark.parametrize("spectrum, k, top, bottom", [
+    ([3.0, -2.0] + [0.0] * 18, 5, [3, 0, 0, 0, 0], [-2, 0, 0, 0, 0]),  # invariant after 3 steps, k = 5
+    ([5.0, 5.0, 5.0, 1.0, -1.0] + [0.5] * 25, 3, [5, 5, 5], [-1, 0.5, 0.5]),  # a repeated top eigenvalue
+])
+def test_lanczos_restarts_when_the_krylov_space_becomes_invariant(spectrum, k, top, bottom):
+    d = len(spectrum)
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((d, d)))
+    a = (q * np.asarray(spectrum)) @ q.T
+    out = lanczos(lambda x: x @ a, d, k, tol=1e-10, progress=False)
+    assert out["restarts"] >= 1
+    np.testing.assert_allclose(out["positive"][0], top, atol=1e-8)
+    np.testing.assert_allclose(out["negative"][0], bottom, atol=1e-8)
+    vecs = out["positive"][1]
+    np.testing.assert_allclose(vecs.T @ vecs, np.eye(k), atol=1e-8)  # distinct vectors for a repeated value
+    np.testing.assert_allclose(np.linalg.norm(vecs.T @ a - out["positive"][0][:, None] * vecs.T, axis=1), 0,
+                               atol=1e-7)
+
+
+def test_stored_spectra_are_keyed_on_weights_and_data_and_the_callers_model_is_untouched(small_problem, tmp_path):
+    model, batches, _, ps = small_problem
+    spec = {"method": "qk", "n_out": 16, "seed": 0}
+    states = {"c": {k: v * 0.5 for k, v in model.state_dict().items()}}
+    mine = tiny_model()
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    kwargs = dict(k=2, store=tmp_path / "spec", progress=False, tol=1e-10)
+    hessian_spectrum(mine, cross_entropy_per_example, batches, spec, checkpoints=states, **kwargs)
+    for key, value in mine.state_dict().items():  # the checkpoint went into a copy
+        torch.testing.assert_close(value, before[key])
+    other_weights = {"c": {k: v * 0.25 for k, v in model.state_dict().items()}}
+    with pytest.raises(ValueError, match=r"holds a spectrum computed with \{'model_fingerprint'"):
+        hessian_spectrum(mine, cross_entropy_per_example, batches, spec, checkpoints=other_weights, **kwargs)
+    x, y = batches[0]
+    with pytest.raises(ValueError, match=r"holds a spectrum computed with \{'data_fingerprint'"):
+        hessian_spectrum(mine, cross_entropy_per_example, [(x[:-1], y[:-1])], spec, checkpoints=states, **kwargs)
+    with pytest.raises(ValueError, match=r"holds a spectrum computed with \{'solver_options'"):
+        hessian_spectrum(mine, cross_entropy_per_example, batches, spec, checkpoints=states, **{**kwargs, "tol": 1e-4})

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from sketcharray.analysis.intrinsic import (SearchExhausted, doubling_search, intrinsic_dimension,
-                                            intrinsic_dimension_grid, plot_intrinsic)
+from sketcharray.analysis.intrinsic import (SearchExhausted, StartMeetsTarget, doubling_search, intrinsic_dimension,
+                                            intrinsic_dimension_grid, largest_d, plot_intrinsic)
 from sketcharray.sketches import make_sketch
 from sketcharray.torch import SubspaceModel, select_params
 from sketcharray.workloads import cross_entropy_per_example
@@ -162,7 +162,7 @@ def test_a_search_folder_holds_no_pickle_and_a_crafted_one_runs_nothing(tmp_path
 
     kwargs = dict(reference=1.0, d0=4, d_max=64, steps_per_eval=20, min_improvement=0.01, lr=0.05, batch_size=8,
                   seeds=(0,), progress=False, check=False)
-    interrupt_search(tmp_path, 3, **kwargs)
+    interrupt_search(tmp_path, 5, **kwargs)
     folder = tmp_path / "affd-seed0"
     assert sorted(p.name for p in folder.iterdir()) == ["state.json", "weights.npz"]
     with np.load(folder / "weights.npz", allow_pickle=False) as saved:  # arrays only
@@ -175,3 +175,91 @@ def test_a_search_folder_holds_no_pickle_and_a_crafted_one_runs_nothing(tmp_path
     assert not marker.exists()
     pickle.loads((folder / "weights.pt").read_bytes())  # the marker proves the file would have run code
     assert marker.exists()
+
+
+# ----------------------------------------------- a least-squares yardstick
+class _Linear(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return x @ self.theta
+
+
+def _square_loss(out, batch):
+    return (out - batch[1]) ** 2
+
+
+def least_squares_toy(method, seed, *, n_params=4096, k=16, n=512, d0=16):
+    """Linear regression whose solution lies in the span of the first k rows of the search's own Phi.
+
+    Returns (model at theta_0 = 0, data, R^2 metric, {d: least-squares R^2 inside the first d rows}).
+    Least squares is the reference this package did not write: the best any training inside the
+    nested subspace of dimension d can reach.
+    """
+    d_max = largest_d(method, n_params, d0)
+    op = make_sketch(method, n_params, d_max, seed=seed)
+    rng = np.random.default_rng(1000 + seed)
+    omega = np.zeros((1, d_max))
+    omega[0, :k] = rng.standard_normal(k)
+    theta_star = np.asarray(op.adjoint(omega))[0]
+    x = rng.standard_normal((n, n_params)) / np.sqrt(n_params)
+    y = x @ theta_star
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+
+    def r2(model):
+        return float(1 - ((model(xt) - yt) ** 2).sum() / ((yt - yt.mean()) ** 2).sum())
+
+    least_squares = {}
+    for d in (1, 2, 4, 8, 16, 32):
+        rows = np.asarray(op.adjoint(np.eye(d, d_max)))  # the first d rows of Phi
+        a = x @ rows.T
+        coef = np.linalg.lstsq(a, y, rcond=None)[0]
+        least_squares[d] = float(1 - np.sum((a @ coef - y) ** 2) / np.sum((y - y.mean()) ** 2))
+    return _Linear(n_params), torch.utils.data.TensorDataset(xt, yt), r2, least_squares
+
+
+@pytest.mark.parametrize("method, seed", [("affd", 0), ("qk", 1), ("afjl", 2)])
+def test_the_search_reports_the_least_squares_dimension(method, seed):
+    model, data, r2, ls = least_squares_toy(method, seed)
+    # the default settings, started below the answer so that the doubling has work to do
+    res = intrinsic_dimension(model, _square_loss, data, r2, method, seeds=(seed,), d0=2, progress=False)
+    goal = res.attrs["target_metric"]
+    assert res.attrs["reference"] > 0.999 and res.attrs["theta0_metric"] < 0.1
+    ls_d_star = min(d for d, v in ls.items() if v >= goal)
+    assert ls_d_star == 16 and res.d_star.item() == ls_d_star and bool(res.confirmed.item())
+    # the check run at d_star/2 trains to convergence: it reaches the least-squares metric of that subspace
+    assert abs(res.check_metric.item() - ls[8]) < 0.01
+
+
+def test_check_runs_refine_a_raw_d_star_that_is_too_high():
+    model, data, r2, ls = least_squares_toy("affd", 0, d0=32)
+    res = intrinsic_dimension(model, _square_loss, data, r2, "affd", seeds=(0,), d0=32, progress=False)
+    assert res.d_star_raw.item() == 32 and res.d_star.item() == 16 and bool(res.confirmed.item())
+    assert abs(res.check_metric.item() - ls[8]) < 0.01  # the run at 8 that stopped the refinement
+
+
+def test_a_fit_inside_the_solution_subspace_converges_to_least_squares():
+    from sketcharray.analysis.intrinsic import _check_run
+
+    model, data, r2, ls = least_squares_toy("qk", 0)
+    op = make_sketch("qk", 4096, largest_d("qk", 4096, 16), seed=0)
+    got = _check_run(model, op, None, 16, data, _square_loss, r2, 1e-2, 64, 200, 0.01, 100_000, 0, None, None)
+    assert got >= ls[16] - 0.01
+
+
+def test_a_start_at_the_target_and_an_impossible_d_max_are_refused_before_training():
+    model, data, r2, ls = least_squares_toy("affd", 0)
+    x, y = data.tensors
+    solved = _Linear(4096)
+    with torch.no_grad():
+        solved.theta.copy_(torch.linalg.lstsq(x, y[:, None]).solution[:, 0])
+    with pytest.raises(StartMeetsTarget, match="theta_0 already reach the target.*search_start"):
+        intrinsic_dimension(solved, _square_loss, data, r2, "affd", reference=1.0, progress=False)
+    calls = []
+    with pytest.raises(ValueError, match=r"d_max=16384 exceeds the largest D the 'affd' sketch admits for this "
+                                         r"model \(N=4096: at most 4096 from d0=16\); lower d_max"):
+        intrinsic_dimension(model, _square_loss, data, lambda m: calls.append(1) or r2(m), "affd", d_max=16384,
+                            progress=False)
+    assert calls == []

@@ -56,7 +56,7 @@ def test_influence_uses_the_damped_gram_or_a_given_matrix():
     lam = 0.1 * np.trace(f) / f.shape[0]
     expected = q @ np.linalg.inv(f + lam * np.eye(8)) @ g.T
     got = attribute(ds, qa, score="influence")
-    assert got.attrs["damping"] == pytest.approx(lam)
+    assert got.attrs["damping"] == "0.1 x trace(F) / D" and float(got.damping) == pytest.approx(lam)
     np.testing.assert_allclose(got.values[:, valid], expected, rtol=1e-10)
     h = np.diag(np.arange(1.0, 9.0))
     got = attribute(ds, qa, score="influence", preconditioner=h, damping=0.5)
@@ -178,3 +178,51 @@ def test_top_k_under_distributed_equals_local(tmp_path):
             distributed.Client(c):
         dist = attribute(ds, qa, k=7, score="influence").compute()
     xr.testing.assert_allclose(dist, local)
+
+
+def test_influence_with_checkpoints_uses_each_checkpoints_gram_and_stays_lazy():
+    from dask.callbacks import Callback
+
+    ds, grad, valid = make_train(checkpoints=3)
+    qa3 = xr.DataArray(np.random.default_rng(2).standard_normal((4, 8, 3)), dims=("query", "sketch", "checkpoint"))
+    w = [0.5, 0.25, 0.125]
+
+    class Count(Callback):
+        def __init__(self):
+            super().__init__()
+            self.tasks = 0
+
+        def _start_state(self, dsk, state):
+            self.tasks += len(state["ready"]) + len(state["waiting"])
+
+    full, influence_topk, dot_topk = Count(), Count(), Count()
+    with full:  # building the graph runs nothing: neither the Grams nor their eigendecompositions
+        lazy = attribute(ds, qa3, score="influence", checkpoint_weights=w)
+        si = self_influence(ds, score="influence", checkpoint_weights=w)
+    with influence_topk:
+        top = attribute(ds, qa3, score="influence", checkpoint_weights=w, k=3)
+    with dot_topk:  # top-k checks k against the count of valid rows (the 1-byte flags), and no more
+        attribute(ds, qa3, checkpoint_weights=w, k=3)
+    assert full.tasks == 0 and influence_topk.tasks == dot_topk.tasks and isinstance(lazy.data, da.Array)
+    expected, lams = 0.0, []
+    for c in range(3):
+        g = np.where(valid[:, None], grad[:, :, c], 0)
+        f = g[valid].T @ g[valid] / valid.sum()
+        lams.append(0.1 * np.trace(f) / 8)
+        expected = expected + w[c] * qa3.values[:, :, c] @ np.linalg.inv(f + lams[-1] * np.eye(8)) @ g.T
+    got = lazy.compute()
+    np.testing.assert_allclose(got.values[:, valid], expected[:, valid], rtol=1e-10)
+    one = attribute(ds.isel(checkpoint=1), qa3.isel(checkpoint=1), score="influence")
+    assert isinstance(one.coords["damping"].data, da.Array)  # lazy, and computed with the scores
+    assert float(one.coords["damping"]) == pytest.approx(lams[1], rel=1e-12)
+    full = np.where(valid[None, :], expected, -np.inf)
+    np.testing.assert_array_equal(top.index.values, np.argsort(-full, axis=1, kind="stable")[:, :3])
+    assert np.isfinite(si.values[valid]).all()
+
+
+def test_an_indefinite_preconditioner_that_makes_f_singular_is_an_error():
+    ds, grad, valid = make_train()
+    qa, q = make_queries()
+    h = np.diag([-0.5, 1, 2, 3, 4, 5, 6, 7.0])
+    with pytest.raises(ValueError, match="F \\+ lambda I is singular .*increase damping"):
+        attribute(ds, qa, score="influence", preconditioner=h, damping=0.5).compute()

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "tda-scale": ("tda_scale", "out-of-core top-k over a store larger than the memory allowed"),
     "spectrum": ("spectrum", "Hessian-spectrum accuracy and solver speed (Tables 7 and 1, Fig. 2)"),
     "intrinsic": ("intrinsic", "intrinsic-dimension search (Table 10; FFD vs AFFD/QK)"),
+    "trak": ("trak", "TRAK scores on sketches against the traker package (top-10 overlap)"),
 }
 
 WORKLOAD_HELP = ("the model and data: an embedded workload (digits, the default; minilm with the 'workloads' "
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit: per-example gradients then Phi g; implicit: grad_omega L(theta + Phi^T omega)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="storage dtype")
     p.add_argument("--checkpoint", default=None, help="a name for the model's weights, kept in the store")
+    p.add_argument("--margin", action="store_true",
+                   help="gradients of the classification margin (TRAK's model output) instead of the loss, for "
+                        "'attribute --score trak'")
     p.add_argument("--hvps", type=int, default=0, metavar="P",
                    help="instead of gradients: P sketched Hessian-vector products Phi H v of the mean loss")
     _common(p, sketch=("afjl", 512), scheduler=True)
@@ -129,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                 commands.attribute)
     p.add_argument("train", metavar="TRAIN_STORE", help="store of training-gradient sketches")
     p.add_argument("queries", metavar="QUERY_STORE", help="store of query-gradient sketches (same sketch)")
-    p.add_argument("--score", default="dot", choices=("dot", "cosine", "influence"), help="similarity")
+    p.add_argument("--score", default="dot", choices=("dot", "cosine", "influence", "trak"),
+                   help="similarity (trak: stores made with 'sketch --margin')")
     p.add_argument("--k", type=int, default=10, help="training examples per query")
     p.add_argument("--which", default="top", choices=("top", "bottom"), help="proponents or opponents")
     p.add_argument("--query", nargs="+", metavar="ID", default=None, help="only these query ids")
@@ -154,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the checkpoints the workload provides (the digits training run)")
     p.add_argument("--out", default=None, metavar="FOLDER", help="save each checkpoint's result (resumable)")
     p.add_argument("--plot", default=None, metavar="PNG", help="RNEG and R_n plot (the paper's Figure 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="repeat with one independent sketch per seed: eigenvalues as mean and spread")
     _common(p, sketch=("affd", 256))
 
     p = command("intrinsic-dim", "intrinsic dimension by the doubling search in a sketched subspace",

@@ -88,6 +88,13 @@ class DataSource:
         return torch.utils.data.default_collate(items)
 
 
+def function_name(fn) -> str:
+    """``module.qualname`` of a function (or a partial's function), recorded as provenance."""
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
 def resolve_sketch(sketch, n_params: int) -> SketchOperator:
     """An operator for N = n_params from an operator, a spec dict, or (method, n_out[, seed])."""
     if isinstance(sketch, SketchOperator):
@@ -307,6 +314,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
         "sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": fingerprint,
         "mode": mode, "n_examples": n, "batch_size": chunk, "storage_dtype": dtype,
         "checkpoint": checkpoint, "variable": "grad", "sketcharray_version": __version__,
+        "loss_fn": function_name(loss_fn),
     }
     task_args = (loss_fn, forward, source)
 

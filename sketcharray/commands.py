@@ -49,7 +49,10 @@ def sketch(args) -> int:
                              params=args.params, batch_size=args.batch_size, device=args.device, forward=w.forward)
             _write_zarr(ds, args.out, args.quiet, f"{args.hvps} sketched HVPs")
         else:
-            ds = sketch_gradients(w.model_factory, w.loss_fn, data, spec, params=args.params,
+            from .workloads import classification_margin
+
+            ds = sketch_gradients(w.model_factory, classification_margin if args.margin else w.loss_fn, data, spec,
+                                  params=args.params,
                                   batch_size=args.batch_size, mode=args.mode, device=args.device, ids=ids,
                                   store=args.out, checkpoint=args.checkpoint, forward=w.forward,
                                   dtype=args.dtype, progress=not args.quiet)
@@ -146,19 +149,32 @@ def spectrum(args) -> int:
                                                               "seed": args.seed},
                            k=args.k, which=args.which, method=args.solver, checkpoints=checkpoints,
                            params=args.params, batch_size=args.batch_size, device=args.device, forward=w.forward,
-                           store=args.out, progress=not args.quiet)
+                           store=args.out, progress=not args.quiet, seeds=args.seeds)
     stats = spectrum_statistics(res) if args.which != "bottom" else None
     if not args.quiet:
-        ev = res.eigenvalue.expand_dims(checkpoint=["-"]) if "checkpoint" not in res.dims else res.eigenvalue
-        rows = [{"checkpoint": str(c), "sign": str(s), "rank": int(r), "eigenvalue": float(ev.sel(checkpoint=c,
-                                                                                                   sign=s, rank=r))}
+        seeded = "seed" in res.dims
+        ev = res.eigenvalue_mean if seeded else res.eigenvalue
+        ev = ev.expand_dims(checkpoint=["-"]) if "checkpoint" not in ev.dims else ev
+        spread = (res.eigenvalue_spread.expand_dims(checkpoint=["-"]) if "checkpoint" not in res.dims
+                  else res.eigenvalue_spread) if seeded else None
+        rows = [{"checkpoint": str(c), "sign": str(s), "rank": int(r),
+                 "eigenvalue": float(ev.sel(checkpoint=c, sign=s, rank=r)),
+                 **({"spread": float(spread.sel(checkpoint=c, sign=s, rank=r))} if seeded else {})}
                 for c in ev.checkpoint.values for s in ev.sign.values for r in ev["rank"].values]
-        print(markdown_table(rows, [("checkpoint", "checkpoint"), ("sign", "end"), ("rank", "rank"),
-                                    ("eigenvalue", "eigenvalue")]))
+        columns = [("checkpoint", "checkpoint"), ("sign", "end"), ("rank", "rank"),
+                   ("eigenvalue", f"eigenvalue of K (mean of {res.sizes['seed']} sketches)" if seeded
+                    else "eigenvalue of K")] + ([("spread", "spread (std over sketches)")] if seeded else [])
+        print(markdown_table(rows, columns))
         if stats is not None and "RNEG" in stats:
-            print(f"RNEG: {np.round(np.atleast_1d(stats.RNEG.values), 4).tolist()}, outliers (R_n > 0.2): "
-                  f"{format_outliers(stats)}")
-    if args.plot and stats is not None:
+            if "RNEG_mean" in stats:
+                print(f"RNEG: {np.round(np.atleast_1d(stats.RNEG_mean.values), 4).tolist()} ± "
+                      f"{np.round(np.atleast_1d(stats.RNEG_spread.values), 4).tolist()} (mean ± spread over sketches)")
+            else:
+                print(f"RNEG: {np.round(np.atleast_1d(stats.RNEG.values), 4).tolist()}, outliers (R_n > 0.2): "
+                      f"{format_outliers(stats)}")
+        print("These are eigenvalues of the sketched Hessian K = Phi H Phi^T; its ends are biased (see "
+              "docs/spectrum.md), --seeds gives their spread.")
+    if args.plot and stats is not None and "seed" not in stats.dims:
         plot_spectrum_evolution(stats, args.plot)
         _say(args, f"wrote {Path(args.plot).resolve()}")
     if args.out:

@@ -27,7 +27,7 @@ import xarray as xr
 
 #: attrs that say which operator and which parameters made a set of sketches
 SKETCH_KEYS = ("param_names", "param_sizes", "sketch_spec")  # the parameters first: they also change n_in
-PROVENANCE_KEYS = (*SKETCH_KEYS, "model_fingerprint", "checkpoint")
+PROVENANCE_KEYS = (*SKETCH_KEYS, "model_fingerprint", "checkpoint", "loss_fn")
 
 
 def _parsed(value):
@@ -111,6 +111,10 @@ def check_same_sketch(a: dict | None, b: dict | None, *, names: tuple[str, str] 
                 f"{names[0]} and {names[1]} were sketched differently: {names[0]} has {key}={_short(a.get(key))}, "
                 f"{names[1]} has {key}={_short(b.get(key))}; scores between two sketches are meaningless, "
                 "sketch both with the same operator (method, n_out, seed, options) and parameters")
+    la, lb = a.get("loss_fn"), b.get("loss_fn")
+    if la and lb and la != lb:  # recorded since 0.3: gradients of different functions do not compare
+        raise ValueError(f"{names[0]} and {names[1]} are gradients of different functions: {names[0]} of {la}, "
+                         f"{names[1]} of {lb}; sketch both with the same loss (or model output) function")
     fa, fb = a.get("model_fingerprint"), b.get("model_fingerprint")
     if isinstance(fa, dict) or isinstance(fb, dict):
         ca = sorted(fa) if isinstance(fa, dict) else [str(a.get("checkpoint"))]

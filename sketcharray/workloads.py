@@ -32,6 +32,21 @@ def cross_entropy_per_example(output, batch):
     return nn.functional.cross_entropy(output, labels, reduction="none")
 
 
+def classification_margin(output, batch):
+    """TRAK's model output function for classification: f = logit of the label - logsumexp of the others.
+
+    f = log(p / (1 - p)) with p the softmax probability of the label (Park et
+    al., *TRAK*, 2023, Sec. 3.3).  Sketch gradients of f (pass it as
+    ``loss_fn``) for :func:`sketcharray.analysis.attribute` with
+    ``score="trak"``, which reads the stored values as f and reweights by
+    1 - p = sigmoid(-f).
+    """
+    labels = batch["labels"] if isinstance(batch, dict) else batch[1]
+    correct = output.gather(1, labels[:, None])[:, 0]
+    others = output.masked_fill(nn.functional.one_hot(labels, output.shape[1]).bool(), float("-inf"))
+    return correct - others.logsumexp(dim=1)
+
+
 @dataclass
 class Workload:
     """A model, its data and how to score it: what the demo, the CLI and the benchmarks run.

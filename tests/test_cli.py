@@ -379,3 +379,32 @@ def test_sketch_hvps_writes_the_lazy_dataset_once(tmp_path, capsys):
     assert cli.main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "HVP sketch store" and info["dims"] == {"probe": 3, "sketch": 8} and info["finite"]
+
+
+def test_spectrum_over_several_sketches_prints_mean_and_spread(capsys):
+    from sketcharray.analysis import hessian_spectrum
+    from sketcharray.workloads import load_workload
+
+    assert cli.main(["spectrum", "--workload", TINY, "--n-out", "16", "--k", "2", "--seeds", "0", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "eigenvalue of K (mean of 2 sketches)" in out and "(mean ± spread over sketches)" in out
+    w = load_workload(TINY)
+    runs = [hessian_spectrum(w.model_factory, w.loss_fn, w.train, {"method": "affd", "n_out": 16, "seed": s}, k=2,
+                             batch_size=64, progress=False) for s in (0, 1)]
+    top = float(np.mean([r.eigenvalue.sel(sign="positive", rank=1) for r in runs]))
+    assert f"| - | positive | 1 | {top:.4g} |" in out
+
+
+def test_trak_scores_from_margin_stores_and_a_refusal_for_loss_stores(tmp_path, capsys):
+    common = ["--workload", TINY, "--n-out", "8", "--batch-size", "12", "--quiet"]
+    for name, extra in (("train", []), ("test", ["--split", "test"])):
+        assert cli.main(["sketch", "--out", str(tmp_path / f"{name}-m.zarr"), "--margin", *extra, *common]) == 0
+        assert cli.main(["sketch", "--out", str(tmp_path / f"{name}-l.zarr"), *extra, *common]) == 0
+    assert cli.main(["attribute", str(tmp_path / "train-m.zarr"), str(tmp_path / "test-m.zarr"), "--score", "trak",
+                     "--k", "3", "--first", "2"]) == 0
+    assert "3 training examples by trak score" in capsys.readouterr().out
+    assert cli.main(["attribute", str(tmp_path / "train-l.zarr"), str(tmp_path / "test-l.zarr"), "--score", "trak",
+                     "--k", "3"]) == cli.EXIT_INPUT
+    assert "needs gradients of the model output f" in capsys.readouterr().err
+    assert cli.main(["attribute", str(tmp_path / "train-m.zarr"), str(tmp_path / "test-l.zarr"), "--k", "3"]) == 3
+    assert "are gradients of different functions" in capsys.readouterr().err

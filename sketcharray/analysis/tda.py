@@ -5,6 +5,13 @@ Scores of a query sketch q against training sketches Phi g_i:
 * ``dot``: <q, Phi g_i> (TracIn at one checkpoint; with a ``checkpoint``
   dimension, summed with per-checkpoint weights: TracIn-CP);
 * ``cosine``: the same on unit-normalised sketches;
+* ``trak``: TRAK's estimator (Park et al., *TRAK: Attributing Model Behavior
+  at Scale*, ICML 2023, Eq. 13 with its implementation's normalisation) on
+  sketches of the gradients of the model output function f (sketch with
+  ``loss_fn=classification_margin``): q^T (G^T G + lambda I)^{-1} Phi g_i, the
+  inverse divided by its mean absolute entry, averaged over checkpoints, times
+  the average over checkpoints of the reweighting 1 - p_i = sigmoid(-f_i)
+  read from the stored values (lambda = 0 by default, as in TRAK);
 * ``influence``: q^T (F + lambda I)^{-1} Phi g_i with F the Gauss-Newton /
   Fisher estimate from the training sketches (their D x D Gram divided by
   the number of valid examples; one F per checkpoint when there are
@@ -27,7 +34,7 @@ import xarray as xr
 
 from ..provenance import check_same_sketch, provenance, with_provenance
 
-SCORES = ("dot", "cosine", "influence")
+SCORES = ("dot", "cosine", "influence", "trak")
 
 
 # ----------------------------------------------------------------- inputs
@@ -68,14 +75,14 @@ def _valid_mask(grad: xr.DataArray, valid) -> xr.DataArray:
     return ok & finite
 
 
-def _checkpoint_weights(grad: xr.DataArray, weights) -> xr.DataArray | None:
+def _checkpoint_weights(grad: xr.DataArray, weights, score: str = "dot") -> xr.DataArray | None:
     if "checkpoint" not in grad.dims:
         if weights is not None:
             raise ValueError("checkpoint_weights given but the sketches have no 'checkpoint' dimension")
         return None
     n = grad.sizes["checkpoint"]
     if weights is None:
-        weights = np.ones(n)
+        weights = np.full(n, 1.0 / n) if score == "trak" else np.ones(n)  # TRAK averages over models
     weights = xr.DataArray(np.asarray(weights, dtype=np.float64), dims="checkpoint")
     if weights.sizes["checkpoint"] != n:
         raise ValueError(f"checkpoint_weights has {weights.sizes['checkpoint']} entries for {n} checkpoints")
@@ -186,8 +193,58 @@ def _with_damping(out, lam):
     return out.assign_coords(damping=lam)
 
 
+#: eigenvalues of G^T G + lambda I below this fraction of the largest are treated as zero (a pseudo-inverse)
+TRAK_RCOND = 1e-10
+
+
+def _trak_solve(f, q, lam):
+    """q (G^T G + lam I)^+ for one checkpoint, the inverse divided by its mean absolute entry as TRAK does.
+
+    A pseudo-inverse: gradients of the margin are blind to a shift of all
+    logits, so G^T G has (numerically) null directions, which the queries'
+    gradients share; TRAK's own float32 ``inv`` turns them into noise.
+    """
+    f = np.asarray(f, dtype=np.float64)
+    w, u = np.linalg.eigh((f + f.T) / 2)
+    shifted = w + float(lam)
+    keep = shifted > TRAK_RCOND * max(shifted.max(), 1e-300)
+    inv = (u[:, keep] / shifted[keep]) @ u[:, keep].T
+    return (np.asarray(q, dtype=np.float64) @ inv) / np.abs(inv).mean()
+
+
+def _trak_queries(q: xr.DataArray, train, damping):
+    """Queries times TRAK's kernel (G^T G + lambda I)^{-1}, lazily, one per checkpoint."""
+    grad, valid = _as_train(train)
+    if damping is not None and not damping >= 0:
+        raise ValueError(f"damping (TRAK's lambda) must be >= 0; got {damping!r}")
+    f = gram(train) * _valid_mask(grad, valid).sum("example")  # G^T G over the valid rows
+    lam = xr.DataArray(0.0 if damping is None else float(damping))
+    solved = xr.apply_ufunc(
+        _trak_solve, f.drop_vars([c for c in ("sketch", "sketch2") if c in f.coords]),
+        q.drop_vars("sketch", errors="ignore"), lam,
+        input_core_dims=[["sketch", "sketch2"], ["query", "sketch"], []], output_core_dims=[["query", "sketch"]],
+        vectorize=True, dask="parallelized", output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"allow_rechunk": True})
+    if "sketch" in q.coords:
+        solved = solved.assign_coords(sketch=q["sketch"].values)
+    return solved, {"damping": float(lam)}
+
+
+def _trak_reweighting(train) -> xr.DataArray:
+    """TRAK's 1 - p_i = sigmoid(-f_i) from the stored model outputs f, averaged over checkpoints (lazy)."""
+    if not isinstance(train, xr.Dataset) or "loss" not in train:
+        raise ValueError("score='trak' needs the training sketches' stored model outputs (the 'loss' variable of "
+                         "a store made with loss_fn=classification_margin); got no 'loss'")
+    made_with = str(train.attrs.get("loss_fn") or "")
+    if made_with.endswith("cross_entropy_per_example"):
+        raise ValueError(f"score='trak' needs gradients of the model output f (loss_fn=classification_margin, "
+                         f"'sketch --margin'), but these training sketches are gradients of {made_with}")
+    q = 1.0 / (1.0 + np.exp(train["loss"].astype(np.float64)))
+    return q.mean("checkpoint") if "checkpoint" in q.dims else q
+
+
 def _scored_queries(q, score, train, damping, preconditioner):
-    """Queries ready for a plain inner product: unit-normalised (cosine) or preconditioned (influence).
+    """Queries ready for a plain inner product: unit-normalised (cosine) or preconditioned (influence, trak).
 
     Returns (queries, damping (a lazy scalar, or per checkpoint) or None, attrs).
     """
@@ -197,6 +254,12 @@ def _scored_queries(q, score, train, damping, preconditioner):
         q = q / np.sqrt((q**2).sum("sketch"))
     elif score == "influence":
         q, lam, extra = _preconditioned(q, train, damping, preconditioner)
+        attrs.update(extra)
+    elif score == "trak":
+        if preconditioner is not None:
+            raise ValueError("score='trak' builds its own kernel from the training sketches; preconditioner= "
+                             "is for score='influence'")
+        q, extra = _trak_queries(q, train, damping)
         attrs.update(extra)
     return q, lam, attrs
 
@@ -260,10 +323,12 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
         return _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_weights, k, which,
                               query_batch, allow_model_mismatch)
     g, q, ok, lam, attrs = _prepared(train, queries, score, damping, preconditioner, allow_model_mismatch)
-    weights = _checkpoint_weights(g, checkpoint_weights)
+    weights = _checkpoint_weights(g, checkpoint_weights, score)
     s = xr.dot(q, g, dim="sketch")
     if weights is not None:
         s = (s * weights).sum("checkpoint")
+    if score == "trak":
+        s = s * _trak_reweighting(train)
     if "checkpoint" in ok.dims:
         ok = ok.all("checkpoint")
     out = s.where(ok).transpose("query", "example", ...)
@@ -276,7 +341,7 @@ def self_influence(train, *, score: str = "dot", damping: float | None = None, p
                    checkpoint_weights=None) -> xr.DataArray:
     """Each training example's score against itself (lazy, one pass): ||g||^2 or g^T (F+lambda I)^{-1} g."""
     if score not in ("dot", "influence"):
-        raise ValueError(f"self_influence score must be 'dot' or 'influence'; got {score!r}")
+        raise ValueError(f"self_influence score must be 'dot' or 'influence'; got {score!r}")  # trak: not defined
     g, q, ok, lam, attrs = _prepared(train, train, score, damping, preconditioner)
     q = q.rename(query="example")
     s = (g * q.where(ok, 0.0)).sum("sketch")
@@ -291,11 +356,12 @@ def self_influence(train, *, score: str = "dot", damping: float | None = None, p
 
 
 # ---------------------------------------------------------------- top-k
-def chunk_topk(q, g, valid, weights, offset, k, sign, normalize):
+def chunk_topk(q, g, valid, weights, offset, k, sign, normalize, row_scale=None):
     """Top-k (by sign * score) of one raw training chunk: (scores, global indices), each (n_query, k).
 
     The chunk is read once: rows flagged invalid or holding non-finite values
-    are excluded here, and ``normalize`` (cosine) scales rows to unit norm here.
+    are excluded here, ``normalize`` (cosine) scales rows to unit norm here,
+    and ``row_scale`` (TRAK's reweighting) multiplies each row's scores.
     """
     finite = np.isfinite(g).reshape(g.shape[0], -1).all(axis=1)
     ok = finite if valid is None else (finite & np.asarray(valid, dtype=bool))
@@ -306,6 +372,8 @@ def chunk_topk(q, g, valid, weights, offset, k, sign, normalize):
     s = np.einsum("qd...,ed...->qe...", q, g) if g.ndim == 3 else q @ g.T
     if s.ndim == 3:  # (query, example, checkpoint)
         s = s @ weights
+    if row_scale is not None:
+        s = s * np.asarray(row_scale, dtype=np.float64)[None, :]
     s = np.where(ok[None, :], sign * s, -np.inf)
     kk = min(k, s.shape[1])
     idx = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1] else np.tile(np.arange(s.shape[1]), (s.shape[0], 1))
@@ -332,20 +400,28 @@ def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_we
     grad, valid, q, notes = _checked(train, queries, score, allow_model_mismatch)
     q, lam, attrs = _scored_queries(q, score, train, damping, preconditioner)
     attrs.update(notes, which=which)
-    weights = _checkpoint_weights(grad, checkpoint_weights)
+    weights = _checkpoint_weights(grad, checkpoint_weights, score)
+    row_scale = _trak_reweighting(train) if score == "trak" else None
     # the k check reads only the 1-byte valid flags; non-finite rows are dropped chunk by chunk
     n_valid = int(valid.sum()) if valid is not None else grad.sizes["example"]
     if not isinstance(k, (int, np.integer)) or k < 1 or k > n_valid:
         raise ValueError(f"k must be an int between 1 and the number of valid training examples ({n_valid}); got {k!r}")
-    parts = [_top_k(grad, valid, q.isel(query=slice(s, s + query_batch)), weights, k, which, score == "cosine")
-             for s in range(0, q.sizes["query"], query_batch)]
+    parts = [_top_k(grad, valid, q.isel(query=slice(s, s + query_batch)), weights, k, which, score == "cosine",
+                    row_scale) for s in range(0, q.sizes["query"], query_batch)]
     out = parts[0] if len(parts) == 1 else xr.concat(parts, dim="query")
     out = _with_damping(out, lam)
     out.attrs.update(attrs)
     return out
 
 
-def _top_k(grad, valid, q, weights, k, which, normalize):
+def _row_blocks(values, chunks):
+    """Per-example values as one delayed block per training chunk."""
+    arr = values.data if isinstance(values.data, da.Array) else da.from_array(np.asarray(values.values),
+                                                                               chunks=(chunks,))
+    return arr.rechunk((chunks,)).to_delayed().ravel()
+
+
+def _top_k(grad, valid, q, weights, k, which, normalize, row_scale=None):
     sign = 1.0 if which == "top" else -1.0
     order = ["example", "sketch"] + (["checkpoint"] if "checkpoint" in grad.dims else [])
     garr = grad.transpose(*order).data
@@ -354,17 +430,15 @@ def _top_k(grad, valid, q, weights, k, which, normalize):
         garr = da.from_array(garr, chunks=(max(1, min(garr.shape[0], 4096)),) + garr.shape[1:])
     # one block per training chunk: the sketch and checkpoint axes whole (stacked checkpoints come one chunk each)
     garr = garr.rechunk({axis: -1 for axis in range(1, garr.ndim)})
-    okblocks = [None] * len(garr.chunks[0])
-    if valid is not None:
-        okarr = valid.data if isinstance(valid.data, da.Array) else da.from_array(valid.values, chunks=(garr.chunks[0],))
-        okblocks = okarr.rechunk((garr.chunks[0],)).to_delayed().ravel()
+    okblocks = [None] * len(garr.chunks[0]) if valid is None else _row_blocks(valid, garr.chunks[0])
+    scaleblocks = [None] * len(garr.chunks[0]) if row_scale is None else _row_blocks(row_scale, garr.chunks[0])
     w = None if weights is None else weights.values
     qd = dask.delayed(_to_host)(qarr) if isinstance(qarr, da.Array) else np.asarray(qarr)
     parts, offset = [], 0
-    for gb, ob, size in zip(garr.to_delayed().ravel(), okblocks, garr.chunks[0]):
+    for gb, ob, sb, size in zip(garr.to_delayed().ravel(), okblocks, scaleblocks, garr.chunks[0]):
         parts.append(dask.delayed(chunk_topk, pure=True)(
             qd, dask.delayed(_to_host)(gb), None if ob is None else dask.delayed(_to_host)(ob), w, offset, k, sign,
-            normalize))
+            normalize, None if sb is None else dask.delayed(_to_host)(sb)))
         offset += size
     while len(parts) > 1:  # tree merge: bounded memory, parallel
         parts = [dask.delayed(merge_topk, pure=True)(parts[i : i + 8], k) for i in range(0, len(parts), 8)]

@@ -73,6 +73,39 @@ def table7(h, ps, log2ds, seeds):
     return errors, layers, ref[:10]
 
 
+def sketch_bias(h, ps, methods, log2ds, seeds: int) -> list[dict]:
+    """How far K's ends are from H's, with error bars: per method and D, mean and spread over ``seeds`` sketches
+    of the top-10 relative error, lambda_min(K) / lambda_min(H) and RNEG(K) / RNEG(H) (K exact: dense Phi H Phi^T)."""
+    ref = np.linalg.eigvalsh(h)
+    rneg_h = abs(ref[0]) / ref[-1]
+    rows = []
+    for method in methods:
+        for ld in log2ds:
+            errs, lmin, rneg = [], [], []
+            for seed in range(seeds):
+                phi = make_sketch(method, ps.n, 1 << ld, seed=seed).apply(np.eye(ps.n)).T
+                vals = np.linalg.eigvalsh(phi @ h @ phi.T)
+                errs.append(top10_error(vals[::-1], ref[::-1]))
+                lmin.append(vals[0] / ref[0])
+                rneg.append(abs(vals[0]) / vals[-1] / rneg_h)
+            rows.append({"method": method, "log2d": ld, "top10_error": (np.mean(errs), np.std(errs, ddof=1)),
+                         "lambda_min_ratio": (np.mean(lmin), np.std(lmin, ddof=1)),
+                         "rneg_ratio": (np.mean(rneg), np.std(rneg, ddof=1)),
+                         "lambda_min_more_negative": f"{sum(v > 1 for v in lmin)}/{seeds}"})
+    return rows
+
+
+def bias_table(rows: list[dict]) -> str:
+    def pm(v):
+        return f"{v[0]:.3f} ± {v[1]:.3f}"
+
+    return format_table([{"m": r["method"], "d": f"2^{r['log2d']}", "e": pm(r["top10_error"]),
+                          "l": pm(r["lambda_min_ratio"]), "n": r["lambda_min_more_negative"],
+                          "r": pm(r["rneg_ratio"])} for r in rows],
+                        [("m", "method"), ("d", "D"), ("e", "top-10 rel. error"),
+                         ("l", "λ_min(K)/λ_min(H)"), ("n", "λ_min(K) < λ_min(H)"), ("r", "RNEG(K)/RNEG(H)")])
+
+
 def threshold_table(errors: dict[str, dict[int, float]]) -> str:
     """Per method, the smallest log2 D whose error falls below each threshold ('-' when none does)."""
     def smallest(errs, t):
@@ -182,6 +215,11 @@ def accuracy(args) -> dict:
     print(format_table([{"layer": k, "n": f"{v['n_params']:,}", "e": f"{v['top10_error']:.3f}"}
                         for k, v in layers.items()],
                        [("layer", "layer"), ("n", "parameters"), ("e", "top-10 relative error")]))
+    bias = sketch_bias(h, ps, ("affd", "afjl", "qk"), [ld for ld in (8, 10, 11) if ld in args.log2d] or
+                       args.log2d[-2:], max(args.seeds, 2))
+    print(f"\nError bars (digits, exact Hessian): mean ± standard deviation over {max(args.seeds, 2)} sketches; "
+          "a ratio above 1 means K's end lies beyond H's")
+    print(bias_table(bias))
     print("\nFigure 2 analogue: spectrum along the digits training run (AFFD, D = 1024, Lanczos)", flush=True)
     ckpts = digits_checkpoints()
     data = torch.utils.data.Subset(w.train, range(args.n_examples))
@@ -195,7 +233,8 @@ def accuracy(args) -> dict:
                        [("ckpt", "checkpoint"), ("lmax", "lambda_max"), ("lmin", "lambda_min"), ("rneg", "RNEG"),
                         ("out", "outliers (R > 0.2)")]))
     plot_spectrum_evolution(stats, args.plot)
-    return {"table7": errors, "layers": layers, "exact_top10": ref.tolist(), "checkpoints": stats.to_dict()}
+    return {"table7": errors, "layers": layers, "exact_top10": ref.tolist(), "bias": bias,
+            "checkpoints": stats.to_dict()}
 
 
 def main(argv=None, args=None) -> int:

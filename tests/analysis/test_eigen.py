@@ -164,3 +164,29 @@ def test_stored_spectra_are_keyed_on_weights_and_data_and_the_callers_model_is_u
         hessian_spectrum(mine, cross_entropy_per_example, [(x[:-1], y[:-1])], spec, checkpoints=states, **kwargs)
     with pytest.raises(ValueError, match=r"holds a spectrum computed with \{'solver_options'"):
         hessian_spectrum(mine, cross_entropy_per_example, batches, spec, checkpoints=states, **{**kwargs, "tol": 1e-4})
+
+
+def test_seeds_give_error_bars_and_an_orthogonal_full_size_sketch_has_no_error(small_problem):
+    model, batches, h, ps = small_problem
+    exact = np.linalg.eigvalsh(h)
+    # QK at D = the padded length is sqrt(N/D) times a Kronecker product of square orthogonal factors: Phi^T Phi
+    # is the identity on R^N, so K holds H's eigenvalues (and zeros): no sketching error, for every seed
+    full = make_sketch("qk", ps.n, 1, seed=0).max_n_out
+    ds = hessian_spectrum(model, cross_entropy_per_example, batches, {"method": "qk", "n_out": full}, k=3,
+                          seeds=(0, 1, 2), tol=1e-12, progress=False)
+    assert ds.eigenvalue.dims == ("seed", "sign", "rank") and ds.seed.values.tolist() == [0, 1, 2]
+    for s in range(3):
+        np.testing.assert_allclose(ds.eigenvalue.sel(seed=s, sign="positive"), exact[::-1][:3], rtol=1e-6)
+        np.testing.assert_allclose(ds.eigenvalue.sel(seed=s, sign="negative", rank=1), exact[0], rtol=1e-6)
+    assert float(ds.eigenvalue_spread.sel(sign="positive").max()) < 1e-6 * exact[-1]
+    assert "eigenvalues of the sketched Hessian K = Phi H Phi^T" in ds.attrs["note"]
+    # at small D the sketches disagree: the spread is the standard deviation of the per-seed eigenvalues
+    small = hessian_spectrum(model, cross_entropy_per_example, batches, ("affd", 16), k=3, seeds=(0, 1, 2, 3),
+                             tol=1e-10, progress=False)
+    per_seed = small.eigenvalue.values
+    np.testing.assert_allclose(small.eigenvalue_mean.values, per_seed.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(small.eigenvalue_spread.values, per_seed.std(0, ddof=1), rtol=1e-12)
+    assert float(small.eigenvalue_spread.sel(sign="positive", rank=1)) > 0
+    stats = spectrum_statistics(small)
+    np.testing.assert_allclose(stats.RNEG_mean.values, stats.RNEG.values.mean(), rtol=1e-12)
+    assert stats.RNEG_spread.values > 0

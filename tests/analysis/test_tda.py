@@ -226,3 +226,65 @@ def test_an_indefinite_preconditioner_that_makes_f_singular_is_an_error():
     h = np.diag([-0.5, 1, 2, 3, 4, 5, 6, 7.0])
     with pytest.raises(ValueError, match="F \\+ lambda I is singular .*increase damping"):
         attribute(ds, qa, score="influence", preconditioner=h, damping=0.5).compute()
+
+
+# ------------------------------------------------------------------- TRAK
+@pytest.fixture(scope="module")
+def margin_sketches():
+    """Sketches of the margin gradients of the trained digits MLP: 500 training and 100 test examples."""
+    import torch
+
+    from sketcharray.collect import sketch_gradients
+    from sketcharray.workloads import classification_margin, digits
+
+    w = digits()
+    train, test = torch.utils.data.Subset(w.train, range(500)), torch.utils.data.Subset(w.test, range(100))
+
+    def sketches(data, method, d, seed=0):
+        return sketch_gradients(w.model_factory, classification_margin, data, {"method": method, "n_out": d,
+                                                                              "seed": seed},
+                                batch_size=100, progress=False).compute()
+
+    return w, train, test, sketches
+
+
+def test_trak_score_equals_traks_own_computation_on_the_same_features(margin_sketches):
+    trak = pytest.importorskip("trak")
+    import torch
+    from trak.modelout_functions import ImageClassificationModelOutput
+    from trak.score_computers import BasicScoreComputer
+
+    w, train, test, sketches = margin_sketches
+    tr, te = sketches(train, "afjl", 128), sketches(test, "afjl", 128)
+    lam = 1e-2  # TRAK's lambda_reg; with it both inverses are regular and must agree
+    ours = attribute(tr, te, score="trak", damping=lam)
+    assert ours.attrs["score"] == "trak"
+    computer = BasicScoreComputer(dtype=torch.float32, device="cpu", lambda_reg=lam)
+    g, gt = torch.tensor(tr.grad.values), torch.tensor(te.grad.values)
+    scores = torch.zeros(len(train), len(test))
+    computer.get_scores(computer.get_x_xtx_inv(g, computer.get_xtx(g)), gt, accumulator=scores)
+    model = w.model()
+    x, y = next(iter(torch.utils.data.DataLoader(train, batch_size=len(train))))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    out_to_loss = ImageClassificationModelOutput().get_out_to_loss_grad(model, params, {}, (x, y)).numpy()
+    theirs = scores.numpy().T * out_to_loss[:, 0][None, :]
+    # TRAK computes in float32: agreement to float32 rounding of scores of size ~0.1
+    np.testing.assert_allclose(ours.values, theirs, atol=1e-4 * np.abs(theirs).max())
+    top = attribute(tr, te, score="trak", damping=lam, k=5).compute()
+    np.testing.assert_array_equal(top.index.values, np.argsort(-ours.values, axis=1, kind="stable")[:, :5])
+
+
+def test_trak_on_our_sketches_agrees_with_trak_as_well_as_trak_agrees_with_itself(margin_sketches, tmp_path):
+    pytest.importorskip("trak")
+    from sketcharray.bench.trak import topk_overlap, trak_package_scores
+
+    w, train, test, sketches = margin_sketches
+    d = 256
+    ref0, ref1 = (trak_package_scores(w.model(), train, test, d, seed, tmp_path / str(seed)) for seed in (0, 1))
+    ours = attribute(sketches(train, "afjl", d), sketches(test, "afjl", d), score="trak").values
+    mine, theirs = topk_overlap(ours, ref0), topk_overlap(ref1, ref0)  # per query, paired
+    # TRAK against itself with another projection seed is the yardstick; per-query overlaps are independent
+    # across queries, so the mean difference may fall below 0 only by sampling noise: 3 standard errors
+    diff = mine - theirs
+    assert diff.mean() >= -3 * diff.std(ddof=1) / np.sqrt(len(diff)), (mine.mean(), theirs.mean())
+    assert mine.mean() > 0.15  # far above chance (10 of 500: 0.02)

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "spectrum": ("spectrum", "Hessian-spectrum accuracy and solver speed (Tables 7 and 1, Fig. 2)"),
     "intrinsic": ("intrinsic", "intrinsic-dimension search (Table 10; FFD vs AFFD/QK)"),
     "trak": ("trak", "TRAK scores on sketches against the traker package (top-10 overlap)"),
+    "lds": ("lds", "attribution quality: linear datamodeling score over models retrained on subsets"),
 }
 
 WORKLOAD_HELP = ("the model and data: an embedded workload (digits, the default; minilm with the 'workloads' "

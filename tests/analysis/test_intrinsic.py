@@ -220,11 +220,12 @@ def least_squares_toy(method, seed, *, n_params=4096, k=16, n=512, d0=16):
     return _Linear(n_params), torch.utils.data.TensorDataset(xt, yt), r2, least_squares
 
 
-@pytest.mark.parametrize("method, seed", [("affd", 0), ("qk", 1), ("afjl", 2)])
-def test_the_search_reports_the_least_squares_dimension(method, seed):
+@pytest.mark.parametrize("method, seed, d0", [("affd", 0, 2), ("qk", 1, 2), ("afjl", 2, 2), ("ffd", 0, None)])
+def test_the_search_reports_the_least_squares_dimension(method, seed, d0):
     model, data, r2, ls = least_squares_toy(method, seed)
-    # the default settings, started below the answer so that the doubling has work to do
-    res = intrinsic_dimension(model, _square_loss, data, r2, method, seeds=(seed,), d0=2, progress=False)
+    # the default settings; d0 = 2 starts below the answer so that the doubling has work to do
+    res = intrinsic_dimension(model, _square_loss, data, r2, method, seeds=(seed,), progress=False,
+                              **({} if d0 is None else {"d0": d0}))
     goal = res.attrs["target_metric"]
     assert res.attrs["reference"] > 0.999 and res.attrs["theta0_metric"] < 0.1
     ls_d_star = min(d for d, v in ls.items() if v >= goal)

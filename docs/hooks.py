@@ -12,7 +12,7 @@ def _help(parser: argparse.ArgumentParser) -> str:
 
 
 def cli_reference() -> str:
-    from sketcharray.cli import build_parser
+    from sketcharray.cli import BENCHMARKS, benchmark_parser, build_parser
 
     parser = build_parser()
     parts = ["```text", _help(parser).rstrip(), "```"]
@@ -20,9 +20,9 @@ def cli_reference() -> str:
     for name, p in sub.choices.items():
         parts += [f"\n## `sketcharray {name}`\n", "```text", _help(p).rstrip(), "```"]
         if name == "bench":
-            inner = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-            for bname, bp in inner.choices.items():
-                parts += [f"\n### `sketcharray bench {bname}`\n", "```text", _help(bp).rstrip(), "```"]
+            for bname in BENCHMARKS:
+                parts += [f"\n### `sketcharray bench {bname}`\n", "```text",
+                          _help(benchmark_parser(bname)).rstrip(), "```"]
     return "\n".join(parts)
 
 

@@ -42,8 +42,16 @@ def _benchmark_module(name: str):
     return importlib.import_module(f".bench.{BENCHMARKS[name][0]}", __package__)
 
 
+def benchmark_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``sketcharray bench NAME`` (its module is imported only now: ``--help`` stays cheap)."""
+    module = _benchmark_module(name)
+    return module.build_parser(argparse.ArgumentParser(prog=f"sketcharray bench {name}", description=module.__doc__,
+                                                       formatter_class=_Formatter))
+
+
 def _bench(args) -> int:
-    return _benchmark_module(args.benchmark).main(args=args)
+    bench_args = benchmark_parser(args.benchmark).parse_args(args.bench_args)
+    return _benchmark_module(args.benchmark).main(args=bench_args)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -190,11 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     bench = command("bench", "run a benchmark (prints a table, writes JSON)",
-                    "Run a benchmark; each prints a table and writes JSON.", _bench)
+                    "Run a benchmark; each prints a table and writes JSON. 'sketcharray bench NAME --help' lists "
+                    "its options.", _bench)
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (_, help_text) in BENCHMARKS.items():
-        module = _benchmark_module(name)
-        module.build_parser(bench_sub.add_parser(name, help=help_text, description=module.__doc__))
+        # the benchmark's own options are parsed by its parser, built only when it runs
+        bench_sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -213,7 +222,12 @@ def _current_folder_last() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _current_folder_last()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ them and returns (or writes) only the D-dimensional rows.  No
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -126,8 +127,29 @@ class ModuleSource:
     fingerprint: str
 
 
+class FactorySource:
+    """A model factory, with the module the calling process already built from it.
+
+    In that process tasks use the built module (its own thread) or a private
+    copy of it (other threads) instead of calling the factory again: loading
+    a pre-trained model costs seconds.  Pickled (to a ``dask.distributed``
+    worker) only the factory travels, and the worker builds once per thread.
+    """
+
+    def __init__(self, factory: Callable, fingerprint: str, built: nn.Module | None = None):
+        self.factory, self.fingerprint, self.built = factory, fingerprint, built
+
+    def __reduce__(self):
+        return FactorySource, (self.factory, self.fingerprint)
+
+    def __call__(self) -> nn.Module:
+        return self.factory()
+
+
 def _model_from(source) -> nn.Module:
     """The model a task should run: the caller's module on the main thread, else this thread's copy."""
+    if isinstance(source, FactorySource) and source.built is not None:
+        source = ModuleSource(source.built, source.fingerprint)
     if isinstance(source, ModuleSource) and threading.current_thread() is threading.main_thread():
         return source.module
     cache = getattr(_local, "models", None)
@@ -135,6 +157,11 @@ def _model_from(source) -> nn.Module:
         cache = _local.models = {}
     if isinstance(source, ModuleSource):
         key = ("module", id(source.module), source.fingerprint)
+    elif isinstance(source, FactorySource):
+        try:
+            key = ("factory", dask.base.tokenize(source.factory, ensure_deterministic=True), source.fingerprint)
+        except Exception:
+            key = ("factory-object", id(source.factory), source.fingerprint)
     else:
         try:  # content-based where possible (the same factory unpickled on a worker hits the cache)
             key = ("factory", dask.base.tokenize(source, ensure_deterministic=True))
@@ -159,6 +186,14 @@ def _build(source) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def _model_delayed(source):
+    """What a task graph holds for the model: one shared node for a module or factory source."""
+    if isinstance(source, (ModuleSource, FactorySource)):
+        token = dask.base.tokenize(source.fingerprint, id(source))
+        return dask.delayed(source, pure=True, traverse=False, name=f"model-{token}")
+    return source
 
 
 def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
@@ -194,9 +229,11 @@ def _driver_model(model) -> tuple[nn.Module, Any, str]:
     if not isinstance(built, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a factory returning one; got {type(built).__name__}")
     fingerprint = model_fingerprint(built)
-    if built is model or model() is built:
+    # the factory is called once: a module it built afresh is referenced only here (this name and
+    # getrefcount's argument); one it hands out from a closure, a global or a cache has more references
+    if built is model or sys.getrefcount(built) > 2:
         return built, ModuleSource(built, fingerprint), fingerprint
-    return built, model, fingerprint
+    return built, FactorySource(model, fingerprint, built), fingerprint
 
 
 def _device_of(device) -> torch.device:
@@ -334,8 +371,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
             st.repair_store(store, quiet=not progress, **skeleton)
             st.check_compatible(store, existing, attrs, ids=ids)
         todo = st.pending_batches(store)
-        model_d = (dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource)
-                   else model_src)
+        model_d = _model_delayed(model_src)
         token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
         tasks = [
             dask.delayed(_gradient_task, pure=True)(
@@ -344,7 +380,9 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
             for i in todo
         ]
         invalid = compute_with_progress(tasks, progress=progress, scheduler=scheduler,
-                                        message=f"sketching {len(todo)} of {len(bounds)} batches to {store}")
+                                        message=f"sketching {len(todo)} of {len(bounds)} batches to {store}",
+                                        prefix=f"sketch-gradients-{token}", total=len(tasks), unit="batches",
+                                        label="sketching")
     if sum(invalid):
         warnings.warn(f"{sum(invalid)} example(s) had non-finite gradients or losses; stored with valid=False",
                       RuntimeWarning, stacklevel=2)
@@ -352,12 +390,16 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
     return ds.assign_coords(checkpoint=checkpoint) if checkpoint is not None else ds
 
 
-def compute_with_progress(collections, *, progress: bool = True, message: str | None = None, scheduler=None) -> list:
+def compute_with_progress(collections, *, progress: bool = True, message: str | None = None, scheduler=None,
+                          prefix: str | None = None, total: int | None = None, unit: str = "tasks",
+                          label: str = "computing") -> list:
     """Compute dask collections (delayed tasks, dask arrays, xarray objects) now; returns their values.
 
-    With ``progress``: prints ``message``, then dask's progress bar under a
-    local scheduler, or the dashboard link under an active
-    ``dask.distributed`` client (where the progress shows).
+    With ``progress``: prints ``message``, then, under a local scheduler, a
+    :class:`~sketcharray.progress.Progress` that counts finished tasks whose
+    key starts with ``prefix`` (all tasks when None; ``total`` of them), a
+    bar on a terminal and plain lines otherwise; under an active
+    ``dask.distributed`` client, the dashboard link (where the progress shows).
     """
     if not collections:
         return []
@@ -375,9 +417,10 @@ def compute_with_progress(collections, *, progress: bool = True, message: str | 
         return list(dask.compute(*collections))
     kwargs = {"scheduler": scheduler or "threads"}
     if progress:
-        from dask.diagnostics import ProgressBar
+        from .progress import Progress, TaskProgress
 
-        with ProgressBar():
+        bar = Progress(label, total or 0, unit=unit, stream=sys.stdout)
+        with TaskProgress(bar, prefix):
             return list(dask.compute(*collections, **kwargs))
     return list(dask.compute(*collections, **kwargs))
 
@@ -390,7 +433,7 @@ def _lazy_dataset(model_src, task_args, bounds, op, params, mode, device, per_ex
         import cupy
 
         meta = cupy.empty((0, 0), dtype=np.float32)
-    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource) else model_src
+    model_d = _model_delayed(model_src)
     cols = {"grad": [], "loss": [], "valid": [], "label": []}
     token = dask.base.tokenize(op, params, mode, device, attrs["model_fingerprint"], ids)
     for i, (a, b) in enumerate(bounds):
@@ -460,7 +503,7 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
         v = np.asarray(probes, dtype=np.float32)
         if v.ndim != 2 or v.shape[1] != paramset.n:
             raise ValueError(f"probes must have shape (k, {paramset.n}); got {v.shape}")
-    model_d = dask.delayed(model_src, pure=True, traverse=False) if isinstance(model_src, ModuleSource) else model_src
+    model_d = _model_delayed(model_src)
     meta = None
     if _device_of(device).type == "cuda":
         import cupy

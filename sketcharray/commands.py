@@ -68,14 +68,11 @@ def _write_zarr(ds, path, quiet: bool, what: str) -> None:
             raise ValueError(f"{path} exists; HVP sketches are written whole, choose a new --out")
         encoding = {name: {"compressors": chunk_codecs()} for name in [*ds.data_vars, *ds.coords]}
         job = ds.to_zarr(str(path), mode="w-", compute=False, consolidated=False, zarr_format=3, encoding=encoding)
-        if quiet:
-            job.compute()
-            return
-        from dask.diagnostics import ProgressBar
+        from .collect import compute_with_progress
 
-        print(f"computing {what} to {path}", flush=True)
-        with ProgressBar():
-            job.compute()
+        compute_with_progress([job], progress=not quiet, message=f"computing {what} to {path}",
+                              prefix="sketch-hvps", total=len(ds.hvp.data.chunks[0]), unit="blocks of probes",
+                              label="sketching HVPs")
 
 
 def attribute(args) -> int:

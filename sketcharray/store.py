@@ -664,7 +664,10 @@ def verify_store(path, *, progress: bool = False) -> StoreReport:
                 digests[b] = arrays[DIGEST][b]
             except Exception as exc:
                 report.damage.append(Damage(DIGEST, f"corrupt or truncated ({exc})", b, *bounds[b]))
-    bar = _progress_bar(progress, len(bounds), f"verifying {path}")
+    from .progress import Progress
+
+    bar = Progress(f"verifying {path}", int(done.sum()), enabled=progress, unit="batches")
+    checked = 0
     for b in np.flatnonzero(done):
         start, stop = bounds[b]
         if digests is None or digests[b].min() == 0:
@@ -682,30 +685,10 @@ def verify_store(path, *, progress: bool = False) -> StoreReport:
                 read_rows(path, name, b, start, stop, digests[b, i], arr=arrays[name])
             except StoreDamaged as exc:
                 report.damage.append(Damage(name, exc.reason, b, start, stop))
-        bar(1)
-    bar(None)
+        checked += 1
+        bar.update(checked)
+    bar.close()
     return report
-
-
-def _progress_bar(show: bool, total: int, message: str):
-    """A plain per-step counter on stderr (one line per 10%); a no-op when ``show`` is False."""
-    import sys
-
-    state = {"n": 0, "last": -1}
-
-    def step(n):
-        if not show:
-            return
-        if n is None:
-            print(f"{message}: done", file=sys.stderr, flush=True)
-            return
-        state["n"] += n
-        tenth = 10 * state["n"] // max(total, 1)
-        if tenth != state["last"]:
-            state["last"] = tenth
-            print(f"{message}: {state['n']} of {total} batches", file=sys.stderr, flush=True)
-
-    return step
 
 
 def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:

@@ -42,8 +42,9 @@ def classification_margin(output, batch):
     1 - p = sigmoid(-f).
     """
     labels = batch["labels"] if isinstance(batch, dict) else batch[1]
-    correct = output.gather(1, labels[:, None])[:, 0]
-    others = output.masked_fill(nn.functional.one_hot(labels, output.shape[1]).bool(), float("-inf"))
+    is_label = torch.arange(output.shape[1], device=output.device) == labels[:, None]  # no data-dependent branch
+    correct = (output * is_label).sum(dim=1)
+    others = output.masked_fill(is_label, float("-inf"))
     return correct - others.logsumexp(dim=1)
 
 
@@ -231,6 +232,29 @@ def digits_checkpoints(steps=(10, 50, 300), hidden: int = 32, seed: int = 0) -> 
     return out
 
 
+def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits, (1797, 64) pixel values 0..16 and (1797,) labels, read from the file it ships.
+
+    The same arrays as ``sklearn.datasets.load_digits()`` (tested), without
+    importing scikit-learn (and SciPy behind it), which would cost a command
+    line call most of a second.
+    """
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    path = None if spec is None or spec.origin is None else Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits  # a layout we do not know: let scikit-learn find its file
+
+        data = load_digits()
+        return data.data, data.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 @functools.lru_cache(maxsize=4)
 def digits(hidden: int = 32, steps: int = 300, seed: int = 0, n_test: int = 297) -> Workload:
     """scikit-learn's digits with a 2-hidden-layer tanh MLP trained by Adam (full batch).
@@ -238,13 +262,11 @@ def digits(hidden: int = 32, steps: int = 300, seed: int = 0, n_test: int = 297)
     Deterministic for a given (hidden, steps, seed).  The first 1500 shuffled
     images train, the remaining ``n_test`` test.
     """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    images, target = load_digits_data()
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data.target))
-    x = (data.data[order] / 16.0).astype(np.float32)
-    y = data.target[order].astype(np.int64)
+    order = rng.permutation(len(target))
+    x = (images[order] / 16.0).astype(np.float32)
+    y = target[order].astype(np.int64)
     n_train = len(y) - n_test
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     torch.manual_seed(seed)
@@ -319,7 +341,12 @@ class MiniLMClassifier(nn.Module):
         self.head = nn.Linear(encoder.config.hidden_size, n_classes)
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # the encoder gets the padding mask already in its 4-D additive form (0 to attend, the dtype's minimum to
+        # skip), which transformers passes through as is: the 2-D form goes through code that branches on the
+        # mask's values (``padding_mask.all()``), which torch.func.vmap cannot run
+        dtype = self.head.weight.dtype
+        additive = (1.0 - attention_mask.to(dtype))[:, None, None, :] * torch.finfo(dtype).min
+        hidden = self.encoder(input_ids=input_ids, attention_mask=additive).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return self.head(pooled)

@@ -235,3 +235,20 @@ def test_a_module_updated_in_place_is_not_used_stale_by_worker_threads(work, sma
     # a "factory" that returns the same live module to every thread is copied per thread, not raced on
     shared = sketch_gradients(lambda: model, work.loss_fn, data, SKETCH, batch_size=20).grad.values
     np.testing.assert_allclose(shared, fresh, rtol=1e-5, atol=1e-6 * np.abs(fresh).max())
+
+
+def test_the_model_factory_is_called_once_per_call(work, small, tmp_path):
+    data, ids = small
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return work.model()
+
+    for scheduler in ("sync", "threads"):
+        calls.clear()
+        ds = sketch_gradients(factory, work.loss_fn, data, SKETCH, batch_size=40, ids=ids, progress=False,
+                              store=tmp_path / f"{scheduler}.zarr", scheduler=scheduler)
+        # the caller's process builds once; its tasks use that module, or a private copy on other threads
+        assert len(calls) == 1, scheduler
+    np.testing.assert_array_equal(ds.grad.values, open_sketches(tmp_path / "sync.zarr").grad.values)

@@ -37,11 +37,28 @@ def test_minilm_loads_offline_and_sketches_explicitly_and_implicitly(monkeypatch
     assert w.info["n_params"] > 20_000_000 and w.info["test_accuracy"] >= 0.75
     subset = torch.utils.data.Subset(w.train, range(4))
     spec = {"method": "afjl", "n_out": 256}
-    # transformers' attention-mask code branches on data, which vmap refuses: the loop fallback runs
-    with pytest.warns(RuntimeWarning, match="one example at a time"):
+    # the classifier hands the encoder its padding mask in 4-D form, so vmap runs it: no loop fallback
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
         explicit = sketch_gradients(w.model_factory, w.loss_fn, subset, spec, batch_size=4,
-                                    forward=w.forward).grad.values
+                                    forward=w.forward, per_example="vmap").grad.values
+    looped = sketch_gradients(w.model_factory, w.loss_fn, subset, spec, batch_size=4, forward=w.forward,
+                              per_example="loop").grad.values
     implicit = sketch_gradients(w.model_factory, w.loss_fn, subset, spec, batch_size=4, forward=w.forward,
                                 mode="implicit", per_example="loop").grad.values
     assert np.isfinite(explicit).all() and np.abs(explicit).max() > 0
+    np.testing.assert_allclose(looped, explicit, rtol=1e-3, atol=1e-4 * np.abs(explicit).max())
     np.testing.assert_allclose(implicit, explicit, rtol=1e-3, atol=1e-4 * np.abs(explicit).max())
+
+
+def test_digits_data_are_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    from sketcharray.workloads import load_digits_data
+
+    images, labels = load_digits_data()
+    reference = load_digits()
+    np.testing.assert_array_equal(images, reference.data)
+    np.testing.assert_array_equal(labels, reference.target)

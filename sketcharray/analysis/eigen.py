@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,28 +27,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from ..progress import Progress
+
 WHICH = ("both", "top", "bottom")
-
-
-class _Progress:
-    """A one-line terminal progress indicator (quiet when ``enabled`` is False)."""
-
-    def __init__(self, label: str, total: int, enabled: bool):
-        self.label, self.total, self.enabled, self.t0 = label, total, enabled, time.perf_counter()
-
-    def update(self, i: int, extra: str = "") -> None:
-        now = time.perf_counter()
-        if self.enabled and (i >= self.total or now - getattr(self, "_last", 0.0) >= 0.2):
-            self._last = now
-            width = 30
-            done = int(width * i / max(self.total, 1))
-            sys.stderr.write(f"\r{self.label} [{'#' * done}{' ' * (width - done)}] {i}/{self.total} "
-                             f"{time.perf_counter() - self.t0:.1f} s {extra}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def _select(vals, vecs, res, k, which):
@@ -91,7 +71,7 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     v = rng.standard_normal(dim)
     basis[0] = v / np.linalg.norm(v)
     alpha, beta = np.zeros(m_max), np.zeros(m_max)
-    bar = _Progress("lanczos", m_max, progress)
+    bar = Progress("lanczos", m_max, enabled=progress, unit="HVPs")
     m, restarts = 0, 0
     result = None
     for j in range(m_max):
@@ -153,7 +133,7 @@ def randomized(matvec, dim: int, k: int = 10, *, which: str = "both", block: int
     q, _ = np.linalg.qr(rng.standard_normal((dim, p)))
     basis, images = [q], []
     rayleigh = np.zeros((0, 0))  # V^T K V, grown by one block of rows and columns per product
-    bar = _Progress("randomized", n_iter, progress)
+    bar = Progress("randomized", n_iter, enabled=progress, unit="blocks")
     result, it = None, 0
     for it in range(1, n_iter + 1):
         bar.update(it)

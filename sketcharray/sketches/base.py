@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -35,6 +36,30 @@ def available_memory(device=None) -> int:
 
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+#: operators rebuilt from the same spec in one process (a new call, a task's unpickled copy) share their
+#: random state: building it costs about a second at N = 2^25.  The states of the last SHARED_STATES
+#: specs are kept (each O(N) floats for affd/afjl, the factors for qk).
+SHARED_STATES = 2
+_shared: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+_shared_lock = threading.Lock()
+
+
+def _shared_state(key: tuple) -> dict | None:
+    with _shared_lock:
+        state = _shared.get(key)
+        if state is not None:
+            _shared.move_to_end(key)
+        return state
+
+
+def _keep_shared_state(key: tuple, state: dict) -> None:
+    with _shared_lock:
+        _shared[key] = state
+        _shared.move_to_end(key)
+        while len(_shared) > SHARED_STATES:
+            _shared.popitem(last=False)
 
 
 @dataclass(frozen=True, eq=True)
@@ -233,11 +258,15 @@ class SketchOperator:
             with self._lock:
                 state = self._cache.get(cache_key)
                 if state is None:
-                    self.check_fits(device)
-                    if xp.__name__.endswith("torch") and str(device) == "cpu":
-                        state = self._host_state(xp, like.dtype)
-                    else:
-                        state = self._build_state(xp, device, like.dtype)
+                    shared_key = (type(self).__name__, repr(sorted(self.spec.items(), key=str)), *cache_key)
+                    state = _shared_state(shared_key)
+                    if state is None:
+                        self.check_fits(device)
+                        if xp.__name__.endswith("torch") and str(device) == "cpu":
+                            state = self._host_state(xp, like.dtype)
+                        else:
+                            state = self._build_state(xp, device, like.dtype)
+                        _keep_shared_state(shared_key, state)
                     self._cache[cache_key] = state
         return state
 

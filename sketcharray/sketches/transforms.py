@@ -316,6 +316,7 @@ def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permut
     # F = H[perm] gathers the transform's outputs; F = H[:, perm] gathers its inputs through perm^-1;
     # transposing swaps the two (H is symmetric).
     gather_out = (permute == "rows") != transpose
+    perms = [None if p is None else np.asarray(p) for p in perms]  # host arrays (torch's __array_wrap__ is deprecated)
     inverse = [None if p is None else np.argsort(p) for p in perms]
     dtype = src.dtype
     empty = np.zeros(0, dtype=dtype)

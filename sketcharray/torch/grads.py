@@ -228,8 +228,11 @@ def sketch_batch(model, loss_fn, batch, paramset: ParamSet, op, *, mode: str = "
     """
     if mode == "explicit":
         g, losses = per_example_gradients(model, loss_fn, batch, paramset, forward=forward, per_example=per_example)
-        valid = torch.isfinite(g).all(dim=1) & torch.isfinite(losses)
-        sk = op.apply(torch.where(valid[:, None], g, torch.zeros_like(g)), check_finite=False)
+        # finiteness is checked on the D-sized sketch: a NaN or inf entry of g reaches every output it has a
+        # nonzero weight in (NaN * 0 is NaN too), so no pass over the (B x N) gradients is needed
+        sk = op.apply(g, check_finite=False)
+        del g
+        valid = torch.isfinite(sk).all(dim=1) & torch.isfinite(losses)
     elif mode == "implicit":
         sk, losses = implicit_sketches(model, loss_fn, batch, paramset, op, forward=forward, per_example=per_example)
         valid = torch.isfinite(sk).all(dim=1) & torch.isfinite(losses)

@@ -56,6 +56,7 @@ import xarray as xr
 import zarr
 
 from . import __version__
+from .provenance import provenance, with_provenance
 
 PROGRESS = "batch_done"
 DIGEST = "batch_digest"
@@ -79,12 +80,8 @@ class StoreDamaged(StoreError):
     """
 
     def __init__(self, path, variable: str, reason: str, batch: int | None = None, start: int | None = None,
-                 stop: int | None = None, ids=None):
-        where = f"{variable} of batch {batch} (examples {start}..{stop - 1}" if batch is not None else variable
-        if batch is not None:
-            if ids is not None and len(ids) >= stop:
-                where += f", ids {ids[start]!s}..{ids[stop - 1]!s}"
-            where += ")"
+                 stop: int | None = None):
+        where = variable if batch is None else f"{variable} of batch {batch} (examples {start}..{stop - 1})"
         super().__init__(f"store {path}: {where}: {reason}; rerun the command that wrote it to repair")
         self.variable, self.reason, self.batch, self.start, self.stop = variable, reason, batch, start, stop
 
@@ -519,8 +516,6 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
     for key in ("sketch_spec", "param_names", "param_sizes", "digest_parts"):
         if isinstance(ds.attrs.get(key), str):
             ds.attrs[key] = json.loads(ds.attrs[key])
-    from .provenance import provenance, with_provenance
-
     with_provenance(ds[variable], provenance(ds))
     return ds
 

@@ -152,15 +152,19 @@ def _preconditioned(q: xr.DataArray, train, damping, preconditioner) -> tuple[xr
         if not damping > 0:
             raise ValueError(f"damping must be > 0; got {damping!r}")
         lam = xr.DataArray(float(damping))
-    f = f.drop_vars([c for c in ("sketch", "sketch2") if c in f.coords])
+    solved = _solve_per_checkpoint(_damped_solve, f, q, lam)
+    return solved, lam, {"damping": float(damping) if damping is not None else DEFAULT_DAMPING}
+
+
+def _solve_per_checkpoint(solve, f: xr.DataArray, q: xr.DataArray, lam: xr.DataArray) -> xr.DataArray:
+    """``solve(F, q, lam)`` on each D x D F and the queries, vectorised over checkpoints; lazy (dask)."""
     solved = xr.apply_ufunc(
-        _damped_solve, f, q.drop_vars("sketch", errors="ignore"), lam,
+        solve, f.drop_vars([c for c in ("sketch", "sketch2") if c in f.coords]),
+        q.drop_vars("sketch", errors="ignore"), lam,
         input_core_dims=[["sketch", "sketch2"], ["query", "sketch"], []], output_core_dims=[["query", "sketch"]],
         vectorize=True, dask="parallelized", output_dtypes=[np.float64],
         dask_gufunc_kwargs={"allow_rechunk": True})
-    if "sketch" in q.coords:
-        solved = solved.assign_coords(sketch=q["sketch"].values)
-    return solved, lam, {"damping": float(damping) if damping is not None else DEFAULT_DAMPING}
+    return solved.assign_coords(sketch=q["sketch"].values) if "sketch" in q.coords else solved
 
 
 # -------------------------------------------------------------- scoring
@@ -219,15 +223,7 @@ def _trak_queries(q: xr.DataArray, train, damping):
         raise ValueError(f"damping (TRAK's lambda) must be >= 0; got {damping!r}")
     f = gram(train) * _valid_mask(grad, valid).sum("example")  # G^T G over the valid rows
     lam = xr.DataArray(0.0 if damping is None else float(damping))
-    solved = xr.apply_ufunc(
-        _trak_solve, f.drop_vars([c for c in ("sketch", "sketch2") if c in f.coords]),
-        q.drop_vars("sketch", errors="ignore"), lam,
-        input_core_dims=[["sketch", "sketch2"], ["query", "sketch"], []], output_core_dims=[["query", "sketch"]],
-        vectorize=True, dask="parallelized", output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"allow_rechunk": True})
-    if "sketch" in q.coords:
-        solved = solved.assign_coords(sketch=q["sketch"].values)
-    return solved, {"damping": float(lam)}
+    return _solve_per_checkpoint(_trak_solve, f, q, lam), {"damping": float(lam)}
 
 
 def _trak_reweighting(train) -> xr.DataArray:

@@ -1,7 +1,67 @@
-"""sketcharray: gradient and Hessian sketches of large neural networks, stored as labeled arrays."""
+"""sketcharray: gradient and Hessian sketches of large neural networks, stored as labeled arrays.
+
+One import gives the user-facing functions and types; each is loaded from
+its module the first time it is used, so ``import sketcharray`` stays cheap
+(no torch, dask or xarray until needed)::
+
+    import sketcharray as sa
+
+    phi = sa.make_sketch("afjl", n_in=3_000_000, n_out=4096)
+    w = sa.load_workload("digits")
+    train = sa.sketch_gradients(w.model_factory, w.loss_fn, w.train, phi, batch_size=64, store="train.zarr")
+    top = sa.attribute(train, queries, score="influence", k=10)
+
+Sketch operators
+    make_sketch, sketch_from_spec, SketchOperator, METHODS
+Streaming from PyTorch
+    sketch_gradients, sketch_hvps, subspace_hessian, random_probes
+Stores and provenance
+    open_sketches, verify_store, stack_checkpoints, check_same_sketch, StoreDamaged, StoreLocked
+Training data attribution
+    attribute, self_influence, gram, compare_with_exact, linear_datamodeling_score
+Hessian spectrum
+    hessian_spectrum, spectrum_statistics, lanczos, randomized
+Intrinsic dimension
+    intrinsic_dimension, intrinsic_dimension_grid, StartMeetsTarget
+Workloads
+    Workload, load_workload, digits, minilm, cross_entropy_per_example, classification_margin
+
+The modules (``sketcharray.sketches``, ``.collect``, ``.store``, ``.provenance``,
+``.analysis``, ``.workloads``) stay importable as before.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.3.0"
 
-from .sketches import METHODS, SketchOperator, make_sketch  # noqa: E402
+#: public name -> the module that defines it (relative to this package)
+_FRONT_DOOR = {
+    **dict.fromkeys(["make_sketch", "sketch_from_spec", "SketchOperator", "METHODS"], ".sketches"),
+    **dict.fromkeys(["sketch_gradients", "sketch_hvps", "subspace_hessian", "random_probes"], ".collect"),
+    **dict.fromkeys(["open_sketches", "verify_store", "StoreDamaged", "StoreLocked"], ".store"),
+    **dict.fromkeys(["stack_checkpoints", "check_same_sketch"], ".provenance"),
+    **dict.fromkeys(["attribute", "self_influence", "gram", "compare_with_exact"], ".analysis.tda"),
+    "linear_datamodeling_score": ".analysis.lds",
+    **dict.fromkeys(["hessian_spectrum", "spectrum_statistics", "lanczos", "randomized"], ".analysis.eigen"),
+    **dict.fromkeys(["intrinsic_dimension", "intrinsic_dimension_grid", "StartMeetsTarget"], ".analysis.intrinsic"),
+    **dict.fromkeys(["Workload", "load_workload", "digits", "minilm", "cross_entropy_per_example",
+                     "classification_margin"], ".workloads"),
+}
 
-__all__ = ["METHODS", "SketchOperator", "make_sketch", "__version__"]
+__all__ = ["__version__", *_FRONT_DOOR]
+
+
+def __getattr__(name: str):
+    """PEP 562: load a front-door name from its module on first use."""
+    module = _FRONT_DOOR.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sketcharray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_FRONT_DOOR))

@@ -408,3 +408,15 @@ def test_trak_scores_from_margin_stores_and_a_refusal_for_loss_stores(tmp_path, 
     assert "needs gradients of the model output f" in capsys.readouterr().err
     assert cli.main(["attribute", str(tmp_path / "train-m.zarr"), str(tmp_path / "test-l.zarr"), "--k", "3"]) == 3
     assert "are gradients of different functions" in capsys.readouterr().err
+
+
+def test_spectrum_out_without_checkpoints_stores_the_current_weights(tmp_path, capsys):
+    folder = tmp_path / "spectrum"
+    args = ["spectrum", "--workload", TINY, "--n-out", "16", "--k", "2", "--out", str(folder)]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert (folder / "checkpoint-current.zarr").is_dir()
+    assert cli.main(args) == 0  # reused, the same table
+    assert capsys.readouterr().out.split("| - |")[1:] == first.split("| - |")[1:]
+    assert cli.main(["info", str(folder), "--json"]) == 0
+    assert "current" in json.loads(capsys.readouterr().out)["checkpoints"]

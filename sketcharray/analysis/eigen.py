@@ -270,8 +270,10 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
         Also return the Ritz vectors in sketch space (sign, rank, sketch).
     store : path, optional
         A folder: each checkpoint's result is saved there as it completes
-        (Zarr), and a rerun loads finished checkpoints instead of recomputing
-        (only for the same weights, data, sketch and solver settings).
+        (Zarr, ``checkpoint-NAME.zarr``; ``checkpoint-current.zarr`` for the
+        model's own weights), and a rerun loads finished checkpoints instead
+        of recomputing (only for the same weights, data, sketch and solver
+        settings).
     seeds : sequence of int, optional
         Repeat with independent sketches, one per seed (the sketch's own
         seed is replaced): the result gains a ``seed`` dimension and
@@ -322,7 +324,8 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
     data_fp = None
     results = []
     for name, state in items:
-        path = None if store is None or name is None else Path(store) / f"checkpoint-{name}.zarr"
+        # without checkpoints the model's own weights are stored as the checkpoint "current"
+        path = None if store is None else Path(store) / f"checkpoint-{'current' if name is None else name}.zarr"
         if state is not None:
             if isinstance(state, (str, Path)):
                 state = _load_state_dict(state)

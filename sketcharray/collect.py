@@ -196,6 +196,12 @@ def _model_delayed(source):
     return source
 
 
+def _elsewhere(model: nn.Module, dev: torch.device) -> bool:
+    """Whether some parameter or buffer of ``model`` is not on ``dev``."""
+    return any(t.device.type != dev.type or (dev.index is not None and t.device.index != dev.index)
+               for t in [*model.parameters(), *model.buffers()])
+
+
 def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
     """Move the model to ``dev`` when some tensor is elsewhere.
 
@@ -203,10 +209,7 @@ def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
     ``param.data`` (which torch refuses while another thread is inside a
     torch.func transform), under the build lock.
     """
-    def elsewhere(t):
-        return t.device.type != dev.type or (dev.index is not None and t.device.index != dev.index)
-
-    if any(elsewhere(t) for t in [*model.parameters(), *model.buffers()]):
+    if _elsewhere(model, dev):
         with _BUILD_LOCK:
             previous = torch.__future__.get_overwrite_module_params_on_conversion()
             torch.__future__.set_overwrite_module_params_on_conversion(True)
@@ -534,7 +537,7 @@ def subspace_hessian(model, loss_fn: Callable, data, sketch, *, params=None, bat
     """
     dev = _device_of(device)
     if isinstance(model, nn.Module):
-        if any(t.device != torch.empty(0, device=dev).device for t in [*model.parameters(), *model.buffers()]):
+        if _elsewhere(model, dev):
             import copy
 
             model = copy.deepcopy(model).to(dev)

@@ -52,8 +52,13 @@ def test_bench_sketch_prints_table_and_writes_json(tmp_path, capsys):
     assert "x memcpy" in text and "afjl" in text
     payload = json.loads(out.read_text())
     rows = payload["rows"]
-    assert {r["method"] for r in rows} == {"memcpy", "afjl", "qk", "dense"}
-    ok = [r for r in rows if r["method"] != "memcpy"]
+    assert {r["method"] for r in rows} == {"memcpy", "fwht", "afjl", "qk", "dense"}
+    # the transform alone, against fht-cpu (a test requirement), for the power-of-two N only
+    fwht = [r for r in rows if r["method"] == "fwht"]
+    assert {(r["N"], r["precond"]) for r in fwht} == {(4096, "sketcharray"), (4096, "fht-cpu")}
+    assert all(r["status"] == "ok" and r["ratio"] > 0 for r in fwht)
+    assert any(t.startswith("target CPU FWHT N=2^12:") for t in payload["targets"])
+    ok = [r for r in rows if r["method"] not in ("memcpy", "fwht")]
     assert len(ok) == 2 * 2 * 3 and all(r["status"] == "ok" for r in ok)
     assert all(r["ms_per_example"] > 0 and r["ratio"] > 0 and r["peak_bytes"] >= 0 for r in ok)
 

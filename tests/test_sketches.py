@@ -260,6 +260,34 @@ def test_butterfly_path_matches_the_kronecker_products(case, rng, monkeypatch):
     np.testing.assert_allclose(adj, slow.adjoint(y), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_in, n_out", [(N_ODD, 64), (1 << 12, 64), (5000, 700), (1 << 13, 1 << 13)])
+@pytest.mark.parametrize("block", [None, 1 << 6])
+def test_affd_is_its_definition_with_the_row_permutation_moved(n_in, n_out, block, rng, monkeypatch):
+    """AFFD runs H^{pi2} G P H as (H^{pi2} P)(P^T G P) H, so the FWHT needs no gather: the same matrix.
+
+    Built here from SPEC eq. 6 with the drawn permutations (rows of H1's factors, columns of H2's),
+    on the host (compiled FWHT, with H2's first contraction fused into the FWHT's last pass when the
+    lowest group is small) and through torch (the factors' products)."""
+    from sketcharray.sketches import random as rnd
+    from sketcharray.sketches import transforms as tf
+
+    if block:
+        monkeypatch.setattr(tf, "FWHT_BLOCK", block)
+    op = make_sketch("affd", n_in, n_out, seed=7)
+    h1, h2 = op._mix("H1", op.n_pad, "rows"), op._mix("H2", op.n_out, "cols")
+    m1 = [tf.hadamard(b)[p] for b, p in zip(h1.factors, h1.perms())]
+    m2 = [tf.hadamard(b)[:, p] for b, p in zip(h2.factors, h2.perms())]
+    g = rnd.normal(np, op.key("G"), 0, op.n_pad) * np.sqrt(op.n_pad / n_out)
+    signs = rnd.signs(np, op.key("B"), n_in, dtype=np.float64)
+    x, y = rng.standard_normal((3, n_in)), rng.standard_normal((3, n_out))
+    expected = tf.kron_apply(np, tf.kron_apply(np, x * signs, m1) * g, m2)[:, :n_out]
+    np.testing.assert_allclose(op.apply(x), expected, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(op.apply(torch.from_numpy(x).requires_grad_(False)).numpy(), expected,
+                               rtol=1e-10, atol=1e-11)
+    adjoint = tf.kron_apply(np, tf.kron_apply(np, y, m2, transpose=True)[:, : op.n_pad] * g, m1, transpose=True)
+    np.testing.assert_allclose(op.adjoint(y), adjoint[:, :n_in] * signs, rtol=1e-10, atol=1e-11)
+
+
 def test_revision_names_a_changed_construction():
     """Haar factors changed construction in 0.2: their specs carry revision 2, and a spec of
     another revision is refused rather than silently rebuilt as a different operator."""

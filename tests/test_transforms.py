@@ -123,6 +123,62 @@ def test_butterfly_kernel_equals_the_dense_kronecker_factors(factors, permute, t
     np.testing.assert_allclose(got32, tf.kron_apply(np, x, mats, transpose=transpose), rtol=0, atol=bound)
 
 
+@pytest.mark.parametrize("log_n", [4, 10, 15])
+def test_butterfly_kernel_equals_an_fwht_library_we_did_not_write(log_n, rng, monkeypatch):
+    """fht-cpu (SIMD C++) is the reference: the unnormalised Sylvester transform, so ours times sqrt(N).
+
+    A small lowest group makes N = 2^15 run in three passes (contiguous and two strided), the path
+    large N take; float64 keeps the comparison at rounding level (log2 N stages of sums of N terms).
+    """
+    fht_cpu = pytest.importorskip("fht_cpu")
+    monkeypatch.setattr(tf, "FWHT_BLOCK", 1 << 6)
+    monkeypatch.setattr(tf, "FWHT_L1_BLOCK", 1 << 4)
+    n = 1 << log_n
+    x = rng.standard_normal((3, n))
+    expected = fht_cpu.fht(x.copy()) / math.sqrt(n)
+    for factors in (tf.pow2_factors(n, 64), tf.pow2_factors(n, 8)):
+        np.testing.assert_allclose(tf.kron_hadamard(x, factors), expected, rtol=0, atol=1e-12 * math.sqrt(n))
+
+
+@pytest.mark.parametrize("factors", [(8, 8, 8), (4, 8, 16, 32), (64, 32)])
+@pytest.mark.parametrize("lead_factors", [1, 2])
+def test_a_lead_matrix_after_the_transform_fused_or_not(factors, lead_factors, rng, monkeypatch):
+    """``lead`` contracts the leading factors of the result: fused into the last pass when that pass is
+    exactly those factors, else applied after it; both equal the Kronecker product of the two."""
+    monkeypatch.setattr(tf, "FWHT_BLOCK", 1 << 6)
+    monkeypatch.setattr(tf, "FWHT_STRIDED_BLOCK", 1 << 6)
+    n_full = math.prod(factors)
+    g = math.prod(factors[:lead_factors])
+    lead = rng.standard_normal((2, g))
+    x = rng.standard_normal((3, n_full - 7))
+    d_in, d_out = rng.standard_normal(n_full - 7), rng.standard_normal(n_full)
+    full = tf.kron_hadamard(x, factors, d_in=d_in, d_out=d_out)
+    expected = np.einsum("rg,bgq->brq", lead, full.reshape(3, g, -1)).reshape(3, -1)
+    np.testing.assert_allclose(tf.kron_hadamard(x, factors, d_in=d_in, d_out=d_out, lead=lead), expected,
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="lead has 3 columns"):
+        tf.kron_hadamard(x, factors, lead=np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("signed", [False, True])
+def test_leading_contraction_reads_the_signed_padded_input(rows, signed, rng):
+    """The compiled kernel (up to 8 rows) and the blocked products (more) against the formula."""
+    n, n_pad, b = 1000, 1024, 16
+    x, m = rng.standard_normal((5, n)), rng.standard_normal((rows, b))
+    signs = np.sign(rng.standard_normal(n)) if signed else None
+    padded = np.pad(x * (1 if signs is None else signs), ((0, 0), (0, n_pad - n)))
+    expected = np.einsum("rg,bgq->brq", m, padded.reshape(5, b, -1))
+    np.testing.assert_allclose(tf.leading_contraction(np, x, m, n_pad, signs), expected, rtol=1e-12, atol=1e-12)
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xt
+
+    got = tf.leading_contraction(xt, torch.from_numpy(x), torch.from_numpy(m), n_pad,
+                                 None if signs is None else torch.from_numpy(signs))
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_butterfly_kernel_gives_the_same_numbers_on_any_thread(rng):
     """From the main thread the work is split across cores; from a worker thread it runs on one."""
     import concurrent.futures

@@ -63,6 +63,35 @@ def run_case(method, precond, n, d, x, device: Device, args) -> dict:
     return row
 
 
+def fwht_rows(n: int, x, device: Device, repeat: int) -> list[dict]:
+    """The Kronecker Hadamard transform alone, the package's compiled FWHT against fht-cpu where installed.
+
+    Both write the transform of the batch into a preallocated buffer (fht-cpu
+    copies the batch there and transforms it in place), on every core; the
+    package's transform uses the sketches' factors (``max_factor=64``).
+    Host arrays only.
+    """
+    import numpy as np
+
+    from ..sketches import transforms as tf
+
+    if device.name != "cpu" or n & (n - 1):
+        return []
+    dst = np.empty_like(x)
+    factors = tf.pow2_factors(n, 64)
+    rows = [{"method": "fwht", "precond": "sketcharray", "N": n, "D": "-", "status": "ok",
+             "time_s": median_time(lambda: tf.kron_hadamard(x, factors, out=dst), device, repeat, warmup=2)}]
+    try:
+        import fht_cpu
+    except ImportError:
+        rows.append({"method": "fwht", "precond": "fht-cpu", "N": n, "D": "-",
+                     "status": "skipped: fht-cpu not installed (pip install sketcharray[bench])"})
+        return rows
+    rows.append({"method": "fwht", "precond": "fht-cpu", "N": n, "D": "-", "status": "ok",
+                 "time_s": median_time(lambda: fht_cpu.fht(x, out=dst), device, repeat, warmup=2)})
+    return rows
+
+
 def measure_memcpy(x, device: Device, repeat: int) -> float:
     """Median time to copy the batch into a preallocated buffer: the bandwidth floor."""
     dst = device.empty_like(x)
@@ -72,8 +101,20 @@ def measure_memcpy(x, device: Device, repeat: int) -> float:
 def evaluate_targets(rows, device: Device) -> list[str]:
     lines = []
     if device.name == "cpu":
+        for n in sorted({r["N"] for r in rows}):
+            fwht = {r["precond"]: r for r in rows if r["method"] == "fwht" and r["N"] == n and r.get("status") == "ok"}
+            if len(fwht) == 2:
+                ratio = fwht["sketcharray"]["time_s"] / fwht["fht-cpu"]["time_s"]
+                lines.append(f"target CPU FWHT N={_pow2(n)}: {ratio:.2f}x fht-cpu "
+                             f"({fwht['sketcharray']['ratio']:.1f}x against {fwht['fht-cpu']['ratio']:.1f}x memcpy) "
+                             f"(<= 1.3x): {'MET' if ratio <= 1.3 else 'MISSED'}")
         at = [r for r in rows if r["N"] == 1 << 24 and r["D"] == 1 << 12 and r.get("status") == "ok"
               and r["method"] in LOOKUP_FREE and r["precond"] in ("-", "hadamard")]
+        for r in at:
+            bound = {"affd": 5, "afjl": 2}.get(r["method"])
+            if bound:
+                lines.append(f"target CPU N=2^24 D=2^12: {r['method']} at {r['ratio']:.1f}x memcpy (<= {bound}x): "
+                             f"{'MET' if r['ratio'] <= bound else 'MISSED'}")
         if at:
             best = min(at, key=lambda r: r["ratio"])
             ok = best["ratio"] <= 10
@@ -118,6 +159,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--dense-budget", type=lambda s: float(parse_sizes(s)[0]), default=None,
                    help="largest D*N built for dense/dense-otf (default 2^30 on cpu, 2^36 on cuda)")
     p.add_argument("--quick", action="store_true", help="small sizes: N=2^16,2^18, D=2^10,2^12")
+    p.add_argument("--no-fwht", dest="fwht", action="store_false",
+                   help="skip the transform-alone rows (the package's FWHT against fht-cpu, CPU only)")
     p.add_argument("--json", default="bench-out/bench-sketch.json", help="where to write the JSON results")
     return p
 
@@ -140,6 +183,11 @@ def main(argv=None, args=None) -> int:
               f"({2 * 4 * x.shape[0] * n / memcpy / 1e9:.1f} GB/s read+write)", flush=True)
         rows.append({"method": "memcpy", "precond": "-", "N": n, "D": "-", "time_s": memcpy,
                      "ms_per_example": 1e3 * memcpy / args.batch, "ratio": 1.0, "status": "ok"})
+        for row in fwht_rows(n, x, device, repeat=max(7, args.repeat)) if args.fwht else []:
+            if row.get("status") == "ok":
+                row.update(ms_per_example=1e3 * row["time_s"] / args.batch, ratio=row["time_s"] / memcpy)
+            rows.append(row)
+            print("  " + _one_line(row), flush=True)
         for method, precond in cases(args.methods, args.preconds):
             for d in args.d:
                 if d > n:

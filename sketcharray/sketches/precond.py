@@ -65,22 +65,30 @@ class Mixing:
         """Rows of each factor that the first n_out outputs need."""
         return tf.kept_rows(self.factors, self.n_out)
 
-    def build(self, xp, device, dtype) -> dict:
+    def _factor_key(self, k: int) -> tuple:
+        return (*self.key[:2], (self.key[2] + k) & 0xFFFFFFFF)
+
+    def perms(self) -> list[np.ndarray]:
+        """Hadamard with ``permute``: each factor's permutation (host arrays), as :meth:`build` draws them."""
+        return [rnd.permutations(np, self._factor_key(k), b)[0] for k, b in enumerate(self.factors)]
+
+    def build(self, xp, device, dtype, perms=None) -> dict:
+        """The factors on ``xp``/``device``; ``perms`` (Hadamard with ``permute``) replaces the drawn permutations."""
         if self.precond == "fft":
             shift = int(rnd.random_bits(np, self.key, 0, 1)[0]) % self.n if self.permute else 0
             return {"shift": shift}
-        mats, perms = [], []
+        mats, drawn = [], []
         for k, b in enumerate(self.factors):
-            sub = (*self.key[:2], (self.key[2] + k) & 0xFFFFFFFF)
+            sub = self._factor_key(k)
             if self.precond == "kron":
                 m = tf.haar_orthogonal(sub, b)
             else:
-                perm = rnd.permutations(np, sub, b)[0] if self.permute else None
+                perm = (rnd.permutations(np, sub, b)[0] if perms is None else np.asarray(perms[k])) if self.permute else None
                 h = tf.hadamard(b)
                 m = h[perm] if self.permute == "rows" else h[:, perm] if self.permute == "cols" else h
-                perms.append(perm)
+                drawn.append(perm)
             mats.append(xp.asarray(np.ascontiguousarray(m), dtype=dtype, device=device))
-        return {"mats": mats, "perms": perms}
+        return {"mats": mats, "perms": drawn}
 
     def _butterflies(self, *arrays) -> bool:
         # The full Kronecker Hadamard on host arrays runs as the compiled FWHT (tf.kron_hadamard);

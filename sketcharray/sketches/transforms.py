@@ -87,6 +87,41 @@ def kept_rows(factors: tuple[int, ...], n_out: int) -> tuple[int, ...]:
     return tuple(rows)
 
 
+def cache_bytes(level: int = 2, default: int = 1 << 19) -> int:
+    """Size of this machine's per-core data cache at ``level`` (Linux sysfs), or ``default`` where unknown."""
+    import glob
+
+    for folder in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{folder}/level") as f_level, open(f"{folder}/type") as f_type, open(f"{folder}/size") as f_size:
+                if int(f_level.read()) != level or f_type.read().strip() == "Instruction":
+                    continue
+                text = f_size.read().strip().upper()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        try:
+            return int(text.rstrip("KM")) * scale
+        except ValueError:
+            return default
+    return default
+
+
+#: entries of the lowest group of factors one pass of the blocked FWHT keeps in cache: an L2 cache of float32
+#: (two passes over memory up to N = 2^28 with 64-point factors where L2 holds 1 MiB), at most 2^20
+FWHT_BLOCK = 1 << min(20, max(13, (cache_bytes(2) // 4).bit_length() - 1))
+#: entries the lower stages of the lowest group run on at a time: a quarter of an L1 data cache of float32
+FWHT_L1_BLOCK = 1 << min(14, max(8, (cache_bytes(1, 1 << 15) // 16).bit_length() - 1))
+#: entries of a higher (strided) group of factors
+FWHT_STRIDED_BLOCK = 1 << 10
+#: bytes of the buffer of a strided pass (group entries x columns moved at a time): a quarter of a 1 MiB L2
+#: cache; wider blocks amortise the page walk of each strided row (64 x 1024 float32 runs at 1.8x a
+#: memcpy where 64 x 256 took 2.1x and 64 x 64 4x, on the 2-core EPYC of docs/benchmarks.md)
+FWHT_STRIDED_BYTES = 1 << 18
+#: the most columns a strided pass moves at a time
+FWHT_STRIDED_WIDTH = 2048
+
+
 #: working-set size of the fused sign-and-pad leading contraction
 _BLOCK_BYTES = 1 << 28
 
@@ -96,10 +131,18 @@ def leading_contraction(xp, x, m, n_pad: int, signs=None):
 
     ``x`` is (B, n) with n <= n_pad; the rows are read once, a block of
     leading slices at a time, so neither the sign-flipped nor the padded copy
-    of the input is ever allocated.  Returns (B, r, n_pad // b).
+    of the input is ever allocated.  Returns (B, r, n_pad // b).  With few
+    rows ``r`` (a pass bound by memory) host arrays go through a compiled
+    kernel that reads each entry once and keeps the running sums in cache;
+    otherwise (bound by arithmetic, which BLAS does best) through blocked
+    matrix products.
     """
     batch, n = int(x.shape[0]), int(x.shape[1])
     rest = n_pad // int(m.shape[1])
+    host = [host_array(a) for a in (x, m, signs if signs is not None else x)]
+    if (int(m.shape[0]) <= _CONTRACTION_ROWS and all(h is not None for h in host)
+            and host[0].dtype in (np.float32, np.float64) and batch > 0):
+        return _signed_contraction(xp, host[0], host[1], None if signs is None else host[2], rest)
     full, tail = divmod(n, rest)
     group = max(1, _BLOCK_BYTES // max(1, batch * rest * 4))
     out = None
@@ -113,6 +156,33 @@ def leading_contraction(xp, x, m, n_pad: int, signs=None):
         part = xp.matmul(m[:, g0:g1], xp.reshape(xs, (batch, g1 - g0, rest)))
         out = part if out is None else out + part
     return out
+
+
+#: entries of the running sums one unit of the compiled leading contraction keeps: an L2 cache of float32
+_CONTRACTION_ACC = FWHT_BLOCK
+#: the most rows the compiled leading contraction takes: past that BLAS's matrix products are faster
+#: (QK at N = 2^24, D = 2^12 contracts with 64 rows: 12.5x a memcpy compiled, 3.1x through BLAS)
+_CONTRACTION_ROWS = 8
+#: the most columns one unit sums: longer runs read from each slice keep the hardware prefetcher ahead
+#: (at N = 2^24, B = 8 on the 2-core EPYC: 0.47x a memcpy with 32768 columns, 0.71x with 2048)
+_CONTRACTION_WIDTH = 1 << 15
+
+
+def _signed_contraction(xp, x: np.ndarray, m: np.ndarray, signs, rest: int):
+    # leading_contraction on host arrays with the compiled kernel; the result is returned in x's library
+    from . import _fwht_cpu as kernels
+
+    src = np.ascontiguousarray(x)
+    batch, n = src.shape
+    mat = np.ascontiguousarray(m, dtype=src.dtype)
+    r = int(mat.shape[0])
+    sg = np.zeros(0, dtype=src.dtype) if signs is None else np.ascontiguousarray(signs, dtype=src.dtype)
+    out = np.empty((batch, r, rest), dtype=src.dtype)
+    width = max(16, min(_CONTRACTION_WIDTH, _CONTRACTION_ACC // (batch * r)) // 16 * 16)
+    units = -(-rest // width)
+    _split(units, lambda u0, u1: kernels.signed_contraction(src, n, sg, signs is not None, mat, out, u0, u1, width),
+           src.size)
+    return xp.asarray(out) if xp is not np else out
 
 
 def kron_apply(xp, x, mats, *, transpose: bool = False, signs=None):
@@ -146,7 +216,7 @@ def kron_apply(xp, x, mats, *, transpose: bool = False, signs=None):
     batch = int(x.shape[0])
     order = sorted(range(len(ops)), key=lambda k: int(ops[k].shape[0]) / dims[k])
     n_full = math.prod(dims)
-    if order[0] == 0 and int(ops[0].shape[0]) < dims[0] and (signs is not None or int(x.shape[1]) < n_full):
+    if order[0] == 0 and int(ops[0].shape[0]) < dims[0]:
         x = leading_contraction(xp, x, ops[0], n_full, signs)
         dims[0] = int(ops[0].shape[0])
         order = order[1:]
@@ -165,14 +235,6 @@ def kron_apply(xp, x, mats, *, transpose: bool = False, signs=None):
             x = xp.matmul(m, xp.reshape(x, (pre, b, post)))
         dims[k] = r
     return xp.reshape(x, (batch, math.prod(dims)))
-
-
-#: entries of the lowest group of factors one pass of the blocked FWHT keeps in cache (128 KiB of float32)
-FWHT_BLOCK = 1 << 15
-#: entries of a higher (strided) group of factors
-FWHT_STRIDED_BLOCK = 1 << 10
-#: bytes of the buffer of a strided pass (group entries x columns moved at a time): half an L2 cache
-FWHT_STRIDED_BYTES = 1 << 19
 
 
 def fwht_groups(factors: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -200,6 +262,14 @@ def _digit_index(factors, perms) -> np.ndarray:
     for b, p in zip(factors, perms):
         index = (index[:, None] * b + (np.arange(b) if p is None else np.asarray(p))[None, :]).reshape(-1)
     return index
+
+
+def _two_level(index: np.ndarray, low: int) -> tuple[np.ndarray, np.ndarray]:
+    # A digit-wise gather index as (hi, lo) with index[i] = hi[i // low] + lo[i % low] (the last factor is `low`).
+    # The last digit is a permutation of range(low), so each run's smallest entry is its higher part.
+    runs = index.reshape(-1, low)
+    hi = runs.min(axis=1)
+    return np.ascontiguousarray(hi), np.ascontiguousarray(runs[0] - hi[0])
 
 
 _SCRATCH = threading.local()
@@ -270,7 +340,7 @@ def host_array(x):
 
 def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permute: str | None = None,
                   transpose: bool = False, d_in=None, d_out=None, periodic: bool = False,
-                  scratch: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+                  scratch: bool = False, out: np.ndarray | None = None, lead: np.ndarray | None = None) -> np.ndarray:
     """``d_out * M pad(d_in * x)`` (or with ``M^T``) for the Kronecker Hadamard ``M = F_1 x ... x F_K``.
 
     ``F_k`` is the orthonormal Sylvester Hadamard ``H_{b_k}`` with its rows
@@ -297,10 +367,18 @@ def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permut
         next call: a fresh array of this size costs the kernel page faults.
     out : numpy.ndarray (B, prod(factors)), optional
         Where to write the result (C-contiguous, the dtype of ``x``).
+    lead : numpy.ndarray (r, prod(factors[:k])), optional
+        A matrix applied along the leading ``k`` factors of the result
+        (``lead x I``), the first step of a truncated Kronecker product that
+        follows the transform.  Where the transform's last pass covers
+        exactly those factors it is fused into that pass, which then writes
+        ``r`` rows instead of ``prod(factors[:k])``; ``out`` (or the scratch
+        buffer) is then only a work area.
 
     Returns
     -------
-    numpy.ndarray (B, prod(factors)), the dtype of ``x``
+    numpy.ndarray (B, prod(factors)), the dtype of ``x``; with ``lead``,
+    (B, r * prod(factors[k:]))
     """
     from . import _fwht_cpu as kernels
 
@@ -330,6 +408,8 @@ def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permut
         raise ValueError(f"out must be a C-contiguous {dtype} array of shape {(batch, n_full)}; "
                          f"got {out.dtype} {out.shape}")
     scale = 1.0 / math.sqrt(n_full)
+    fused = lead is not None and len(groups) > 1 and groups[-1][0] == 0 and (
+        int(lead.shape[1]) == math.prod(factors[: groups[-1][1]]))
     for i, (k0, k1) in enumerate(groups):
         none = [None] * (k1 - k0)
         in_idx = _digit_index(factors[k0:k1], none if gather_out else inverse[k0:k1])
@@ -340,14 +420,27 @@ def kron_hadamard(x: np.ndarray, factors: tuple[int, ...], perms=None, *, permut
         if i == 0:
             same_in, same_out = (bool(np.array_equal(idx, np.arange(g))) for idx in (in_idx, out_idx))
             n_in, mask = (n_full, n - 1) if periodic else (n, n_full - 1)
+            (in_hi, in_lo), (out_hi, out_lo) = (_two_level(idx, factors[k1 - 1]) for idx in (in_idx, out_idx))
             _split(batch * (n_full // g), lambda u0, u1: kernels.contiguous_pass(
-                src, n_in, mask, di, d_in is not None, out, u0, u1, g, in_idx, same_in, out_idx, same_out,
-                s, d, has_d), out.size)
+                src, n_in, mask, di, d_in is not None, out, u0, u1, g, min(g, FWHT_L1_BLOCK), in_hi, in_lo, same_in,
+                out_hi, out_lo,
+                same_out, s, d, has_d), out.size)
         else:
-            width = min(q, max(16, min(256, FWHT_STRIDED_BYTES // (g * dtype.itemsize))))
+            width = min(q, max(16, min(FWHT_STRIDED_WIDTH, FWHT_STRIDED_BYTES // (g * dtype.itemsize))))
             units = batch * (n_full // (g * q)) * -(-q // width)
+            if last and fused:
+                mat = np.ascontiguousarray(lead, dtype=dtype)
+                red = np.empty((batch, int(mat.shape[0]), q), dtype=dtype)
+                _split(units, lambda u0, u1: kernels.strided_lead_pass(out, u0, u1, g, q, width, in_idx, out_idx,
+                                                                       s, d, has_d, mat, red), out.size)
+                return red.reshape(batch, -1)
             _split(units, lambda u0, u1: kernels.strided_pass(out, u0, u1, g, q, width, in_idx, out_idx, s, d,
                                                               has_d), out.size)
+    if lead is not None:
+        width = int(lead.shape[1])
+        if width not in {math.prod(factors[:k]) for k in range(1, len(factors) + 1)}:
+            raise ValueError(f"lead has {width} columns; expected a product of leading factors of {factors}")
+        return _signed_contraction(np, out, lead, None, n_full // width).reshape(batch, -1)
     return out
 
 

@@ -406,12 +406,14 @@ def compute_with_progress(collections, *, progress: bool = True, message: str | 
     """
     if not collections:
         return []
-    try:
-        from distributed import get_client
+    client = None
+    if "distributed" in sys.modules:  # no client can be active in a process that never imported distributed
+        try:
+            from distributed import get_client
 
-        client = get_client()
-    except (ImportError, ValueError):
-        client = None
+            client = get_client()
+        except (ImportError, ValueError):
+            pass
     if progress and message:
         print(message, flush=True)
     if client is not None and scheduler is None:

@@ -17,8 +17,13 @@ named by its import path (``package.module:factory``, see :func:`load_workload`)
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -221,15 +226,70 @@ def digits_checkpoints(steps=(10, 50, 300), hidden: int = 32, seed: int = 0) -> 
     x, y = w.train[:]
     torch.manual_seed(seed)
     model = _digits_mlp(hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     out = {}
-    for step in range(1, max(steps) + 1):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+
+    def keep(step: int) -> None:
         if step in steps:
             out[f"step-{step}"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    _train_full_batch_adam(model, lambda: nn.functional.cross_entropy(model(x), y), max(steps), 1e-2, after_step=keep)
     return out
+
+
+def cache_folder() -> Path:
+    """Where sketcharray keeps results it can recompute: ``$SKETCHARRAY_CACHE``, else ``$XDG_CACHE_HOME/sketcharray``
+    (``~/.cache/sketcharray``).  Deleting it loses nothing."""
+    if os.environ.get("SKETCHARRAY_CACHE"):
+        return Path(os.environ["SKETCHARRAY_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sketcharray"
+
+
+def _state_digest(state: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(f"{name}|{state[name].dtype}|{state[name].shape}|".encode())
+        h.update(np.ascontiguousarray(state[name]).tobytes())
+    return h.hexdigest()
+
+
+def _trained_digits_model(hidden: int, steps: int, seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    """The digits MLP after ``steps`` of full-batch Adam on (x, y), its weights from the cache when it holds them.
+
+    The training is deterministic on a machine, so its result is kept in :func:`cache_folder` under a key
+    of everything it depends on (the settings, the data, the torch version) with a digest of the
+    weights: a file that does not match its digest, or cannot be read, is trained again and replaced.
+    Plain arrays (``allow_pickle=False``): reading the cache runs no code.  A command line call on
+    digits then skips 0.2 s of training (0.4 s of CPU).
+    """
+    key = hashlib.sha256()
+    for part in ("digits-adam-1", hidden, steps, seed, torch.__version__):
+        key.update(f"{part}|".encode())
+    key.update(x.numpy().tobytes())
+    key.update(y.numpy().tobytes())
+    path = cache_folder() / f"digits-{key.hexdigest()[:24]}.npz"
+    torch.manual_seed(seed)
+    model = _digits_mlp(hidden)  # also leaves torch's generator where training from scratch leaves it
+    expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            state = {k: f[k] for k in expected}
+            digest = str(f["digest"])
+        if digest == _state_digest(state) and all(
+                (torch.from_numpy(v).dtype, v.shape) == expected[k] for k, v in state.items()):
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+            return model
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
+    _train_full_batch_adam(model, lambda: nn.functional.cross_entropy(model(x), y), steps, 1e-2)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz", delete=False) as f:
+            np.savez(f, digest=np.array(_state_digest(state)), **state)
+        os.replace(f.name, path)
+    except OSError:  # a read-only home: train each time
+        pass
+    return model
 
 
 def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +301,6 @@ def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
     """
     import gzip
     import importlib.util
-    from pathlib import Path
 
     spec = importlib.util.find_spec("sklearn")
     path = None if spec is None or spec.origin is None else Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
@@ -253,6 +312,34 @@ def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",")
     return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def _train_full_batch_adam(model: nn.Module, loss, steps: int, lr: float,
+                           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, after_step=None) -> None:
+    """``steps`` steps of Adam on ``loss()``, the arithmetic of ``torch.optim.Adam``'s defaults op for op.
+
+    The same weights bit for bit (tested), without ``torch.optim``: its first use imports TorchDynamo,
+    0.9 s of CPU that every command line call on the digits workload would pay.  ``after_step(step)``
+    is called after each step (1-based).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    exp_avg = [torch.zeros_like(p) for p in params]
+    exp_avg_sq = [torch.zeros_like(p) for p in params]
+    beta1, beta2 = betas
+    for step in range(1, steps + 1):
+        for p in params:
+            p.grad = None
+        loss().backward()
+        with torch.no_grad():
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+            for p, m, v in zip(params, exp_avg, exp_avg_sq):
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad.conj(), value=1 - beta2)
+                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / bias_correction1)
+        if after_step is not None:
+            after_step(step)
 
 
 @functools.lru_cache(maxsize=4)
@@ -269,13 +356,7 @@ def digits(hidden: int = 32, steps: int = 300, seed: int = 0, n_test: int = 297)
     y = target[order].astype(np.int64)
     n_train = len(y) - n_test
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    torch.manual_seed(seed)
-    model = _digits_mlp(hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xt[:n_train]), yt[:n_train]).backward()
-        opt.step()
+    model = _trained_digits_model(hidden, steps, seed, xt[:n_train], yt[:n_train])
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     with torch.no_grad():
         acc = float((model(xt[n_train:]).argmax(1) == yt[n_train:]).float().mean())

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 
 import numpy as np
 import pytest
 
 from sketcharray.sketches import METHODS
+
+# The suite trains what it uses (the digits MLP) instead of reading a cache a previous run, or another
+# version, left in the user's home; subprocesses the tests start inherit the same empty cache.
+os.environ["SKETCHARRAY_CACHE"] = tempfile.mkdtemp(prefix="sketcharray-test-cache-")
 
 PRECOND_METHODS = ("fjl", "ffd", "affd", "afjl")
 

@@ -425,3 +425,19 @@ def test_spectrum_out_without_checkpoints_stores_the_current_weights(tmp_path, c
     assert capsys.readouterr().out.split("| - |")[1:] == first.split("| - |")[1:]
     assert cli.main(["info", str(folder), "--json"]) == 0
     assert "current" in json.loads(capsys.readouterr().out)["checkpoints"]
+
+
+def test_bench_stream_measures_gradients_sketch_and_store_against_a_training_step(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    rc = cli.main(["bench", "stream", "--workloads", "digits", "--methods", "afjl", "--batches", "2",
+                   "--e2e-examples", "64", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "(sketch+store)/grad" in text and "grads / step" in text
+    payload = json.loads(out.read_text())
+    (row,) = payload["rows"]
+    assert row["method"] == "afjl" and row["examples"] == 128
+    assert row["grad_ms"] > 0 and row["sketch_ms"] > 0 and row["overhead"] > 0
+    (e2e,) = payload["end_to_end"]
+    assert e2e["train_step_s"] > 0 and e2e["grads_s"] > 0 and e2e["sketch_call_s"] > 0
+    assert e2e["grads_ratio"] == e2e["grads_s"] / e2e["train_step_s"]

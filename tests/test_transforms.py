@@ -162,8 +162,11 @@ def test_a_lead_matrix_after_the_transform_fused_or_not(factors, lead_factors, r
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
 @pytest.mark.parametrize("signed", [False, True])
-def test_leading_contraction_reads_the_signed_padded_input(rows, signed, rng):
-    """The compiled kernel (up to 8 rows) and the blocked products (more) against the formula."""
+@pytest.mark.parametrize("small", [0, 1 << 30])
+def test_leading_contraction_reads_the_signed_padded_input(rows, signed, small, rng, monkeypatch):
+    """The compiled kernel (up to 8 rows, inputs that are not small) and the blocked products against
+    the formula."""
+    monkeypatch.setattr(tf, "_SPLIT_MIN", small)
     n, n_pad, b = 1000, 1024, 16
     x, m = rng.standard_normal((5, n)), rng.standard_normal((rows, b))
     signs = np.sign(rng.standard_normal(n)) if signed else None

@@ -62,3 +62,65 @@ def test_digits_data_are_scikit_learns():
     reference = load_digits()
     np.testing.assert_array_equal(images, reference.data)
     np.testing.assert_array_equal(labels, reference.target)
+
+
+def test_digits_training_is_torch_adams_arithmetic_bit_for_bit():
+    """The digits MLP trains with a hand-written Adam (torch.optim would import TorchDynamo on every
+    command line call); torch.optim.Adam is the reference: the same weights, exactly."""
+    from torch import nn
+
+    from sketcharray import workloads as W
+
+    images, target = W.load_digits_data()
+    x = torch.from_numpy((images[:500] / 16.0).astype(np.float32))
+    y = torch.from_numpy(target[:500].astype(np.int64))
+    torch.manual_seed(3)
+    ours = W._digits_mlp(16)
+    reference = W._digits_mlp(16)
+    reference.load_state_dict(ours.state_dict())
+    W._train_full_batch_adam(ours, lambda: nn.functional.cross_entropy(ours(x), y), 60, 1e-2)
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        opt.step()
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(ours[0].weight, W._digits_mlp(16)[0].weight)  # it did train
+
+
+def test_trained_digits_weights_come_from_the_cache_only_when_they_match(tmp_path, monkeypatch):
+    """The cache holds what training gives (the same weights, the same torch generator state after);
+    a file that is damaged or does not match its digest is trained again and replaced."""
+    from sketcharray import workloads as W
+
+    monkeypatch.setenv("SKETCHARRAY_CACHE", str(tmp_path))
+    images, target = W.load_digits_data()
+    x = torch.from_numpy((images[:300] / 16.0).astype(np.float32))
+    y = torch.from_numpy(target[:300].astype(np.int64))
+
+    def weights_and_generator():
+        model = W._trained_digits_model(16, 40, 5, x, y)
+        return {k: v.clone() for k, v in model.state_dict().items()}, torch.rand(3)
+
+    trained, after = weights_and_generator()
+    (path,) = tmp_path.glob("digits-*.npz")
+    calls = []
+    real_train = W._train_full_batch_adam
+    monkeypatch.setattr(W, "_train_full_batch_adam", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    cached, after_cached = weights_and_generator()
+    assert calls == []  # read, not trained
+    assert all(torch.equal(trained[k], cached[k]) for k in trained) and torch.equal(after, after_cached)
+    # a flipped byte in one weight: refused by the digest, trained again, the file replaced
+    with np.load(path) as f:
+        arrays = {k: f[k].copy() for k in f.files}
+    name = next(k for k in arrays if k != "digest")
+    arrays[name].reshape(-1)[0] += 1.0
+    np.savez(path, **arrays)
+    again, _ = weights_and_generator()
+    assert calls == [1] and all(torch.equal(trained[k], again[k]) for k in trained)
+    path.write_bytes(b"not a zip file")
+    assert all(torch.equal(trained[k], v) for k, v in weights_and_generator()[0].items())
+    assert calls == [1, 1]
+    with np.load(path, allow_pickle=False) as f:  # rewritten whole
+        assert torch.equal(torch.from_numpy(f[name]), trained[name])

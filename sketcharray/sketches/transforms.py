@@ -122,6 +122,10 @@ FWHT_STRIDED_BYTES = 1 << 18
 FWHT_STRIDED_WIDTH = 2048
 
 
+#: entries below which a transform runs on one core (a thread hand-off costs more than it saves), and
+#: below which a leading contraction is left to numpy (no compiled kernel to load for a small job)
+_SPLIT_MIN = 1 << 18
+
 #: working-set size of the fused sign-and-pad leading contraction
 _BLOCK_BYTES = 1 << 28
 
@@ -140,8 +144,8 @@ def leading_contraction(xp, x, m, n_pad: int, signs=None):
     batch, n = int(x.shape[0]), int(x.shape[1])
     rest = n_pad // int(m.shape[1])
     host = [host_array(a) for a in (x, m, signs if signs is not None else x)]
-    if (int(m.shape[0]) <= _CONTRACTION_ROWS and all(h is not None for h in host)
-            and host[0].dtype in (np.float32, np.float64) and batch > 0):
+    if (int(m.shape[0]) <= _CONTRACTION_ROWS and batch * n >= _SPLIT_MIN and all(h is not None for h in host)
+            and host[0].dtype in (np.float32, np.float64)):
         return _signed_contraction(xp, host[0], host[1], None if signs is None else host[2], rest)
     full, tail = divmod(n, rest)
     group = max(1, _BLOCK_BYTES // max(1, batch * rest * 4))
@@ -296,8 +300,7 @@ def scratch_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
     return buf.view(dtype).reshape(shape)
 
 
-#: entries below which a transform runs on one core (a thread hand-off costs more than it saves)
-_SPLIT_MIN = 1 << 18
+
 
 
 def _split(units: int, run, entries: int) -> None:

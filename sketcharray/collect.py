@@ -26,7 +26,7 @@ from . import store as st
 from .provenance import provenance, with_provenance
 from .sketches import SketchOperator, make_sketch
 from .sketches import random as rnd
-from .torch import HVP, SubspaceHessian, model_fingerprint, select_params, sketch_batch
+from .torch import HVP, SubspaceHessian, as_module, model_fingerprint, select_params, sketch_batch
 from .torch.grads import batch_labels, to_device
 
 _local = threading.local()
@@ -170,21 +170,12 @@ def _model_from(source) -> nn.Module:
     model = cache.get(key)
     if model is None:
         with _BUILD_LOCK:
-            model = _build(source)
+            # a module source travels as the module: each thread runs a private copy of it
+            model = as_module(source.module if isinstance(source, ModuleSource) else source,
+                              copy=isinstance(source, ModuleSource))
         if len(cache) >= 4:  # keep a few models per thread, not every one ever seen
             cache.pop(next(iter(cache)))
         cache[key] = model
-    return model
-
-
-def _build(source) -> nn.Module:
-    if isinstance(source, ModuleSource):
-        import copy
-
-        return copy.deepcopy(source.module)
-    model = source()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model
 
 
@@ -228,9 +219,7 @@ def _driver_model(model) -> tuple[nn.Module, Any, str]:
     treated as that module: worker threads then run private copies instead
     of racing on it.
     """
-    built = model if isinstance(model, nn.Module) else model()
-    if not isinstance(built, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or a factory returning one; got {type(built).__name__}")
+    built = as_module(model)
     fingerprint = model_fingerprint(built)
     # the factory is called once: a module it built afresh is referenced only here (this name and
     # getrefcount's argument); one it hands out from a closure, a global or a cache has more references
@@ -243,7 +232,8 @@ def _device_of(device) -> torch.device:
     return torch.device(device or "cpu")
 
 
-def _to_host(t: torch.Tensor, cuda_chunks: bool):
+def _to_chunk(t: torch.Tensor, cuda_chunks: bool):
+    """A result tensor as a dask chunk: a CuPy array sharing its memory (DLPack) for GPU chunks, else numpy."""
     t = t.detach()
     if cuda_chunks:
         import cupy
@@ -263,7 +253,7 @@ def _gradient_task(model_src, loss_fn, forward, data: DataSource, index, start, 
         out = sketch_batch(model, loss_fn, batch, paramset, op, mode=mode, forward=forward, per_example=per_example)
     cuda_chunks = dev.type == "cuda" and store_path is None
     result = {
-        "grad": _to_host(out["grad"].float(), cuda_chunks),
+        "grad": _to_chunk(out["grad"].float(), cuda_chunks),
         "loss": out["loss"].float().cpu().numpy(),
         "valid": out["valid"].cpu().numpy(),
     }
@@ -482,7 +472,7 @@ def _hvp_task(model_src, loss_fn, forward, data: DataSource, probes, op, params,
     ref = next(iter(hvp.theta.values()))
     with _TORCH_LOCK:
         hv = hvp(torch.as_tensor(probes, dtype=ref.dtype, device=dev))
-    return _to_host(op.apply(hv).float(), dev.type == "cuda")
+    return _to_chunk(op.apply(hv).float(), dev.type == "cuda")
 
 
 def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int = 0, params=None,
@@ -538,13 +528,7 @@ def subspace_hessian(model, loss_fn: Callable, data, sketch, *, params=None, bat
     A module elsewhere than ``device`` is copied there; the caller's module is never moved.
     """
     dev = _device_of(device)
-    if isinstance(model, nn.Module):
-        if _elsewhere(model, dev):
-            import copy
-
-            model = copy.deepcopy(model).to(dev)
-    else:
-        model = model().to(dev)
+    model = as_module(model, copy=isinstance(model, nn.Module) and _elsewhere(model, dev)).to(dev)
     paramset = select_params(model, params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)

@@ -249,12 +249,12 @@ def test_adjoint_identity_for_any_sizes(case, n_in, log_d, batch, seed):
 def test_butterfly_path_matches_the_kronecker_products(case, rng, monkeypatch):
     """On the CPU the full Kronecker Hadamard runs as the compiled FWHT; GPUs multiply by the factors.
     Both must be the same operator (float64 rounding)."""
-    from sketcharray.sketches.precond import Mixing
+    from sketcharray.sketches.precond import Preconditioner
 
     x, y = rng.standard_normal((3, N_ODD)), rng.standard_normal((3, 64))
     fast = _make(case)
     fwd, adj = fast.apply(x), fast.adjoint(y)
-    monkeypatch.setattr(Mixing, "_butterflies", lambda self, *arrays: False)
+    monkeypatch.setattr(Preconditioner, "_butterflies", lambda self, *arrays: False)
     slow = _make(case)
     np.testing.assert_allclose(fwd, slow.apply(x), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(adj, slow.adjoint(y), rtol=1e-10, atol=1e-12)
@@ -274,7 +274,7 @@ def test_affd_is_its_definition_with_the_row_permutation_moved(n_in, n_out, bloc
     if block:
         monkeypatch.setattr(tf, "FWHT_BLOCK", block)
     op = make_sketch("affd", n_in, n_out, seed=7)
-    h1, h2 = op._mix("H1", op.n_pad, "rows"), op._mix("H2", op.n_out, "cols")
+    h1, h2 = op._precond("H1", op.n_pad, "rows"), op._precond("H2", op.n_out, "cols")
     m1 = [tf.hadamard(b)[p] for b, p in zip(h1.factors, h1.perms())]
     m2 = [tf.hadamard(b)[:, p] for b, p in zip(h2.factors, h2.perms())]
     g = rnd.normal(np, op.key("G"), 0, op.n_pad) * np.sqrt(op.n_pad / n_out)

@@ -10,7 +10,7 @@ import scipy.linalg
 
 from sketcharray.sketches import random as rnd
 from sketcharray.sketches import transforms as tf
-from sketcharray.sketches.precond import Mixing
+from sketcharray.sketches.precond import Preconditioner
 
 
 @pytest.mark.parametrize("b", [1, 2, 8, 64])
@@ -80,12 +80,12 @@ def test_haar_factor_is_orthogonal_with_deterministic_rows():
 @pytest.mark.parametrize("permute", [None, "rows", "cols"])
 def test_mixing_is_orthogonal_and_truncates(precond, permute, rng):
     n = 256
-    full = Mixing(precond, n, rnd.stream_key(1, "mix"), n, permute, max_factor=16)
+    full = Preconditioner(precond, n, rnd.stream_key(1, "mix"), n, permute, max_factor=16)
     st = full.build(np, None, np.float64)
     t = full.forward(np, np.eye(n), st).T  # columns are T e_j
     np.testing.assert_allclose(t @ t.T, np.eye(n), atol=1e-10)
     np.testing.assert_allclose(full.adjoint(np, np.eye(n), st).T, t.T, atol=1e-12)
-    cut = Mixing(precond, n, rnd.stream_key(1, "mix"), 40, permute, max_factor=16)
+    cut = Preconditioner(precond, n, rnd.stream_key(1, "mix"), 40, permute, max_factor=16)
     x = rng.standard_normal((3, n))
     np.testing.assert_allclose(cut.forward(np, x, cut.build(np, None, np.float64)), x @ t.T[:, :40], atol=1e-10)
 

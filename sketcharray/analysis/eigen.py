@@ -18,7 +18,6 @@ the paper's RNEG, R_n and outlier counts.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 import warnings
@@ -307,19 +306,17 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
         out["eigenvalue_spread"] = out.eigenvalue.std("seed", ddof=1) if len(seeds) > 1 else np.nan * out.eigenvalue_mean
         out.attrs.update(note=SKETCHED_NOTE, seeds=json.dumps(seeds))
         return out
-    import torch
-
     from ..collect import DataSource, resolve_sketch, subspace_hessian
     from ..store import open_zarr_dataset
     from ..torch.grads import data_fingerprint
-    from ..torch.params import model_fingerprint, select_params
+    from ..torch.params import as_module, model_fingerprint, select_params
 
     if method not in SOLVERS:
         raise ValueError(f"method must be one of {list(SOLVERS)}; got {method!r}")
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (eigenvalues at each end) must be an int >= 1; got {k!r}")
     # the caller's module is never loaded into or moved: checkpoints go into a copy
-    base = copy.deepcopy(model) if isinstance(model, torch.nn.Module) else model()
+    base = as_module(model, copy=True)
     items = [(None, None)] if checkpoints is None else list(checkpoints.items())
     data_fp = None
     results = []

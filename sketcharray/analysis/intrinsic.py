@@ -34,7 +34,7 @@ import torch
 import xarray as xr
 
 from ..sketches import make_sketch
-from ..torch import SubspaceModel, select_params
+from ..torch import SubspaceModel, as_module, select_params
 from ..torch.grads import default_forward, to_device
 
 
@@ -261,7 +261,7 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
     """
     if not target > 0:
         raise ValueError(f"target (a fraction of the reference metric) must be > 0; got {target!r}")
-    base = model if isinstance(model, torch.nn.Module) else model()
+    base = as_module(model)
     forward = forward or default_forward
     n_params = select_params(base, params).n
     admissible = largest_d(sketch_method, n_params, d0, **sketch_options)
@@ -454,7 +454,7 @@ def intrinsic_dimension_grid(model, loss_fn, data, eval_fn, sketch_method: str =
                              batch_size: int = 64, max_steps: int = 20_000, seed: int = 0, params=None,
                              forward=None, device=None, **sketch_options) -> xr.Dataset:
     """The classic method: train a fresh omega at each D of ``dims`` to completion; metric per D."""
-    base = model if isinstance(model, torch.nn.Module) else model()
+    base = as_module(model)
     n_params = select_params(base, params).n
     metrics = []
     for d in dims:

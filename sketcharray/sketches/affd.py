@@ -9,7 +9,7 @@ import numpy as np
 from . import random as rnd
 from . import transforms as tf
 from .base import SketchOperator
-from .precond import Mixing, padded_length
+from .precond import Preconditioner, padded_length
 
 
 class _LookupFree(SketchOperator):
@@ -19,9 +19,9 @@ class _LookupFree(SketchOperator):
     def n_pad(self) -> int:
         return padded_length(self.opts["precond"], self.n_in)
 
-    def _mix(self, name: str, n_out: int, permute: str) -> Mixing:
+    def _precond(self, name: str, n_out: int, permute: str) -> Preconditioner:
         o = self.opts
-        return Mixing(o["precond"], self.n_pad, self.key(name), n_out, permute, o["max_factor"])
+        return Preconditioner(o["precond"], self.n_pad, self.key(name), n_out, permute, o["max_factor"])
 
     def _signs(self, xp, device, dtype):
         # The "kron" preconditioner is random itself; SPEC drops the sign diagonal with it.
@@ -58,12 +58,12 @@ class AFFD(_LookupFree):
     method = "affd"
 
     def _state_floats(self) -> int:
-        return 2 * self.n_pad + self._mix("H1", self.n_pad, None).state_floats + self._mix(
+        return 2 * self.n_pad + self._precond("H1", self.n_pad, None).state_floats + self._precond(
             "H2", self.n_out, "cols"
         ).state_floats
 
     def _build_state(self, xp, device, dtype) -> dict:
-        h1, h2 = self._mix("H1", self.n_pad, "rows"), self._mix("H2", self.n_out, "cols")
+        h1, h2 = self._precond("H1", self.n_pad, "rows"), self._precond("H2", self.n_out, "cols")
         g = rnd.normal(xp, self.key("G"), 0, self.n_pad, dtype=dtype, device=device) * self._scale
         if self.opts["precond"] != "hadamard":
             return {"B": self._signs(xp, device, dtype), "G": g,
@@ -82,9 +82,9 @@ class AFFD(_LookupFree):
         }
 
     @property
-    def _plain_h1(self) -> Mixing:
+    def _plain_h1(self) -> Preconditioner:
         # The full transform H1 runs: unpermuted with the Hadamard preconditioner (see the class notes).
-        return self._mix("H1", self.n_pad, None if self.opts["precond"] == "hadamard" else "rows")
+        return self._precond("H1", self.n_pad, None if self.opts["precond"] == "hadamard" else "rows")
 
     def _apply(self, xp, x, state):
         h1 = self._plain_h1
@@ -94,13 +94,13 @@ class AFFD(_LookupFree):
         if int(x.shape[0]) > rows and h1._butterflies(x):
             return xp.concat([self._apply(xp, x[i : i + rows], state) for i in range(0, int(x.shape[0]), rows)],
                              axis=0)
-        h2 = self._mix("H2", self.n_out, "cols")
+        h2 = self._precond("H2", self.n_out, "cols")
         if h1._butterflies(x, state["B"], state["G"]):
             return self._fused_apply(xp, x, state, h1, h2)
         u = h1.forward(xp, x, state["H1"], signs=state["B"], diag=state["G"], scratch=True)
         return h2.forward(xp, u, state["H2"])
 
-    def _fused_apply(self, xp, x, state, h1: Mixing, h2: Mixing):
+    def _fused_apply(self, xp, x, state, h1: Preconditioner, h2: Preconditioner):
         # Host arrays: H2's first contraction (its truncated leading factors, the ones the FWHT's last pass
         # covers) runs inside that pass, so H1's full output is never written back.
         factors, rows = h1.factors, h2.rows
@@ -121,7 +121,7 @@ class AFFD(_LookupFree):
         return xp.asarray(y[:, : self.n_out])
 
     def _adjoint(self, xp, y, state):
-        h1, h2 = self._plain_h1, self._mix("H2", self.n_out, "cols")
+        h1, h2 = self._plain_h1, self._precond("H2", self.n_out, "cols")
         if h2.constant_lead and h1._butterflies(y, state["G"], state["B"]):
             # H2^T R_D^T y is constant along H2's leading factors: hand one period to the FWHT of H1^T
             v, periodic = h2.adjoint_period(xp, y, state["H2"]), True
@@ -141,7 +141,7 @@ class AFJL(_LookupFree):
     method = "afjl"
 
     def _state_floats(self) -> int:
-        return 2 * self.n_pad + self._mix("H1", self.n_out, "rows").state_floats
+        return 2 * self.n_pad + self._precond("H1", self.n_out, "rows").state_floats
 
     def _build_state(self, xp, device, dtype) -> dict:
         # The whole diagonal G (length N, as in AFFD) so the state does not depend on D.
@@ -149,13 +149,13 @@ class AFJL(_LookupFree):
         return {
             "B": self._signs(xp, device, dtype),
             "G": g * self._scale,
-            "H1": self._mix("H1", self.n_out, "rows").build(xp, device, dtype),
+            "H1": self._precond("H1", self.n_out, "rows").build(xp, device, dtype),
         }
 
     def _apply(self, xp, x, state):
-        u = self._mix("H1", self.n_out, "rows").forward(xp, x, state["H1"], signs=state["B"])
+        u = self._precond("H1", self.n_out, "rows").forward(xp, x, state["H1"], signs=state["B"])
         return u * state["G"][: self.n_out]
 
     def _adjoint(self, xp, y, state):
-        h1 = self._mix("H1", self.n_out, "rows")
+        h1 = self._precond("H1", self.n_out, "rows")
         return self._unpad(h1.adjoint(xp, y, state["H1"], diag=state["G"][: self.n_out], signs=state["B"]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import random as rnd
 from . import transforms as tf
 from .base import SketchOperator
-from .precond import Mixing
+from .precond import Preconditioner
 
 
 class FFD(SketchOperator):
@@ -37,13 +37,13 @@ class FFD(SketchOperator):
     def max_n_out(self) -> int:
         return self.n_in if self.opts["precond"] == "fft" else tf.next_pow2(self.n_in)
 
-    def _mixing(self) -> Mixing:
+    def _precond(self) -> Preconditioner:
         o = self.opts
-        return Mixing(o["precond"], self.n_out, self.key("H"), self.n_out, None, o["max_factor"])
+        return Preconditioner(o["precond"], self.n_out, self.key("H"), self.n_out, None, o["max_factor"])
 
     def _state_floats(self) -> int:
         # B, G, and two int64 permutations (2 floats each)
-        return 6 * self.n_pad + self._mixing().state_floats
+        return 6 * self.n_pad + self._precond().state_floats
 
     def _build_state(self, xp, device, dtype) -> dict:
         nb, d = self.n_blocks, self.n_out
@@ -60,12 +60,12 @@ class FFD(SketchOperator):
             # flat gather indices: (Pi_b u)_i = u_{pi_b(i)}, (Pi_b^T w)_i = w_{pi_b^{-1}(i)}
             "perm": xp.reshape(perm + offsets, (-1,)),
             "inverse": xp.reshape(inverse + offsets, (-1,)),
-            "mix": self._mixing().build(xp, device, dtype),
+            "mix": self._precond().build(xp, device, dtype),
         }
 
     def _apply(self, xp, x, state):
         nb, d, batch = self.n_blocks, self.n_out, int(x.shape[0])
-        mix = self._mixing()
+        mix = self._precond()
         v = mix.forward(xp, xp.reshape(tf.pad_columns(xp, x, self.n_pad), (batch * nb, d)), state["mix"])
         v = xp.reshape(v, (batch, nb * d)) * xp.reshape(state["G"], (-1,))
         v = xp.take(v, state["inverse"], axis=1)
@@ -75,7 +75,7 @@ class FFD(SketchOperator):
 
     def _adjoint(self, xp, y, state):
         nb, d, batch = self.n_blocks, self.n_out, int(y.shape[0])
-        mix = self._mixing()
+        mix = self._precond()
         v = y[:, None, :] * state["B"]
         v = mix.adjoint(xp, xp.reshape(v, (batch * nb, d)), state["mix"])
         v = xp.take(xp.reshape(v, (batch, nb * d)), state["perm"], axis=1)

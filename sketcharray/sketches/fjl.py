@@ -9,7 +9,7 @@ import numpy as np
 from . import random as rnd
 from . import transforms as tf
 from .base import SketchOperator
-from .precond import Mixing, padded_length
+from .precond import Preconditioner, padded_length
 
 #: Rows of the sparse matrix processed together in ``apply`` (bounds B*rows*nnz memory).
 _ROW_CHUNK_ENTRIES = 1 << 24
@@ -47,9 +47,9 @@ class FJL(SketchOperator):
         q = self.opts["q"]
         return default_density(self.n_pad) if q is None else float(q)
 
-    def _mixing(self) -> Mixing:
+    def _precond(self) -> Preconditioner:
         o = self.opts
-        return Mixing(o["precond"], self.n_pad, self.key("H"), self.n_pad, None, o["max_factor"])
+        return Preconditioner(o["precond"], self.n_pad, self.key("H"), self.n_pad, None, o["max_factor"])
 
     def _row_capacity(self) -> int:
         # Non-zeros per row are Binomial(N, q); room for 8 standard deviations above the mean,
@@ -59,7 +59,7 @@ class FJL(SketchOperator):
 
     def _state_floats(self) -> int:
         # index (int64 = 2 floats) + value per stored non-zero, signs, mixing factors
-        return 3 * self.n_out * self._row_capacity() + self.n_pad + self._mixing().state_floats
+        return 3 * self.n_out * self._row_capacity() + self.n_pad + self._precond().state_floats
 
     def _sparse_host(self):
         """Non-zeros of G_s: positions by a Bernoulli(q) process per row (geometric gaps)."""
@@ -80,16 +80,16 @@ class FJL(SketchOperator):
 
     def _build_state(self, xp, device, dtype) -> dict:
         idx, vals = self._sparse_host()
-        mixing = self._mixing()
+        precond = self._precond()
         return {
             "B": rnd.signs(xp, self.key("B"), self.n_pad, dtype=dtype, device=device),
-            "mix": mixing.build(xp, device, dtype),
+            "mix": precond.build(xp, device, dtype),
             "idx": xp.asarray(idx.reshape(-1), device=device),
             "vals": xp.asarray(vals, dtype=dtype, device=device),
         }
 
     def _apply(self, xp, x, state):
-        u = self._mixing().forward(xp, x, state["mix"], signs=state["B"][: self.n_in])
+        u = self._precond().forward(xp, x, state["mix"], signs=state["B"][: self.n_in])
         d, width = state["vals"].shape
         rows = max(1, _ROW_CHUNK_ENTRIES // max(1, int(x.shape[0]) * width))
         parts = []
@@ -104,5 +104,5 @@ class FJL(SketchOperator):
         d, width = state["vals"].shape
         contrib = xp.reshape(y[:, :, None] * state["vals"], (int(y.shape[0]), d * width))
         u = tf.scatter_add_rows(contrib, state["idx"], self.n_pad) * (1.0 / math.sqrt(self.n_out))
-        x = self._mixing().adjoint(xp, u, state["mix"]) * state["B"]
+        x = self._precond().adjoint(xp, u, state["mix"]) * state["B"]
         return x[:, : self.n_in]

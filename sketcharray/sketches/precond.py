@@ -1,10 +1,10 @@
-"""Random orthogonal mixing of the input: the "preconditioner" of FJL, FFD, AFFD, AFJL.
+"""The preconditioner of FJL, FFD, AFFD and AFJL: a random orthogonal mixing of the input (SPEC "Notation").
 
 ``precond="hadamard"`` is the Kronecker Hadamard ``H_{b1} x ... x H_{bK}``,
 optionally with each factor's rows (pi_1) or columns (pi_2) permuted;
 ``"fft"`` is the orthonormal discrete Hartley transform after a random cyclic
 shift; ``"kron"`` is a Kronecker product of Haar-random orthogonal factors.
-A :class:`Mixing` can keep only its first ``n_out`` outputs (``R_D``) and
+A :class:`Preconditioner` can keep only its first ``n_out`` outputs (``R_D``) and
 then skips the work for the others where the structure allows (Kronecker).
 """
 
@@ -26,7 +26,7 @@ def padded_length(precond: str, n: int) -> int:
 
 
 @dataclass(frozen=True)
-class Mixing:
+class Preconditioner:
     """An orthogonal ``n x n`` random mixing, truncated to its first ``n_out`` rows.
 
     Parameters

@@ -46,6 +46,24 @@ class ParamSet:
         return {"param_names": list(self.names), "param_sizes": list(self.sizes)}
 
 
+def as_module(model, *, copy: bool = False) -> nn.Module:
+    """The module a model-or-factory argument stands for: ``model`` itself (a deep copy with ``copy``),
+    or what the factory ``model()`` returns, which must be a ``torch.nn.Module``."""
+    if isinstance(model, nn.Module):
+        if copy:
+            import copy as copying
+
+            return copying.deepcopy(model)
+        return model
+    if not callable(model):
+        raise TypeError(f"model must be a torch.nn.Module or a factory returning one; got {type(model).__name__}")
+    built = model()
+    if not isinstance(built, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a factory returning one; the factory returned "
+                        f"{type(built).__name__}")
+    return built
+
+
 def select_params(model: nn.Module, params=None) -> ParamSet:
     """The parameters to sketch: all that require grad, or those named / matching glob patterns.
 

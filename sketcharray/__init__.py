@@ -14,13 +14,13 @@ its module the first time it is used, so ``import sketcharray`` stays cheap
 Sketch operators
     make_sketch, sketch_from_spec, SketchOperator, METHODS
 Streaming from PyTorch
-    sketch_gradients, sketch_hvps, subspace_hessian, random_probes
+    sketch_gradients, sketch_hvps, subspace_hessian, random_probes, random_test_matrix
 Stores and provenance
     open_sketches, verify_store, stack_checkpoints, check_same_sketch, StoreDamaged, StoreLocked
 Training data attribution
     attribute, self_influence, gram, compare_with_exact, linear_datamodeling_score
 Hessian spectrum
-    hessian_spectrum, spectrum_statistics, lanczos, randomized
+    hessian_spectrum, single_pass_spectrum, spectrum_statistics, lanczos, randomized
 Intrinsic dimension
     intrinsic_dimension, intrinsic_dimension_grid, StartMeetsTarget
 Workloads
@@ -48,12 +48,14 @@ if "torch" not in sys.modules:
 #: public name -> the module that defines it (relative to this package)
 _FRONT_DOOR = {
     **dict.fromkeys(["make_sketch", "sketch_from_spec", "SketchOperator", "METHODS"], ".sketches"),
-    **dict.fromkeys(["sketch_gradients", "sketch_hvps", "subspace_hessian", "random_probes"], ".collect"),
+    **dict.fromkeys(["sketch_gradients", "sketch_hvps", "subspace_hessian", "random_probes", "random_test_matrix"],
+                    ".collect"),
     **dict.fromkeys(["open_sketches", "verify_store", "StoreDamaged", "StoreLocked"], ".store"),
     **dict.fromkeys(["stack_checkpoints", "check_same_sketch"], ".provenance"),
     **dict.fromkeys(["attribute", "self_influence", "gram", "compare_with_exact"], ".analysis.tda"),
     "linear_datamodeling_score": ".analysis.lds",
-    **dict.fromkeys(["hessian_spectrum", "spectrum_statistics", "lanczos", "randomized"], ".analysis.eigen"),
+    **dict.fromkeys(["hessian_spectrum", "single_pass_spectrum", "spectrum_statistics", "lanczos", "randomized"],
+                    ".analysis.eigen"),
     **dict.fromkeys(["intrinsic_dimension", "intrinsic_dimension_grid", "StartMeetsTarget"], ".analysis.intrinsic"),
     **dict.fromkeys(["Workload", "load_workload", "digits", "minilm", "cross_entropy_per_example",
                      "classification_margin"], ".workloads"),

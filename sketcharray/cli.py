@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'attribute --score trak'")
     p.add_argument("--hvps", type=int, default=0, metavar="P",
                    help="instead of gradients: P sketched Hessian-vector products Phi H v of the mean loss")
+    p.add_argument("--hvp-space", default="parameters", choices=("parameters", "sketch"),
+                   help="with --hvps: random directions v of the parameter space, or v = Phi^T omega for Gaussian "
+                        "omega of the sketch space (stores Y = K Omega and Omega, for 'spectrum --from-hvps')")
     _common(p, sketch=("afjl", 512), scheduler=True)
 
     p = command("attribute", "score training examples against queries from two gradient stores",
@@ -170,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PNG", help="RNEG and R_n plot (the paper's Figure 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
                    help="repeat with one independent sketch per seed: eigenvalues as mean and spread")
+    p.add_argument("--from-hvps", default=None, metavar="STORE",
+                   help="no Hessian-vector products: the eigenvalues from one stored pass Y = K Omega "
+                        "('sketch --hvps P --hvp-space sketch'), by the single-pass method of Halko, "
+                        "Martinsson & Tropp (exact when rank K <= P - oversampling; see docs/spectrum.md)")
+    p.add_argument("--oversampling", type=int, default=None,
+                   help="with --from-hvps: probes beyond the model's rank (default min(10, P // 3))")
     _common(p, sketch=("affd", 256))
 
     p = command("intrinsic-dim", "intrinsic dimension by the doubling search in a sketched subspace",

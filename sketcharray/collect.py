@@ -463,33 +463,58 @@ def random_probes(n_params: int, k: int, seed: int = 0) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _hvp_task(model_src, loss_fn, forward, data: DataSource, probes, op, params, device, hvp_mode):
+def _hvp_task(model_src, loss_fn, forward, data: DataSource, probes, op, params, device, hvp_mode,
+              in_sketch: bool = False):
+    """``Phi H v`` for a block of probes ``v`` (k, N); with ``in_sketch`` the block holds test vectors
+    ``omega`` (k, D) and the probes ``Phi^T omega`` are formed here, next to the model."""
     dev = _device_of(device)
     model = _on_device(_model_from(model_src), dev)
     paramset = select_params(model, params)
     batches = [data.load(i, a, b) for i, (a, b) in enumerate(data.bounds)]
     hvp = HVP(model, loss_fn, batches, paramset, forward=forward, mode=hvp_mode, device=dev)
     ref = next(iter(hvp.theta.values()))
+    block = torch.as_tensor(probes, dtype=ref.dtype, device=dev)
+    if in_sketch:
+        block = op.adjoint(block)
     with _TORCH_LOCK:
-        hv = hvp(torch.as_tensor(probes, dtype=ref.dtype, device=dev))
+        hv = hvp(block)
     return _to_chunk(op.apply(hv).float(), dev.type == "cuda")
 
 
-def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int = 0, params=None,
-                batch_size: int | None = None, device=None, forward=None, hvp_mode: str = "auto",
+def random_test_matrix(n_out: int, k: int, seed: int = 0) -> np.ndarray:
+    """k standard Gaussian test vectors of the sketch space (k, n_out), float32, from the counter generator."""
+    return rnd.normal(np, rnd.stream_key(seed, "omega"), 0, k * n_out).reshape(k, n_out).astype(np.float32)
+
+
+def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int = 0, space: str = "parameters",
+                params=None, batch_size: int | None = None, device=None, forward=None, hvp_mode: str = "auto",
                 probes_per_task: int = 4) -> xr.Dataset:
     """Sketched Hessian-vector products ``Phi H v_p`` of the mean loss over ``data``.
 
-    ``probes``: an int (that many random unit Gaussian directions from
-    ``seed``) or an array (k, N).  Lazy: one dask task per
-    ``probes_per_task`` probes, each a full pass over ``data``.  Returns a
-    Dataset with ``hvp`` (probe, sketch) and the probes' norms.
+    ``probes``: an int (that many random directions from ``seed``) or, for
+    ``space="parameters"``, an array (k, N).  ``space="parameters"``: the
+    directions are unit Gaussian vectors of the parameter space.
+    ``space="sketch"``: they are ``Phi^T omega_p`` for standard Gaussian
+    test vectors ``omega_p`` of the sketch space (:func:`random_test_matrix`), so
+    ``hvp`` holds ``Y = K Omega`` for ``K = Phi H Phi^T``, the one pass
+    :func:`~sketcharray.analysis.eigen.single_pass_spectrum` computes K's extreme
+    eigenvalues from; the Dataset then also holds ``omega``.  Lazy: one
+    dask task per ``probes_per_task`` probes, each a full pass over
+    ``data``; a sketch-space task receives its D-sized test vectors, not
+    N-sized probes.  Returns a Dataset with ``hvp`` (probe, sketch).
     """
+    if space not in ("parameters", "sketch"):
+        raise ValueError(f"space must be 'parameters' or 'sketch'; got {space!r}")
     driver_model, model_src, fingerprint = _driver_model(model)
     paramset = select_params(driver_model, params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
-    if isinstance(probes, (int, np.integer)):
+    if space == "sketch":
+        if not isinstance(probes, (int, np.integer)) or probes < 1:
+            raise ValueError(f"with space='sketch' probes must be a positive int (how many test vectors); "
+                             f"got {probes!r}")
+        v = random_test_matrix(op.n_out, int(probes), seed)
+    elif isinstance(probes, (int, np.integer)):
         if probes < 1:
             raise ValueError(f"probes must be a positive int (how many random directions) or an array "
                              f"(k, {paramset.n}); got {probes!r}")
@@ -508,15 +533,15 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
     for s in range(0, len(v), probes_per_task):
         block = v[s : s + probes_per_task]
         t = dask.delayed(_hvp_task, pure=True)(
-            model_d, loss_fn, forward, source, block, op, params, device, hvp_mode,
-            dask_key_name=(f"sketch-hvps-{dask.base.tokenize(block, op, params)}", s))
+            model_d, loss_fn, forward, source, block, op, params, device, hvp_mode, space == "sketch",
+            dask_key_name=(f"sketch-hvps-{dask.base.tokenize(block, op, params, space)}", s))
         parts.append(da.from_delayed(t, (len(block), op.n_out), dtype=np.float32, meta=meta))
-    ds = xr.Dataset(
-        {"hvp": (("probe", "sketch"), da.concatenate(parts))},
-        coords={"probe": np.arange(len(v)), "sketch": np.arange(op.n_out)},
-    )
+    variables = {"hvp": (("probe", "sketch"), da.concatenate(parts))}
+    if space == "sketch":
+        variables["omega"] = (("probe", "sketch"), v)
+    ds = xr.Dataset(variables, coords={"probe": np.arange(len(v)), "sketch": np.arange(op.n_out)})
     ds.attrs.update({"sketch_spec": op.spec, **paramset.to_attrs(),
-                     "model_fingerprint": fingerprint, "probe_seed": seed,
+                     "model_fingerprint": fingerprint, "probe_seed": seed, "probe_space": space,
                      "sketcharray_version": __version__})
     return ds
 

@@ -46,7 +46,7 @@ def sketch(args) -> int:
     with scheduler(args.scheduler, quiet=args.quiet):
         if args.hvps:
             ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=args.hvps, seed=args.seed,
-                             params=args.params, batch_size=args.batch_size, device=args.device, forward=w.forward)
+                             space=args.hvp_space, params=args.params, batch_size=args.batch_size, device=args.device, forward=w.forward)
             _write_zarr(ds, args.out, args.quiet, f"{args.hvps} sketched HVPs")
         else:
             from .workloads import classification_margin
@@ -135,6 +135,8 @@ def spectrum(args) -> int:
     from .analysis import hessian_spectrum, spectrum_statistics
     from .analysis.eigen import format_outliers, plot_spectrum_evolution
 
+    if args.from_hvps:
+        return _spectrum_from_hvps(args)
     w = _workload(args)
     data, _ = w.split("train", args.examples)
     checkpoints = _checkpoints(args.checkpoint)
@@ -264,6 +266,25 @@ def store_info(path) -> dict:
     raise ValueError(f"{path} is not a sketcharray store, spectrum folder or intrinsic-dimension folder "
                      "(expected a Zarr store written by sketch_gradients or sketch --hvps, or a folder of "
                      "checkpoint-*.zarr or */state.json)")
+
+
+def _spectrum_from_hvps(args) -> int:
+    from .analysis import single_pass_spectrum
+
+    path = Path(args.from_hvps)
+    hvps = _hvp_store(path)
+    if hvps is None:
+        raise ValueError(f"--from-hvps {path}: not a store of sketched HVPs (expected one written by "
+                         "'sketch --hvps P --hvp-space sketch')")
+    res = single_pass_spectrum(hvps, k=args.k, which=args.which, oversampling=args.oversampling)
+    if not args.quiet:
+        print(markdown_table([{"sign": str(s), "rank": int(r), "eigenvalue": float(res.eigenvalue.sel(sign=s, rank=r))}
+                              for s in res.sign.values for r in res["rank"].values],
+                             [("sign", "end"), ("rank", "rank"), ("eigenvalue", "eigenvalue of K")]))
+        print(f"single pass over {res.attrs['probes']} stored products (oversampling {res.attrs['oversampling']}): "
+              f"relative fit {res.attrs['relative_fit']:.2e} (0 when rank K <= probes - oversampling; a value "
+              "that is not small says the probes missed part of K: take more, or use the Lanczos solver)")
+    return 0
 
 
 def _hvp_store(path: Path):

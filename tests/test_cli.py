@@ -441,3 +441,26 @@ def test_bench_stream_measures_gradients_sketch_and_store_against_a_training_ste
     (e2e,) = payload["end_to_end"]
     assert e2e["train_step_s"] > 0 and e2e["grads_s"] > 0 and e2e["sketch_call_s"] > 0
     assert e2e["grads_ratio"] == e2e["grads_s"] / e2e["train_step_s"]
+
+
+def test_spectrum_from_a_stored_k_omega_pass_matches_lanczos(tmp_path, capsys):
+    """'sketch --hvps D --hvp-space sketch' stores Y = K Omega for D test vectors: they span the sketch space,
+    so the single pass (no oversampling) gives Lanczos's eigenvalues (same sketch, same examples)."""
+    store = tmp_path / "y.zarr"
+    common = ["--workload", TINY, "--n-out", "16", "--method", "affd"]
+    assert cli.main(["sketch", *common, "--hvps", "16", "--hvp-space", "sketch", "--limit", "100",
+                     "--out", str(store), "--quiet"]) == 0
+    assert cli.main(["spectrum", "--from-hvps", str(store), "--k", "2", "--oversampling", "0"]) == 0
+    single = capsys.readouterr().out
+    assert "single pass over 16 stored products" in single
+    assert cli.main(["spectrum", *common, "--k", "2", "--examples", "100"]) == 0
+    lanczos = capsys.readouterr().out
+
+    def values(text):
+        return [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in text.splitlines()
+                if line.startswith("|") and ("positive" in line or "negative" in line)]
+
+    # the printed tables carry 4 significant digits; float32 storage of Y is far below that
+    np.testing.assert_allclose(values(single), values(lanczos), rtol=1e-3, atol=1e-6)
+    assert cli.main(["spectrum", "--from-hvps", str(tmp_path)]) != 0
+    assert "not a store of sketched HVPs" in capsys.readouterr().err

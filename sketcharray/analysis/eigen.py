@@ -176,6 +176,96 @@ def randomized(matvec, dim: int, k: int = 10, *, which: str = "both", block: int
 SOLVERS = {"lanczos": lanczos, "randomized": randomized}
 
 
+def single_pass_spectrum(hvps: xr.Dataset, k: int = 10, *, which: str = "both", oversampling: int | None = None,
+                         rows: int = 1 << 14) -> xr.Dataset:
+    """Extreme eigenvalues of ``K = Phi H Phi^T`` from one stored pass ``Y = K Omega``, out of core.
+
+    Halko, Martinsson & Tropp, "Finding structure with randomness" (SIAM
+    Review 53, 2011), Section 5.5, the single-pass algorithm for Hermitian
+    matrices, with its oversampling: of the ``l`` probes, ``r = l - p``
+    directions span the model, ``Q`` = the top ``r`` left singular vectors
+    of ``Y``; the small symmetric ``B`` (r x r) that best solves
+    ``B (Q^T Omega) = Q^T Y``, an overdetermined (r x l) system, in least
+    squares stands for ``Q^T K Q``; the eigenvalues of ``B`` are those of
+    ``Q B Q^T ~ K``.  Nothing but ``Y`` and ``Omega`` is read: no further
+    Hessian-vector products.
+
+    Parameters
+    ----------
+    hvps : xarray.Dataset
+        From :func:`sketcharray.collect.sketch_hvps` with ``space="sketch"``
+        (lazy, or opened from a store): ``hvp`` = ``Y^T`` and ``omega`` =
+        ``Omega^T``, both (probe, sketch), ``l`` probes.
+    k : int
+        Eigenvalues at each end; at most ``r``.
+    oversampling : int, optional
+        ``p``, probes beyond the model's rank (default ``min(10, l // 3)``).
+        With ``p = 0`` the system is square and always solved exactly, so
+        ``relative_fit`` tells nothing.
+    rows : int
+        Sketch rows per block: ``Y`` is orthogonalised by a tall-skinny QR
+        over blocks of (rows x l) and ``Q^T Omega`` summed over the same
+        blocks, so no more than a few such blocks are held at once.
+
+    Conditions
+    ----------
+    K must be symmetric; it may be indefinite.  The result is exact (up to
+    rounding) when ``rank K <= r``: then ``range(Y) = range(K)``.  Otherwise
+    it is a Nystrom-type approximation, ``B = (Q^T Omega)^+T (Omega^T K
+    Omega) (Q^T Omega)^+`` in the square case, which for an indefinite K is
+    not bounded by K's spectrum (a near-singular ``Omega^T K Omega`` inflates
+    it), and it is accurate only when the eigenvalues past the ``r``-th
+    largest ``|lambda|`` are negligible next to the wanted ones, of either
+    sign.  ``relative_fit`` (attrs), ``||B Q^T Omega - Q^T Y|| / ||Q^T Y||``,
+    is 0 in the exact case and measures the part of K the probes missed: a
+    value that is not small says to take more probes, or to use Lanczos.
+
+    Returns
+    -------
+    xarray.Dataset like :func:`hessian_spectrum`'s (``eigenvalue`` by sign
+    and rank), without residuals (they would need another pass).
+    """
+    import dask
+    import dask.array as da
+
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {list(WHICH)}; got {which!r}")
+    if "omega" not in hvps or hvps.attrs.get("probe_space") != "sketch":
+        raise ValueError("single_pass_spectrum needs Y = K Omega and Omega: sketch_hvps(..., space='sketch') "
+                         f"(probe_space='sketch', an 'omega' variable); got probe_space="
+                         f"{hvps.attrs.get('probe_space', 'parameters')!r} and variables {sorted(hvps.data_vars)}")
+    n_probes, dim = hvps.hvp.shape
+    p = min(10, n_probes // 3) if oversampling is None else int(oversampling)
+    rank = n_probes - p
+    if not 0 <= p < n_probes:
+        raise ValueError(f"oversampling must be between 0 and {n_probes - 1} (probes - 1); got {oversampling!r}")
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= rank:
+        raise ValueError(f"k must be an int between 1 and the probes less the oversampling "
+                         f"({n_probes} - {p} = {rank}); got {k!r}")
+
+    def tall(name):
+        data = hvps[name].transpose("sketch", "probe").data
+        data = data if isinstance(data, da.Array) else da.from_array(np.asarray(data))
+        return data.astype(np.float64).rechunk({0: min(rows, dim), 1: -1})
+
+    y, omega = tall("hvp"), tall("omega")
+    q, r = da.linalg.tsqr(y)  # Y = Q R: Q^T Y = R, and Y's top left singular vectors are Q U
+    q_omega, r = dask.compute(q.T @ omega, r)
+    u = np.linalg.svd(r)[0][:, :rank]
+    qty, qto = u.T @ r, u.T @ q_omega  # (r x l) each
+    b_t, *_ = np.linalg.lstsq(qto.T, qty.T, rcond=None)  # B (Q^T Omega) = Q^T Y, in least squares
+    b = 0.5 * (b_t.T + b_t)
+    fit = np.linalg.norm(b @ qto - qty) / max(np.linalg.norm(qty), np.finfo(float).tiny)
+    theta = np.linalg.eigvalsh(b)
+    nan = np.full(theta.size, np.nan)
+    out = _spectrum_dataset(_select(theta, np.zeros((0, theta.size)), nan, k, which), k, eigenvectors=False)
+    out.attrs.update(method="single-pass (Halko, Martinsson & Tropp 2011, 5.5)", probes=int(n_probes),
+                     oversampling=p, relative_fit=float(fit), note=SKETCHED_NOTE,
+                     **{key: hvps.attrs[key] for key in ("sketch_spec", "model_fingerprint", "probe_seed")
+                        if key in hvps.attrs})
+    return out
+
+
 #: sketch dimension up to which the solver's own dense algebra runs on one BLAS thread
 ONE_BLAS_THREAD_DIM = 1 << 16
 

@@ -190,3 +190,124 @@ def test_seeds_give_error_bars_and_an_orthogonal_full_size_sketch_has_no_error(s
     stats = spectrum_statistics(small)
     np.testing.assert_allclose(stats.RNEG_mean.values, stats.RNEG.values.mean(), rtol=1e-12)
     assert stats.RNEG_spread.values > 0
+
+
+def _k_pass(small_problem, probes, seed=0, d=32):
+    from sketcharray.collect import sketch_hvps
+
+    model, batches, h, ps = small_problem
+    op = make_sketch("affd", ps.n, d, seed=0)
+    phi = op.apply(np.eye(ps.n)).T
+    ds = sketch_hvps(model, cross_entropy_per_example, batches, op, probes=probes, seed=seed, space="sketch",
+                     probes_per_task=8)
+    return ds, phi @ h @ phi.T, op
+
+
+def test_a_sketch_space_pass_is_k_times_omega_and_stays_lazy(small_problem):
+    ds, k_exact, _ = _k_pass(small_problem, 12)
+    import dask.array as da
+
+    assert isinstance(ds.hvp.data, da.Array) and ds.attrs["probe_space"] == "sketch"
+    assert ds.hvp.data.npartitions == 2  # 12 probes, 8 a task: nothing computed while building the graph
+    omega = ds.omega.values
+    assert omega.shape == (12, 32) and omega.dtype == np.float32
+    # float32 storage of Y: relative error ~ 1e-7 per entry times sqrt(D) accumulation, 1e-5 leaves room
+    np.testing.assert_allclose(ds.hvp.values, omega @ k_exact.T, rtol=0, atol=1e-5 * np.abs(omega @ k_exact).max())
+
+
+def _float32_bound(ds, k_exact, oversampling):
+    # Y is stored in float32 (eps = 6e-8 per entry, sqrt(D) over a row); solving B (Q^T Omega) = Q^T Y
+    # amplifies a relative perturbation of Y by at most cond(Q^T Omega), so by Weyl each eigenvalue is off
+    # by at most about sqrt(D) eps cond ||K||; the condition is computed from the data as the solver forms it.
+    y, omega = ds.hvp.values.T.astype(np.float64), ds.omega.values.T.astype(np.float64)
+    q, r = np.linalg.qr(y)
+    u = np.linalg.svd(r)[0][:, : y.shape[1] - oversampling]
+    cond = np.linalg.cond(u.T @ q.T @ omega)
+    return np.sqrt(y.shape[0]) * 6e-8 * cond * np.abs(np.linalg.eigvalsh(k_exact)).max()
+
+
+@pytest.mark.parametrize("rows", [8, 1 << 14])
+def test_single_pass_spectrum_is_exact_when_the_probes_span_the_sketch_space(small_problem, rows):
+    """With l = D probes and no oversampling, range(Y) is the whole sketch space: B is Q^T K Q, up to
+    rounding (bound above).  Blocks of 8 rows (a TSQR over 4 blocks) give the same numbers as one."""
+    from sketcharray.analysis import single_pass_spectrum
+
+    ds, k_exact, _ = _k_pass(small_problem, 32)
+    exact = np.linalg.eigvalsh(k_exact)
+    assert exact[0] < 0 < exact[-1]  # indefinite: both ends from one pass
+    out = single_pass_spectrum(ds, k=3, rows=rows, oversampling=0)
+    bound = _float32_bound(ds, k_exact, 0)
+    np.testing.assert_allclose(out.eigenvalue.sel(sign="positive"), exact[::-1][:3], rtol=0, atol=bound)
+    np.testing.assert_allclose(out.eigenvalue.sel(sign="negative"), exact[:3], rtol=0, atol=bound)
+    assert out.attrs["probes"] == 32 and out.attrs["oversampling"] == 0
+    assert np.isnan(out.residual).all()  # no residuals from one pass
+
+
+def _signed_ce(output, batch):
+    return batch[2] * cross_entropy_per_example(output, batch)
+
+
+def test_single_pass_spectrum_is_exact_for_a_low_rank_indefinite_hessian_and_its_fit_says_so(small_problem):
+    """A linear classifier on 3 examples, one of them with a negative weight: H = sum a_i J_i^T S_i J_i has
+    rank <= 3 x 2 (softmax curvature has rank C - 1 = 2) and both signs.  12 probes with 4 of oversampling
+    model rank 8 >= 6: exact up to float32 rounding, with a fit of 0 (rounding); the full-rank K of the
+    small problem with the same 12 probes is not, and its fit says so."""
+    from torch.func import functional_call, hessian
+
+    from sketcharray.analysis import single_pass_spectrum
+    from sketcharray.collect import sketch_hvps
+    from sketcharray.torch import select_params
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    batch = (x, torch.tensor([0, 1, 2]), torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+    ps = select_params(model)
+    theta = ps.flatten({k: v.detach() for k, v in model.named_parameters()})
+    h = hessian(lambda flat: _signed_ce(functional_call(model, ps.unflatten(flat), (x,)), batch).mean())(theta)
+    op = make_sketch("affd", ps.n, 16, seed=1)
+    phi = op.apply(np.eye(ps.n)).T
+    k_exact = phi @ h.numpy() @ phi.T
+    exact = np.linalg.eigvalsh(k_exact)
+    scale = np.abs(exact).max()
+    assert (exact > 1e-8 * scale).sum() >= 2 and (exact < -1e-8 * scale).sum() == 2  # rank <= 6, indefinite
+    ds = sketch_hvps(model, _signed_ce, [batch], op, probes=12, space="sketch", seed=2)
+    out = single_pass_spectrum(ds, k=2, oversampling=4)
+    bound = _float32_bound(ds, k_exact, 4)
+    np.testing.assert_allclose(out.eigenvalue.sel(sign="positive"), exact[::-1][:2], rtol=0, atol=bound)
+    np.testing.assert_allclose(out.eigenvalue.sel(sign="negative"), exact[:2], rtol=0, atol=bound)
+    assert out.attrs["relative_fit"] < 1e-4  # float32 rounding of Y only
+    full_rank = single_pass_spectrum(_k_pass(small_problem, 12)[0], k=2, oversampling=4)
+    assert full_rank.attrs["relative_fit"] > 1e-2
+
+
+def test_single_pass_spectrum_agrees_with_lanczos_from_a_store(small_problem, tmp_path):
+    """The same K through a Zarr store read back lazily: one pass of l = D probes against Lanczos on the
+    live operator, both accurate to the float32 bound of the single pass."""
+    from sketcharray.analysis import single_pass_spectrum
+    from sketcharray.store import open_zarr_dataset
+
+    model, batches, h, ps = small_problem
+    ds, k_exact, op = _k_pass(small_problem, 32)
+    ds.to_zarr(tmp_path / "y.zarr", zarr_format=3, consolidated=False)
+    stored = open_zarr_dataset(tmp_path / "y.zarr")
+    out = single_pass_spectrum(stored, k=3, oversampling=0)
+    lz = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, tol=1e-10, progress=False)
+    np.testing.assert_allclose(out.eigenvalue, lz.eigenvalue, rtol=0, atol=_float32_bound(ds, k_exact, 0))
+
+
+def test_single_pass_spectrum_refuses_parameter_space_probes(small_problem):
+    from sketcharray.analysis import single_pass_spectrum
+    from sketcharray.collect import sketch_hvps
+
+    model, batches, h, ps = small_problem
+    ds = sketch_hvps(model, cross_entropy_per_example, batches, make_sketch("affd", ps.n, 32, seed=0), probes=4)
+    with pytest.raises(ValueError, match="probe_space='parameters'"):
+        single_pass_spectrum(ds, k=2)
+    ds, _, _ = _k_pass(small_problem, 4)
+    with pytest.raises(ValueError, match=r"between 1 and the probes less the oversampling \(4 - 1 = 3\); got 4"):
+        single_pass_spectrum(ds, k=4)
+    with pytest.raises(ValueError, match="oversampling must be between 0 and 3"):
+        single_pass_spectrum(ds, k=1, oversampling=4)
+    with pytest.raises(ValueError, match="space must be 'parameters' or 'sketch'"):
+        sketch_hvps(model, cross_entropy_per_example, batches, "affd", space="weights")

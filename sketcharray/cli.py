@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Martinsson & Tropp (exact when rank K <= P - oversampling; see docs/spectrum.md)")
     p.add_argument("--oversampling", type=int, default=None,
                    help="with --from-hvps: probes beyond the model's rank (default min(10, P // 3))")
-    _common(p, sketch=("affd", 256))
+    _common(p, sketch=("affd", 256), scheduler=True)
 
     p = command("intrinsic-dim", "intrinsic dimension by the doubling search in a sketched subspace",
                 "Train omega in theta = theta_0 + Phi^T omega, doubling D whenever the metric stops improving, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -547,11 +548,16 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
 
 
 def subspace_hessian(model, loss_fn: Callable, data, sketch, *, params=None, batch_size: int | None = None,
-                     device=None, forward=None, hvp_mode: str = "auto") -> SubspaceHessian:
+                     device=None, forward=None, hvp_mode: str = "auto", shards: int | None = None):
     """The reusable operator ``K w = Phi H Phi^T w`` (batched over several w) for the spectrum.
 
-    A module elsewhere than ``device`` is copied there; the caller's module is never moved.
+    A module elsewhere than ``device`` is copied there; the caller's module is never moved.  With
+    ``shards``, a :class:`ShardedSubspaceHessian`: each product is a dask reduction over that many
+    shards of the data, under the active dask scheduler.
     """
+    if shards is not None:
+        return ShardedSubspaceHessian(model, loss_fn, data, sketch, shards=shards, params=params,
+                                      batch_size=batch_size, device=device, forward=forward, hvp_mode=hvp_mode)
     dev = _device_of(device)
     model = as_module(model, copy=isinstance(model, nn.Module) and _elsewhere(model, dev)).to(dev)
     paramset = select_params(model, params)
@@ -559,3 +565,125 @@ def subspace_hessian(model, loss_fn: Callable, data, sketch, *, params=None, bat
     source = DataSource.from_data(data, batch_size)
     batches = [source.load(i, a, b) for i, (a, b) in enumerate(source.bounds)]
     return SubspaceHessian(HVP(model, loss_fn, batches, paramset, forward=forward, mode=hvp_mode, device=dev), op)
+
+
+def _shard_hvp(model_src, loss_fn, forward, data: DataSource, shard: tuple[int, ...], n_examples: int, params,
+               device, hvp_mode, key: str) -> HVP:
+    """This worker thread's HVP operator over one shard (its batches loaded once, the model built once);
+    ``key`` names the shard and its settings (computed once by the caller)."""
+    dev = _device_of(device)
+    model = _on_device(_model_from(model_src), dev)
+    cache = getattr(_local, "hvps", None)
+    if cache is None:
+        cache = _local.hvps = {}
+    key = (id(model), key)
+    hvp = cache.get(key)
+    if hvp is None:
+        paramset = select_params(model, params)
+        bounds = data.bounds
+        batches = [data.load(i, *bounds[i]) for i in shard]
+        hvp = HVP(model, loss_fn, batches, paramset, forward=forward, mode=hvp_mode, device=dev, n_examples=n_examples)
+        if len(cache) >= 8:
+            cache.pop(next(iter(cache)))
+        cache[key] = hvp
+    return hvp
+
+
+def _shard_product_task(model_src, loss_fn, forward, data: DataSource, shard, n_examples, w, op, params, device,
+                        hvp_mode, key):
+    """``Phi H_s Phi^T w`` for one shard s (its share of the mean loss): (b, D) float64, the HVP seconds and
+    the HVP mode."""
+    hvp = _shard_hvp(model_src, loss_fn, forward, data, shard, n_examples, params, device, hvp_mode, key)
+    ref = next(iter(hvp.theta.values()))
+    probes = op.adjoint(torch.as_tensor(w, dtype=ref.dtype, device=ref.device), check_finite=False)
+    seconds = hvp.seconds
+    with _TORCH_LOCK:
+        hv = hvp(probes)
+    product = op.apply(hv, check_finite=False).detach().to(torch.float64).cpu().numpy()
+    return product, hvp.seconds - seconds, hvp.mode
+
+
+def _add_products(a, b):
+    """Two shards' results summed: (product, HVP seconds, mode)."""
+    return a[0] + b[0], a[1] + b[1], a[2]
+
+
+class ShardedSubspaceHessian:
+    """``K W = Phi H Phi^T W`` for the mean loss over ``data``, as a dask reduction over shards of the data.
+
+    Each product is one task per shard (``hessian-vector-products`` on the
+    dashboard), each ``Phi H_s Phi^T W`` for its shard's share of the mean
+    loss, summed as a binary tree.  The model travels once: a module or a
+    factory, built once per worker thread and kept there with the shard's
+    batches; only the (b, D) block ``W`` goes out with each product, and the
+    probes ``Phi^T W`` are formed inside the tasks.  Runs under the active
+    scheduler; with ``dask.distributed`` the model and data are scattered
+    to the workers once.  The same numbers as the in-process operator up to
+    the order of the shards' float sums.
+
+    Attributes: ``shape``, ``op``, ``shards``, ``hvps`` (products computed,
+    one per direction), ``hvp_seconds`` (summed over the tasks),
+    ``setup_seconds``, ``hvp_mode``.
+    """
+
+    def __init__(self, model, loss_fn, data, sketch, *, shards: int, params=None, batch_size=None, device=None,
+                 forward=None, hvp_mode: str = "auto"):
+        if not isinstance(shards, (int, np.integer)) or shards < 1:
+            raise ValueError(f"shards must be a positive int; got {shards!r}")
+        t0 = time.perf_counter()
+        driver_model, model_src, self.fingerprint = _driver_model(model)
+        paramset = select_params(driver_model, params)
+        self.op = resolve_sketch(sketch, paramset.n)
+        self.shape = (self.op.n_out, self.op.n_out)
+        source = DataSource.from_data(data, batch_size)
+        bounds = source.bounds
+        self.n_examples = bounds[-1][1]
+        n = min(int(shards), len(bounds))
+        self.shards = n
+        self._groups = [tuple(range(len(bounds) * j // n, len(bounds) * (j + 1) // n)) for j in range(n)]
+        # what a worker keeps its shard's HVP operator under: the shard, the data and the settings
+        self._keys = [dask.base.tokenize(source, group, self.n_examples, params, hvp_mode, str(device),
+                                         function_name(loss_fn), forward and function_name(forward), self.fingerprint)
+                      for group in self._groups]
+        self._args = (loss_fn, forward)
+        self._settings = (params, device, hvp_mode)
+        client = None
+        if "distributed" in sys.modules:
+            try:
+                from distributed import get_client
+
+                client = get_client()
+            except ValueError:
+                client = None
+        if client is not None:  # once, not with every product
+            self._model, self._data = client.scatter([model_src, source], broadcast=True, hash=False)
+        else:
+            self._model, self._data = _model_delayed(model_src), source
+        self.hvps = 0
+        self.hvp_seconds = 0.0
+        self.hvp_mode = hvp_mode
+        self.setup_seconds = time.perf_counter() - t0
+
+    def matvec(self, w):
+        """``K w`` for (D,) or (b, D) numpy ``w``; float64."""
+        w = np.asarray(w, dtype=np.float64)
+        squeeze = w.ndim == 1
+        w = w.reshape(-1, self.op.n_out)
+        token = dask.base.tokenize(w, self.op.spec, self._keys)
+        loss_fn, forward = self._args
+        params, device, hvp_mode = self._settings
+        level = [dask.delayed(_shard_product_task, pure=True)(
+            self._model, loss_fn, forward, self._data, group, self.n_examples, w, self.op, params, device, hvp_mode,
+            key, dask_key_name=(f"hessian-vector-products-{token}", j))
+            for j, (group, key) in enumerate(zip(self._groups, self._keys))]
+        depth = 0
+        while len(level) > 1:  # a binary tree of sums
+            depth += 1
+            level = [dask.delayed(_add_products, pure=True)(*level[i : i + 2],
+                                                            dask_key_name=(f"hessian-vector-sum-{token}", depth, i))
+                     if i + 1 < len(level) else level[i] for i in range(0, len(level), 2)]
+        out, seconds, mode = level[0].compute()
+        self.hvps += w.shape[0]
+        self.hvp_seconds += float(seconds)
+        self.hvp_mode = mode
+        return out[0] if squeeze else out

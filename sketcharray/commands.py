@@ -144,11 +144,17 @@ def spectrum(args) -> int:
         if w.checkpoints is None:
             raise ValueError(f"workload {args.workload!r} has no checkpoints; pass --checkpoint NAME=PATH")
         checkpoints = w.checkpoints()
-    res = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": args.method, "n_out": args.n_out,
-                                                              "seed": args.seed},
-                           k=args.k, which=args.which, method=args.solver, checkpoints=checkpoints,
-                           params=args.params, batch_size=args.batch_size, device=args.device, forward=w.forward,
-                           store=args.out, progress=not args.quiet, seeds=args.seeds)
+    from .cluster import scheduler
+
+    with scheduler(args.scheduler, quiet=args.quiet) as client:
+        # on a cluster each product K W is a reduction over one shard of the data per worker thread
+        shards = None if client is None else max(1, sum(client.nthreads().values()))
+        res = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": args.method, "n_out": args.n_out,
+                                                                  "seed": args.seed},
+                               k=args.k, which=args.which, method=args.solver, checkpoints=checkpoints,
+                               params=args.params, batch_size=args.batch_size, device=args.device,
+                               forward=w.forward, store=args.out, progress=not args.quiet, seeds=args.seeds,
+                               shards=shards)
     stats = spectrum_statistics(res) if args.which != "bottom" else None
     if not args.quiet:
         seeded = "seed" in res.dims

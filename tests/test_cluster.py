@@ -52,3 +52,33 @@ def test_dashboard_answers_while_a_local_cluster_job_runs_and_shows_named_tasks(
     assert "sketch-gradients" in prefixes  # named tasks, not anonymous lambdas
     assert [status for status, _ in pages] == [200, 200]
     assert "Dask" in pages[0][1] and "Worker" in pages[1][1]
+
+
+def test_spectrum_on_a_local_cluster_prints_the_threaded_eigenvalues(capsys):
+    """'spectrum --scheduler local-cluster' shards each product over the workers; the table is the one
+    the threaded run prints (4 significant digits; the float32 products differ by rounding only)."""
+    from sketcharray import cli
+
+    common = ["spectrum", "--workload", "tests.workload_fixture:tiny", "--n-out", "16", "--k", "2"]
+    assert cli.main(common) == 0
+    threaded = capsys.readouterr().out
+    assert cli.main([*common, "--scheduler", "local-cluster"]) == 0
+    clustered = capsys.readouterr().out
+    assert "LocalCluster with" in clustered
+
+    def table(text):
+        return [line for line in text.splitlines() if line.startswith("| - |")]
+
+    assert table(clustered) == table(threaded) and len(table(threaded)) == 4
+
+
+def test_the_cluster_benchmark_measures_products_and_a_single_pass(tmp_path):
+    """bench spectrum --scheduler local-cluster, its two measurements at toy size."""
+    from sketcharray.bench.spectrum import cluster_scaling, single_pass_against_lanczos
+
+    (row,) = cluster_scaling("digits", "afjl", 64, 2, 50, 25, 4, workers=(1,))
+    assert row["workers"] == 1 and row["hvps"] == 4 and row["hvps_per_s"] > 0 and row["speedup"] == 1.0
+    one = single_pass_against_lanczos("digits", "affd", 16, 2, 50, 25, 1, tmp_path)
+    # 16 probes span the 16-dimensional sketch space: the single pass agrees with Lanczos to float32 rounding
+    # amplified by cond(Q^T Omega) (see tests/analysis/test_eigen.py)
+    assert one["probes"] == 16 and one["max_difference"] < 1e-3 and (tmp_path / "digits-y.zarr").is_dir()

@@ -340,7 +340,7 @@ def _with_seed(sketch, seed: int):
 
 def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = "both", method: str = "lanczos",
                      checkpoints=None, params=None, batch_size: int | None = None, device=None, forward=None,
-                     eigenvectors: bool = False, store=None, progress: bool = True, seeds=None,
+                     eigenvectors: bool = False, store=None, progress: bool = True, seeds=None, shards=None,
                      **solver_options) -> xr.Dataset:
     """Top-k positive and k most negative eigenvalues of K = Phi H Phi^T (computes now).
 
@@ -368,6 +368,12 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
         seed is replaced): the result gains a ``seed`` dimension and
         ``eigenvalue_mean`` / ``eigenvalue_spread`` (standard deviation over
         seeds), the eigenvalues' error bars.
+    shards : int, optional
+        Compute each product ``K W`` as a dask reduction over this many
+        shards of the data, on whatever dask scheduler is active (threads, a
+        LocalCluster, a remote scheduler): see
+        :func:`~sketcharray.collect.subspace_hessian`.  Default: in this
+        process, no dask.
     **solver_options
         ``tol``, ``max_iter`` (lanczos), ``n_iter``, ``block`` (randomized), ``seed``.
 
@@ -389,7 +395,7 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
                                  checkpoints=checkpoints, params=params, batch_size=batch_size, device=device,
                                  forward=forward, eigenvectors=eigenvectors,
                                  store=None if store is None else Path(store) / f"seed-{s}", progress=progress,
-                                 **solver_options)
+                                 shards=shards, **solver_options)
                 for s in seeds]
         out = xr.concat(runs, dim=xr.DataArray(seeds, dims="seed", name="seed"), combine_attrs="drop_conflicts")
         out["eigenvalue_mean"] = out.eigenvalue.mean("seed")
@@ -438,16 +444,16 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
             results.append(saved)
             continue
         K = subspace_hessian(base, loss_fn, data, sketch, params=params, batch_size=batch_size, device=device,
-                             forward=forward)
+                             forward=forward, shards=shards)
         t0 = time.perf_counter()
         with _one_blas_thread(K.shape[0]):
             res = SOLVERS[method](K.matvec, K.shape[0], k, which=which, progress=progress, **solver_options)
         total = time.perf_counter() - t0
         ds = _spectrum_dataset(res, k, eigenvectors)
-        ds.attrs.update(method=method, which=which, iterations=res["iterations"], hvps=K.hvp.count, seconds=total,
+        ds.attrs.update(method=method, which=which, iterations=res["iterations"], hvps=K.hvps, seconds=total,
                         hvp_seconds=K.hvp_seconds, other_seconds=total - K.hvp_seconds,
                         setup_seconds=K.setup_seconds,
-                        hvp_mode=K.hvp.mode, sketch_spec=str(K.op.spec))
+                        hvp_mode=K.hvp_mode, sketch_spec=str(K.op.spec), shards=K.shards)
         if path is not None:
             ds.attrs.update(wanted)
         if name is not None:

@@ -8,6 +8,11 @@
 * Figure 2 analogue: RNEG, R_n and outliers at checkpoints along training.
 * Performance: HVPs per second and the time of a Lanczos and a randomized
   solve, split between HVPs and everything else.
+* ``--scheduler local-cluster``: one Lanczos solve whose products are dask
+  reductions over data shards, on a LocalCluster of 1 and of 2
+  single-threaded worker processes (HVP/s and the speed-up); and the
+  single-pass eigensolver from a stored pass ``Y = K Omega`` against
+  Lanczos on the same K (time and agreement).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -177,6 +183,103 @@ def performance(workload: str, methods, n_out: int, k: int, n_examples: int, bat
     return rows
 
 
+def _local_cluster(workers: int):
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return cluster, Client(cluster)
+
+
+def cluster_scaling(workload: str, sketch: str, n_out: int, k: int, n_examples: int, batch: int, max_iter: int,
+                    workers=(1, 2)) -> list[dict]:
+    """One Lanczos solve (``max_iter`` products) with each product sharded over 1, then 2, worker processes."""
+    w = WORKLOADS[workload]()
+    data, _ = w.split("train", n_examples)
+    rows = []
+    for n in workers:
+        cluster, client = _local_cluster(n)
+        with cluster, client:
+            ds = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": sketch, "n_out": n_out}, k=k,
+                                  batch_size=batch, forward=w.forward, progress=False, tol=1e-12, max_iter=max_iter,
+                                  shards=n)
+        a = ds.attrs
+        rows.append({"workload": workload, "sketch": sketch, "D": n_out, "examples": len(data), "workers": n,
+                     "hvps": a["hvps"], "solve_s": a["seconds"], "setup_s": a["setup_seconds"],
+                     "hvps_per_s": a["hvps"] / a["seconds"],
+                     "lambda_max": float(ds.eigenvalue.sel(sign="positive", rank=1))})
+        print(f"  {workload} {sketch} D={n_out}: {n} worker(s), {a['hvps']} HVPs in {a['seconds']:.1f} s "
+              f"({rows[-1]['hvps_per_s']:.2f} HVP/s; setup {a['setup_seconds']:.1f} s)", flush=True)
+    for r in rows:
+        r["speedup"] = r["hvps_per_s"] / rows[0]["hvps_per_s"]
+    return rows
+
+
+def single_pass_against_lanczos(workload: str, sketch: str, n_out: int, k: int, n_examples: int, batch: int,
+                                workers: int, folder) -> dict:
+    """``Y = K Omega`` for D test vectors stored in one pass (parallel tasks), the single-pass eigenvalues from
+    the store, and Lanczos on the same K (products sharded): times and the largest difference over both ends."""
+    from ..analysis.eigen import single_pass_spectrum
+    from ..collect import sketch_hvps
+    from ..store import open_zarr_dataset
+
+    w = WORKLOADS[workload]()
+    data, _ = w.split("train", n_examples)
+    spec = {"method": sketch, "n_out": n_out}
+    cluster, client = _local_cluster(workers)
+    with cluster, client:
+        t0 = time.perf_counter()
+        ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=n_out, space="sketch", batch_size=batch,
+                         forward=w.forward, probes_per_task=max(1, n_out // (4 * workers)))
+        path = Path(folder) / f"{workload}-y.zarr"
+        ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+        t_store = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        single = single_pass_spectrum(open_zarr_dataset(path), k=k, oversampling=0)
+        t_single = time.perf_counter() - t0
+        lz = hessian_spectrum(w.model_factory, w.loss_fn, data, spec, k=k, batch_size=batch, forward=w.forward,
+                              progress=False, tol=1e-6, shards=workers)
+    scale = float(np.abs(lz.eigenvalue).max())
+    diff = float(np.abs(single.eigenvalue - lz.eigenvalue).max()) / scale
+    row = {"workload": workload, "sketch": sketch, "D": n_out, "examples": len(data), "workers": workers,
+           "probes": n_out, "store_s": t_store, "single_pass_s": t_single, "lanczos_s": float(lz.attrs["seconds"]),
+           "lanczos_hvps": int(lz.attrs["hvps"]), "max_difference": diff}
+    print(f"  {workload} {sketch} D={n_out}: one pass of {n_out} products stored in {t_store:.1f} s, single-pass "
+          f"solve {t_single:.2f} s; Lanczos {row['lanczos_hvps']} products in {row['lanczos_s']:.1f} s; "
+          f"largest difference {diff:.1e} of |lambda|max", flush=True)
+    return row
+
+
+def cluster_section(args) -> dict:
+    import tempfile
+
+    from ..workloads import minilm_available
+
+    workload = args.cluster_workload or ("minilm" if minilm_available() else "digits")
+    big = workload != "digits"
+    print(f"\nProducts as dask reductions over data shards on a LocalCluster ({workload}):", flush=True)
+    # batches of 8 on MiniLM: 10 of them, which two workers share evenly (16 would give shards of 2 and 3)
+    scaling = cluster_scaling(workload, "afjl", 4096 if big else 1024, 10, 80 if big else 500, 8 if big else 250,
+                              args.cluster_iters)
+    print(format_table([{"w": r["workload"], "n": r["workers"], "h": r["hvps"], "t": f"{r['solve_s']:.1f}",
+                         "r": f"{r['hvps_per_s']:.2f}", "x": f"{r['speedup']:.2f}x"} for r in scaling],
+                       [("w", "workload"), ("n", "workers"), ("h", "HVPs"), ("t", "solve s"), ("r", "HVP/s"),
+                        ("x", "speed-up")]))
+    print("\nSingle pass from a stored Y = K Omega (D probes) against Lanczos on the same K:", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        passes = [single_pass_against_lanczos(wl, "affd", d, 5, n, b, 2, folder)
+                  for wl, d, n, b in [("digits", 256, 500, 250)] + ([(workload, args.single_pass_d, 80, 16)] if big else [])]
+    print(format_table([{"w": r["workload"], "D": r["D"], "s": f"{r['store_s']:.1f}", "p": f"{r['single_pass_s']:.2f}",
+                         "l": f"{r['lanczos_s']:.1f}", "h": r["lanczos_hvps"], "d": f"{r['max_difference']:.1e}"}
+                        for r in passes],
+                       [("w", "workload"), ("D", "D = probes"), ("s", "store Y s"), ("p", "single pass s"),
+                        ("l", "Lanczos s"), ("h", "Lanczos HVPs"), ("d", "max difference / |lambda|max")]))
+    two = scaling[-1]
+    targets = [f"target speed-up with 2 workers >= 1.6x: {two['speedup']:.2f}x "
+               f"{'MET' if two['speedup'] >= 1.6 else 'MISSED'}"]
+    print("\n" + "\n".join(targets))
+    return {"cluster_scaling": scaling, "single_pass": passes, "cluster_targets": targets}
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="bench_spectrum", description=__doc__)
     p.add_argument("--n-examples", type=int, default=500, help="training examples the loss averages over")
@@ -196,6 +299,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--minilm-iters", type=int, default=24,
                    help="Lanczos iterations (and 2 randomized block steps) for the MiniLM timing, whose HVPs "
                         "take seconds on a CPU; the share per product does not depend on the count")
+    p.add_argument("--scheduler", default=None, choices=("local-cluster",),
+                   help="also: Lanczos with its products sharded over a LocalCluster of 1 and 2 workers (speed-up), "
+                        "and the single-pass solver from a stored pass against Lanczos")
+    p.add_argument("--cluster-workload", default=None, help="workload of the cluster timing (default minilm if "
+                                                             "installed, else digits)")
+    p.add_argument("--cluster-iters", type=int, default=12, help="Lanczos products of the cluster timing")
+    p.add_argument("--single-pass-d", type=int, default=32,
+                   help="D (= stored products) of the single-pass comparison on the cluster workload")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="bench-out/bench-spectrum.json")
     p.add_argument("--plot", default="bench-out/bench-spectrum.png")
@@ -248,6 +359,9 @@ def main(argv=None, args=None) -> int:
               f"with top-10 relative error below the threshold ('-' = not up to 2^{max(args.pretrained_log2d)})")
         print(threshold_table(t7["errors"]))
         payload["pretrained_table7"] = t7
+        write_json(args.json, payload)
+    if args.scheduler == "local-cluster":
+        payload.update(cluster_section(args))
         write_json(args.json, payload)
     if args.skip_perf:
         write_json(args.json, payload)

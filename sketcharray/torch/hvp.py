@@ -39,7 +39,8 @@ class HVP:
     directions go through one vmapped pass per data batch.
     """
 
-    def __init__(self, model, loss_fn, batches, paramset: ParamSet, *, forward=None, mode="auto", device=None):
+    def __init__(self, model, loss_fn, batches, paramset: ParamSet, *, forward=None, mode="auto", device=None,
+                 n_examples: int | None = None):
         if mode not in ("auto", "forward-over-reverse", "reverse-over-reverse"):
             raise ValueError(f"mode must be 'auto', 'forward-over-reverse' or 'reverse-over-reverse'; got {mode!r}")
         self.model = model
@@ -48,7 +49,9 @@ class HVP:
         self.paramset = paramset
         self.device = device
         self.batches = [to_device(b, device) if device is not None else b for b in batches]
-        self.n_examples = sum(batch_size_of(b) for b in self.batches)
+        # the mean is over n_examples (default: these batches'); a shard of the data passes the whole count,
+        # so the shards' products sum to the Hessian of the mean over all of them
+        self.n_examples = sum(batch_size_of(b) for b in self.batches) if n_examples is None else int(n_examples)
         named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         self.frozen = {"model." + k: v.detach() for k, v in named.items() if k not in paramset.names}
         self.theta = {k: dict(model.named_parameters())[k].detach() for k in paramset.names}
@@ -136,6 +139,9 @@ class SubspaceHessian:
     construction, once, and timed apart as ``setup_seconds``.
     """
 
+    #: in this process, not sharded over dask tasks (see sketcharray.collect.ShardedSubspaceHessian)
+    shards = None
+
     def __init__(self, hvp: HVP, op, *, explicit_limit: int = 1 << 20):
         if op.n_in != hvp.paramset.n:
             raise ValueError(f"sketch n_in={op.n_in} does not match the {hvp.paramset.n} selected parameters")
@@ -160,6 +166,15 @@ class SubspaceHessian:
     @property
     def hvp_seconds(self) -> float:
         return self.hvp.seconds
+
+    @property
+    def hvps(self) -> int:
+        """Hessian-vector products computed so far (one per direction)."""
+        return self.hvp.count
+
+    @property
+    def hvp_mode(self) -> str:
+        return self.hvp.mode
 
     def matvec(self, w):
         t0 = time.perf_counter()

@@ -311,3 +311,42 @@ def test_single_pass_spectrum_refuses_parameter_space_probes(small_problem):
         single_pass_spectrum(ds, k=1, oversampling=4)
     with pytest.raises(ValueError, match="space must be 'parameters' or 'sketch'"):
         sketch_hvps(model, cross_entropy_per_example, batches, "affd", space="weights")
+
+
+def test_sharded_products_equal_the_in_process_operator(small_problem):
+    """K W as a dask reduction over shards of the data (threads here): the same float64 products summed in
+    another order, so equal to ~N eps of the largest entry."""
+    from sketcharray.collect import ShardedSubspaceHessian, subspace_hessian
+
+    model, batches, h, ps = small_problem
+    many = [tiny_batch(8, seed=s) for s in range(5)]
+    op = make_sketch("affd", ps.n, 32, seed=0)
+    local = subspace_hessian(model, cross_entropy_per_example, many, op)
+    sharded = subspace_hessian(model, cross_entropy_per_example, many, op, shards=3)
+    assert isinstance(sharded, ShardedSubspaceHessian) and sharded.shards == 3
+    w = np.random.default_rng(0).standard_normal((4, 32))
+    expected = local.matvec(w)
+    np.testing.assert_allclose(sharded.matvec(w), expected, rtol=0, atol=ps.n * 2.2e-16 * np.abs(expected).max())
+    np.testing.assert_allclose(sharded.matvec(w[1]), expected[1], rtol=0, atol=ps.n * 2.2e-16 * np.abs(expected).max())
+    assert sharded.hvps == 5 and sharded.hvp_seconds > 0
+    assert subspace_hessian(model, cross_entropy_per_example, many, op, shards=99).shards == 5  # one per batch at most
+    with pytest.raises(ValueError, match="shards must be a positive int; got 0"):
+        subspace_hessian(model, cross_entropy_per_example, many, op, shards=0)
+
+
+def test_a_local_cluster_computes_the_same_spectrum_with_named_tasks(small_problem):
+    """Lanczos on K whose products run as tasks on two worker processes: the eigenvalues of the threaded
+    in-process solve (float64 products equal to rounding; Lanczos from the same start vector)."""
+    distributed = pytest.importorskip("distributed")
+    model, batches, h, ps = small_problem
+    many = [tiny_batch(8, seed=s) for s in range(4)]
+    op = make_sketch("affd", ps.n, 32, seed=0)
+    local = hessian_spectrum(model, cross_entropy_per_example, many, op, k=3, tol=1e-10, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
+            distributed.Client(c) as client:
+        spread = hessian_spectrum(model, cross_entropy_per_example, many, op, k=3, tol=1e-10, progress=False,
+                                  shards=2)
+        prefixes = set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+    np.testing.assert_allclose(spread.eigenvalue, local.eigenvalue, rtol=1e-9)
+    assert spread.attrs["shards"] == 2 and spread.attrs["hvps"] == local.attrs["hvps"]
+    assert "hessian-vector-products" in prefixes

@@ -42,9 +42,73 @@ def _select(vals, vecs, res, k, which):
     return out
 
 
+class _LanczosState:
+    """A Lanczos solve's state in a Zarr folder, committed after every product (see :func:`lanczos`'s ``state``).
+
+    Arrays: ``basis`` ((m_max + 1) x dim, one row per chunk: a product writes one row), ``alpha`` and
+    ``beta``; attrs: ``settings`` (what the solve is: the operator's identity, k, tolerance, seed, ...)
+    and ``progress`` (products done, restarts, the random generator's state), written last, so a kill
+    between a row and its progress leaves the previous product's state.  Chunks carry CRC32C.
+    """
+
+    def __init__(self, path, settings: dict):
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(settings))  # as JSON gives it back
+
+    def load(self):
+        """(basis, alpha, beta, m, restarts, rng state) of the last committed product, or None for no state."""
+        import zarr
+
+        from ..store import check_codecs
+
+        if not (self.path / "zarr.json").exists():
+            return None
+        try:
+            check_codecs(self.path)
+            group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+            attrs = dict(group.attrs)
+            have, progress = attrs["settings"], attrs["progress"]
+            if have != self.settings:
+                differ = sorted(key for key in set(have) | set(self.settings) if have.get(key) != self.settings.get(key))
+                raise ValueError(f"{self.path} holds the state of another solve: {({k: have.get(k) for k in differ})}, "
+                                 f"but this call is {({k: self.settings.get(k) for k in differ})}; use another state "
+                                 "folder, or delete this one to start over")
+            m = int(progress["m"])
+            basis = group["basis"][: m + 1]
+            alpha, beta = group["alpha"][:], group["beta"][:]
+        except (KeyError, OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"the Lanczos state in {self.path} cannot be read ({type(exc).__name__}: {exc}); delete "
+                             "the folder to start the solve over") from exc
+        return basis, alpha, beta, m, int(progress["restarts"]), progress["rng"]
+
+    def create(self, dim: int, m_max: int, basis_dtype) -> None:
+        import zarr
+
+        from ..store import chunk_codecs
+
+        group = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        group.create_array("basis", shape=(m_max + 1, dim), chunks=(1, dim), dtype=basis_dtype,
+                           compressors=chunk_codecs(compressed=False), fill_value=0)
+        for name in ("alpha", "beta"):
+            group.create_array(name, shape=(m_max,), chunks=(m_max,), dtype=np.float64,
+                               compressors=chunk_codecs(compressed=False), fill_value=0)
+        group.attrs["settings"] = self.settings
+        self._group = group
+
+    def commit(self, row: int, vector, alpha, beta, m: int, restarts: int, rng) -> None:
+        import zarr
+
+        group = getattr(self, "_group", None) or zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        self._group = group
+        group["basis"][row] = vector
+        group["alpha"][:] = alpha
+        group["beta"][:] = beta
+        group.attrs["progress"] = {"m": m, "restarts": restarts, "rng": rng.bit_generator.state}
+
+
 def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int | None = None,
             tol: float = 1e-6, seed: int = 0, check_every: int = 5, progress: bool = True,
-            basis_dtype=np.float64) -> dict:
+            basis_dtype=np.float64, state=None, identity=None) -> dict:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     Returns ``{"positive"|"negative": (values, vectors (dim, k), residuals)}``
@@ -59,6 +123,13 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     ``(max_iter + 1) x dim`` entries of ``basis_dtype``; float32 halves it
     for very long vectors (a reference run on an unsketched Hessian), with the
     projections computed in float32 and the recurrence in float64.
+
+    ``state`` (a folder path) keeps the solve's state in Zarr after every
+    product; rerunning the same call after a kill resumes from the last
+    committed product and gives the same numbers as a solve never
+    interrupted.  ``identity`` (JSON-able) says what ``matvec`` is, e.g.
+    the model's and data's fingerprints and the sketch: a state left by
+    another operator or other settings is refused, naming the difference.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {list(WHICH)}; got {which!r}")
@@ -67,13 +138,27 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
         raise ValueError(f"k={k} exceeds the Krylov dimension available ({m_max})")
     rng = np.random.default_rng(seed)
     basis = np.zeros((m_max + 1, dim), dtype=basis_dtype)
-    v = rng.standard_normal(dim)
-    basis[0] = v / np.linalg.norm(v)
     alpha, beta = np.zeros(m_max), np.zeros(m_max)
-    bar = Progress("lanczos", m_max, enabled=progress, unit="HVPs")
     m, restarts = 0, 0
+    saver = None
+    if state is not None:
+        saver = _LanczosState(state, {"dim": dim, "k": k, "which": which, "m_max": m_max, "tol": tol, "seed": seed,
+                                      "check_every": check_every, "basis_dtype": np.dtype(basis_dtype).name,
+                                      "operator": identity})
+        saved = saver.load()
+        if saved is not None:
+            rows, alpha, beta, m, restarts, rng_state = saved
+            basis[: m + 1] = rows
+            rng.bit_generator.state = rng_state
+    if m == 0:
+        v = rng.standard_normal(dim)
+        basis[0] = v / np.linalg.norm(v)
+        if saver is not None:
+            saver.create(dim, m_max, basis_dtype)
+            saver.commit(0, basis[0], alpha, beta, 0, 0, rng)
+    bar = Progress("lanczos", m_max, enabled=progress, unit="HVPs")
     result = None
-    for j in range(m_max):
+    for j in range(m, m_max):
         w = np.asarray(matvec(basis[j][None, :]), dtype=np.float64)[0]
         alpha[j] = basis[j] @ w
         b = basis[: j + 1]
@@ -103,8 +188,10 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
             for _ in range(2):
                 w -= b.T @ (b @ w.astype(b.dtype, copy=False))
             basis[j + 1] = w / np.linalg.norm(w)
-            continue
-        basis[j + 1] = w / beta[j]
+        else:
+            basis[j + 1] = w / beta[j]
+        if saver is not None:
+            saver.commit(j + 1, basis[j + 1], alpha, beta, m, restarts, rng)
     bar.close()
     out = {key: (vals, basis[:m].T @ s.astype(basis.dtype), res) for key, (vals, s, res) in result.items()}
     out["iterations"] = m
@@ -362,7 +449,10 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
         (Zarr, ``checkpoint-NAME.zarr``; ``checkpoint-current.zarr`` for the
         model's own weights), and a rerun loads finished checkpoints instead
         of recomputing (only for the same weights, data, sketch and solver
-        settings).
+        settings).  A Lanczos solve also keeps its state there
+        (``solver-NAME.zarr``) after every product until its result is
+        written: rerunning the call after a kill resumes it, to the same
+        eigenvalues.
     seeds : sequence of int, optional
         Repeat with independent sketches, one per seed (the sketch's own
         seed is replaced): the result gains a ``seed`` dimension and
@@ -446,8 +536,13 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
         K = subspace_hessian(base, loss_fn, data, sketch, params=params, batch_size=batch_size, device=device,
                              forward=forward, shards=shards)
         t0 = time.perf_counter()
+        # with a store, a Lanczos solve keeps its state next to the result it will write: a killed solve
+        # resumes from its last product when the call is rerun
+        resumable = {} if path is None or method != "lanczos" else {
+            "state": path.with_name(path.name.replace("checkpoint-", "solver-", 1)), "identity": wanted}
         with _one_blas_thread(K.shape[0]):
-            res = SOLVERS[method](K.matvec, K.shape[0], k, which=which, progress=progress, **solver_options)
+            res = SOLVERS[method](K.matvec, K.shape[0], k, which=which, progress=progress, **resumable,
+                                  **solver_options)
         total = time.perf_counter() - t0
         ds = _spectrum_dataset(res, k, eigenvectors)
         ds.attrs.update(method=method, which=which, iterations=res["iterations"], hvps=K.hvps, seconds=total,
@@ -463,6 +558,10 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
             with warnings.catch_warnings():  # zarr's note that fixed-width strings (the names) lack a v3 spec
                 warnings.simplefilter("ignore", category=FutureWarning)
                 ds.to_zarr(str(path), mode="w", consolidated=False, zarr_format=3)
+            if resumable:  # the result is stored: the solver's state has served
+                import shutil
+
+                shutil.rmtree(resumable["state"], ignore_errors=True)
         results.append(ds)
     out = results[0] if checkpoints is None else xr.concat(results, dim="checkpoint", combine_attrs="drop_conflicts")
     out.attrs["note"] = SKETCHED_NOTE

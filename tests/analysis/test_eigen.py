@@ -350,3 +350,80 @@ def test_a_local_cluster_computes_the_same_spectrum_with_named_tasks(small_probl
     np.testing.assert_allclose(spread.eigenvalue, local.eigenvalue, rtol=1e-9)
     assert spread.attrs["shards"] == 2 and spread.attrs["hvps"] == local.attrs["hvps"]
     assert "hessian-vector-products" in prefixes
+
+
+def _known_operator(d=120):
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    ev = np.concatenate([[40.0, 25.0, 9.0], rng.uniform(-1, 1, d - 6), [-2.0, -6.0, -15.0]])
+    return (q * ev) @ q.T
+
+
+def test_a_lanczos_solve_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path):
+    """A process that SIGKILLs itself in the middle of its 10th product; the rerun reads the 9 committed
+    products from the state folder, computes only the rest, and gives the uninterrupted solve's numbers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    a = _known_operator()
+    np.save(tmp_path / "a.npy", a)
+    script = textwrap.dedent(f"""
+        import os, signal, numpy as np
+        from sketcharray.analysis.eigen import lanczos
+        a = np.load({str(tmp_path / "a.npy")!r})
+        calls = []
+        def matvec(x):
+            calls.append(1)
+            if len(calls) == 10:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return x @ a
+        lanczos(matvec, a.shape[0], 3, tol=1e-12, progress=False, state={str(tmp_path / "state")!r},
+                identity={{"operator": "a.npy"}})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    reference = lanczos(lambda x: x @ a, a.shape[0], 3, tol=1e-12, progress=False)
+    calls = []
+    resumed = lanczos(lambda x: calls.append(1) or x @ a, a.shape[0], 3, tol=1e-12, progress=False,
+                      state=tmp_path / "state", identity={"operator": "a.npy"})
+    assert len(calls) == reference["iterations"] - 9
+    for end in ("positive", "negative"):
+        np.testing.assert_array_equal(resumed[end][0], reference[end][0])
+        np.testing.assert_array_equal(resumed[end][1], reference[end][1])
+    with pytest.raises(ValueError, match=r"another solve: \{'operator': \{'operator': 'a.npy'\}\}.*'b.npy'"):
+        lanczos(lambda x: x @ a, a.shape[0], 3, tol=1e-12, progress=False, state=tmp_path / "state",
+                identity={"operator": "b.npy"})
+    assert os.path.isdir(tmp_path / "state")
+
+
+def test_hessian_spectrum_with_a_store_resumes_an_interrupted_solve(small_problem, tmp_path, monkeypatch):
+    from sketcharray.torch.hvp import SubspaceHessian
+
+    model, batches, h, ps = small_problem
+    op = make_sketch("affd", ps.n, 32, seed=0)
+    whole = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, tol=1e-10, progress=False,
+                             store=tmp_path / "whole")
+    real = SubspaceHessian.matvec
+    calls = []
+
+    def interrupted(self, w):
+        calls.append(1)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        return real(self, w)
+
+    monkeypatch.setattr(SubspaceHessian, "matvec", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, tol=1e-10, progress=False,
+                         store=tmp_path / "run")
+    assert (tmp_path / "run" / "solver-current.zarr").is_dir()
+    calls.clear()
+    monkeypatch.setattr(SubspaceHessian, "matvec", lambda self, w: calls.append(1) or real(self, w))
+    resumed = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, tol=1e-10, progress=False,
+                               store=tmp_path / "run")
+    np.testing.assert_array_equal(resumed.eigenvalue, whole.eigenvalue)
+    assert len(calls) == whole.attrs["iterations"] - 11
+    assert not (tmp_path / "run" / "solver-current.zarr").exists()  # removed once the result is stored

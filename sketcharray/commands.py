@@ -287,9 +287,12 @@ def _spectrum_from_hvps(args) -> int:
         print(markdown_table([{"sign": str(s), "rank": int(r), "eigenvalue": float(res.eigenvalue.sel(sign=s, rank=r))}
                               for s in res.sign.values for r in res["rank"].values],
                              [("sign", "end"), ("rank", "rank"), ("eigenvalue", "eigenvalue of K")]))
-        print(f"single pass over {res.attrs['probes']} stored products (oversampling {res.attrs['oversampling']}): "
-              f"relative fit {res.attrs['relative_fit']:.2e} (0 when rank K <= probes - oversampling; a value "
-              "that is not small says the probes missed part of K: take more, or use the Lanczos solver)")
+        p = res.attrs["oversampling"]
+        check = ("no oversampling, so no check of the fit (exact only when the probes span K's range, e.g. as "
+                 "many probes as D)" if p == 0 else
+                 f"relative fit {res.attrs['relative_fit']:.2e} (0 when rank K <= probes - oversampling; a value "
+                 "that is not small says the probes missed part of K: take more, or use the Lanczos solver)")
+        print(f"single pass over {res.attrs['probes']} stored products (oversampling {p}): {check}")
     return 0
 
 

@@ -12,7 +12,6 @@ is frozen in both.
 """
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sketcharray  # noqa: E402,F401  (before torch: huge pages for torch's allocations)
 import torch  # noqa: E402
 
+from sketcharray.bench._util import best_time  # noqa: E402
 from sketcharray.torch import per_example_gradients, select_params  # noqa: E402
 from sketcharray.workloads import WORKLOADS  # noqa: E402
 
@@ -29,16 +29,6 @@ def _freeze_pooler(model):
         if "pooler" in name:
             p.requires_grad_(False)
     return model
-
-
-def _best(f, repeats=3):
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> int:
@@ -74,7 +64,7 @@ def main() -> int:
                 p.grad_sample = None
             w.loss_fn(forward(gsm, b), b).sum().backward()
 
-    t_step, t_vmap, t_opacus = _best(step), _best(with_vmap), _best(with_opacus)
+    t_step, t_vmap, t_opacus = best_time(step), best_time(with_vmap), best_time(with_opacus)
     print(f"training step {t_step:.3f} s; vmap {t_vmap:.3f} s ({t_vmap / t_step:.2f}x); "
           f"Opacus {t_opacus:.3f} s ({t_opacus / t_step:.2f}x)")
     g, _ = per_example_gradients(model, w.loss_fn, batches[0], paramset, forward=w.forward)

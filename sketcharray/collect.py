@@ -384,6 +384,19 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, params=None, bat
     return ds.assign_coords(checkpoint=checkpoint) if checkpoint is not None else ds
 
 
+def _active_client():
+    """The active ``dask.distributed`` client, or None (never imports distributed: a process that did not
+    import it has no client)."""
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
 def compute_with_progress(collections, *, progress: bool = True, message: str | None = None, scheduler=None,
                           prefix: str | None = None, total: int | None = None, unit: str = "tasks",
                           label: str = "computing") -> list:
@@ -397,14 +410,7 @@ def compute_with_progress(collections, *, progress: bool = True, message: str | 
     """
     if not collections:
         return []
-    client = None
-    if "distributed" in sys.modules:  # no client can be active in a process that never imported distributed
-        try:
-            from distributed import get_client
-
-            client = get_client()
-        except (ImportError, ValueError):
-            pass
+    client = _active_client()
     if progress and message:
         print(message, flush=True)
     if client is not None and scheduler is None:
@@ -647,14 +653,7 @@ class ShardedSubspaceHessian:
                       for group in self._groups]
         self._args = (loss_fn, forward)
         self._settings = (params, device, hvp_mode)
-        client = None
-        if "distributed" in sys.modules:
-            try:
-                from distributed import get_client
-
-                client = get_client()
-            except ValueError:
-                client = None
+        client = _active_client()
         if client is not None:  # once, not with every product
             self._model, self._data = client.scatter([model_src, source], broadcast=True, hash=False)
         else:

@@ -117,6 +117,18 @@ def median_time(fn, device: Device, repeat: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Shortest of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones (fn synchronises itself)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

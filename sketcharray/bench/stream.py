@@ -26,7 +26,7 @@ from ..sketches import make_sketch
 from ..torch import per_example_gradients, select_params
 from ..torch.grads import to_device
 from ..workloads import WORKLOADS
-from ._util import format_table, write_json
+from ._util import best_time, format_table, write_json
 
 
 def _sync(device):
@@ -115,16 +115,8 @@ def end_to_end_ratio(workload: str, method: str, n_out: int, n: int, batch: int,
             del g
         _sync(dev)
 
-    def best(f):
-        f()  # warm-up: kernels, the operator's state, the model's first forward
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    step, per_example, call = best(train_step), best(grads), best(sketch_call)
+    # one warm-up call each: kernels, the operator's state, the model's first forward
+    step, per_example, call = (best_time(f, repeats) for f in (train_step, grads, sketch_call))
     return {"workload": workload, "method": method, "D": n_out, "examples": n, "batch": batch,
             "train_step_s": step, "grads_s": per_example, "grads_ratio": per_example / step,
             "sketch_call_s": call, "ratio": call / step}

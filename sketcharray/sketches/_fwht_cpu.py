@@ -151,15 +151,6 @@ def contiguous_pass(src, n, mask, signs, has_signs, out, u0, u1, g, sub, in_hi, 
         if fused:
             run = src[b, (base & mask) : (base & mask) + g]
             _load_within_16(flat, run, signs[base : base + g] if has_signs else signs, has_signs, g)
-        elif in_identity and base + g <= n and g <= mask + 1:
-            run = src[b, (base & mask) : (base & mask) + g]
-            if has_signs:
-                sg = signs[base : base + g]
-                for i in range(g):
-                    flat[i] = run[i] * sg[i]
-            else:
-                for i in range(g):
-                    flat[i] = run[i]
         else:
             for h in range(g // low):
                 o = base + (h * low if in_identity else in_hi[h])
@@ -221,6 +212,18 @@ def contiguous_pass(src, n, mask, signs, has_signs, out, u0, u1, g, sub, in_hi, 
 
 
 @njit(nogil=True, cache=True)
+def _transform_columns(x, b, base, c0, w, g, q, in_idx, flat):  # pragma: no cover - compiled
+    # flat[i*w:(i+1)*w] = columns c0:c0+w of row in_idx[i] of the (g, q) block at ``base`` of x[b], then the
+    # group's butterfly stages across the g rows (vectorised over the w columns)
+    for i in range(g):
+        src = x[b, base + in_idx[i] * q + c0 : base + in_idx[i] * q + c0 + w]
+        dst = flat[i * w : (i + 1) * w]
+        for k in range(w):
+            dst[k] = src[k]
+    _stages(flat, w, g * w)
+
+
+@njit(nogil=True, cache=True)
 def strided_pass(x, u0, u1, g, q, width, in_idx, out_idx, scale, diag, has_diag):  # pragma: no cover - compiled
     """A higher group: axis 1 of the (P, g, q) view of each row of ``x``, in place, ``width`` columns at a time.
 
@@ -237,12 +240,7 @@ def strided_pass(x, u0, u1, g, q, width, in_idx, out_idx, scale, diag, has_diag)
         rest, b = unit // batch, unit % batch
         base, c0 = (rest // blocks) * g * q, (rest % blocks) * width
         w = min(width, q - c0)  # the buffer holds g rows of w
-        for i in range(g):
-            src = x[b, base + in_idx[i] * q + c0 : base + in_idx[i] * q + c0 + w]
-            dst = flat[i * w : (i + 1) * w]
-            for k in range(w):
-                dst[k] = src[k]
-        _stages(flat, w, g * w)
+        _transform_columns(x, b, base, c0, w, g, q, in_idx, flat)
         for i in range(g):
             src = flat[out_idx[i] * w : (out_idx[i] + 1) * w]
             d = base + i * q + c0
@@ -274,17 +272,11 @@ def strided_lead_pass(x, u0, u1, g, q, width, in_idx, out_idx, scale, diag, has_
     nd = diag.shape[0]
     batch = x.shape[0]
     r = lead.shape[0]
-    blocks = (q + width - 1) // width
     flat = np.empty(g * width, dtype=x.dtype)
     for unit in range(u0, u1):
         c0, b = (unit // batch) * width, unit % batch
         w = min(width, q - c0)
-        for i in range(g):
-            src = x[b, in_idx[i] * q + c0 : in_idx[i] * q + c0 + w]
-            dst = flat[i * w : (i + 1) * w]
-            for k in range(w):
-                dst[k] = src[k]
-        _stages(flat, w, g * w)
+        _transform_columns(x, b, 0, c0, w, g, q, in_idx, flat)
         for rr in range(r):
             acc = red[b, rr, c0 : c0 + w]
             for k in range(w):

@@ -95,21 +95,26 @@ class AFFD(_LookupFree):
             return xp.concat([self._apply(xp, x[i : i + rows], state) for i in range(0, int(x.shape[0]), rows)],
                              axis=0)
         h2 = self._precond("H2", self.n_out, "cols")
-        if h1._butterflies(x, state["B"], state["G"]):
-            return self._fused_apply(xp, x, state, h1, h2)
+        k = self._fused_lead(h1, h2)
+        if k and h1._butterflies(x, state["B"], state["G"]):
+            return self._fused_apply(xp, x, state, h1, h2, k)
         u = h1.forward(xp, x, state["H1"], signs=state["B"], diag=state["G"], scratch=True)
         return h2.forward(xp, u, state["H2"])
 
-    def _fused_apply(self, xp, x, state, h1: Preconditioner, h2: Preconditioner):
+    @staticmethod
+    def _fused_lead(h1: Preconditioner, h2: Preconditioner) -> int:
+        """Leading factors of H2 whose contraction the FWHT's last pass can take (0: none): only where
+        that pass is a pass of its own, and the contraction shrinks the data."""
+        groups = tf.fwht_groups(h1.factors)
+        k = groups[-1][1]
+        if len(groups) == 1 or math.prod(h2.rows[:k]) * 8 > math.prod(h1.factors[:k]):
+            return 0
+        return k
+
+    def _fused_apply(self, xp, x, state, h1: Preconditioner, h2: Preconditioner, k: int):
         # Host arrays: H2's first contraction (its truncated leading factors, the ones the FWHT's last pass
         # covers) runs inside that pass, so H1's full output is never written back.
         factors, rows = h1.factors, h2.rows
-        groups = tf.fwht_groups(factors)
-        k = groups[-1][1]
-        # only where the FWHT has a last pass of its own to fuse into, and the contraction shrinks the data
-        if len(groups) == 1 or math.prod(rows[:k]) * 8 > math.prod(factors[:k]):
-            u = h1.forward(xp, x, state["H1"], signs=state["B"], diag=state["G"], scratch=True)
-            return h2.forward(xp, u, state["H2"])
         h = tf.host_array
         mats = [h(m)[:r] for m, r in zip(state["H2"]["mats"], rows)]
         lead = mats[0]

@@ -11,6 +11,15 @@ its module the first time it is used, so ``import sketcharray`` stays cheap
     train = sa.sketch_gradients(w.model_factory, w.loss_fn, w.train, phi, batch_size=64, store="train.zarr")
     top = sa.attribute(train, queries, score="influence", k=10)
 
+Options beyond the essential ones travel in settings (frozen dataclasses, or
+dicts of their fields), each documented with its defaults::
+
+    sa.hessian_spectrum(w.model_factory, w.loss_fn, w.train, ("affd", 1024), k=10,
+                        solver=sa.SolverSettings(method="randomized"), execution=sa.Execution(device="cuda"))
+
+Settings
+    ModelSettings (params, forward, gradient and HVP modes), Execution (device,
+    scheduler, shards, progress), SolverSettings, TrainingSettings, SearchSettings
 Sketch operators
     make_sketch, sketch_from_spec, SketchOperator, METHODS
 Streaming from PyTorch
@@ -36,7 +45,7 @@ import importlib
 import os
 import sys
 
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 
 # Per-example gradients allocate a (batch, N) block per batch; without transparent huge pages each
 # allocation pays a page fault per 4 KiB (MiniLM, batch 8: 1.45 s -> 0.66 s for 32 examples).  torch
@@ -47,6 +56,8 @@ if "torch" not in sys.modules:
 
 #: public name -> the module that defines it (relative to this package)
 _FRONT_DOOR = {
+    **dict.fromkeys(["ModelSettings", "Execution", "SolverSettings", "TrainingSettings", "SearchSettings"],
+                    ".settings"),
     **dict.fromkeys(["make_sketch", "sketch_from_spec", "SketchOperator", "METHODS"], ".sketches"),
     **dict.fromkeys(["sketch_gradients", "sketch_hvps", "subspace_hessian", "random_probes", "random_test_matrix"],
                     ".collect"),

@@ -39,6 +39,7 @@ def demo(args) -> int:
 def sketch(args) -> int:
     from .cluster import scheduler
     from .collect import sketch_gradients, sketch_hvps
+    from .settings import Execution, ModelSettings
 
     w = _workload(args)
     data, ids = w.split(args.split, args.limit)
@@ -46,16 +47,18 @@ def sketch(args) -> int:
     with scheduler(args.scheduler, quiet=args.quiet):
         if args.hvps:
             ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=args.hvps, seed=args.seed,
-                             space=args.hvp_space, params=args.params, batch_size=args.batch_size, device=args.device, forward=w.forward)
+                             space=args.hvp_space, batch_size=args.batch_size,
+                             model_settings=ModelSettings(params=args.params, forward=w.forward),
+                             execution=Execution(device=args.device))
             _write_zarr(ds, args.out, args.quiet, f"{args.hvps} sketched HVPs")
         else:
             from .workloads import classification_margin
 
             ds = sketch_gradients(w.model_factory, classification_margin if args.margin else w.loss_fn, data, spec,
-                                  params=args.params,
-                                  batch_size=args.batch_size, mode=args.mode, device=args.device, ids=ids,
-                                  store=args.out, checkpoint=args.checkpoint, forward=w.forward,
-                                  dtype=args.dtype, progress=not args.quiet)
+                                  batch_size=args.batch_size, ids=ids, store=args.out, checkpoint=args.checkpoint,
+                                  dtype=args.dtype,
+                                  model_settings=ModelSettings(params=args.params, forward=w.forward, mode=args.mode),
+                                  execution=Execution(device=args.device, progress=not args.quiet))
     _say(args, f"wrote {Path(args.out).resolve()}", str(ds))
     return 0
 
@@ -134,6 +137,7 @@ def _checkpoints(values: list[str] | None):
 def spectrum(args) -> int:
     from .analysis import hessian_spectrum, spectrum_statistics
     from .analysis.eigen import format_outliers, plot_spectrum_evolution
+    from .settings import Execution, ModelSettings, SolverSettings
 
     if args.from_hvps:
         return _spectrum_from_hvps(args)
@@ -151,10 +155,10 @@ def spectrum(args) -> int:
         shards = None if client is None else max(1, sum(client.nthreads().values()))
         res = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": args.method, "n_out": args.n_out,
                                                                   "seed": args.seed},
-                               k=args.k, which=args.which, method=args.solver, checkpoints=checkpoints,
-                               params=args.params, batch_size=args.batch_size, device=args.device,
-                               forward=w.forward, store=args.out, progress=not args.quiet, seeds=args.seeds,
-                               shards=shards)
+                               k=args.k, solver=SolverSettings(method=args.solver, which=args.which),
+                               checkpoints=checkpoints, seeds=args.seeds, store=args.out, batch_size=args.batch_size,
+                               model_settings=ModelSettings(params=args.params, forward=w.forward),
+                               execution=Execution(device=args.device, progress=not args.quiet, shards=shards))
     stats = spectrum_statistics(res) if args.which != "bottom" else None
     if not args.quiet:
         seeded = "seed" in res.dims
@@ -189,15 +193,16 @@ def spectrum(args) -> int:
 
 def intrinsic_dim(args) -> int:
     from .analysis.intrinsic import intrinsic_dimension, plot_intrinsic
+    from .settings import Execution, ModelSettings
 
     w = _workload(args)
-    settings = dict(w.search_settings)
-    for key in ("d0", "d_max", "steps_per_eval", "min_improvement", "lr", "batch_size"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    res = intrinsic_dimension(w.search_model(), w.loss_fn, w.train, w.accuracy, args.method, target=args.target,
-                              seeds=tuple(args.seeds), params=args.params, forward=w.forward, device=args.device,
-                              check=args.check, store=args.out, progress=not args.quiet, **settings)
+    flags = ("d0", "d_max", "steps_per_eval", "min_improvement", "lr", "batch_size")
+    search, training = w.intrinsic_settings(**{key: getattr(args, key) for key in flags}, target=args.target,
+                                            seeds=tuple(args.seeds), check=args.check)
+    res = intrinsic_dimension(w.search_model(), w.loss_fn, w.train, w.accuracy, args.method, search=search,
+                              training=training, store=args.out,
+                              model_settings=ModelSettings(params=args.params, forward=w.forward),
+                              execution=Execution(device=args.device, progress=not args.quiet))
     if not args.quiet:
         rows = [{"seed": int(s), "D*": float(r.d_star), "D* of the doubling": float(r.d_star_raw),
                  "metric at D*": float(r.d_star_metric), "metric at D*/2": float(r.check_metric),

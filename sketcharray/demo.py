@@ -28,6 +28,7 @@ from .analysis.intrinsic import intrinsic_dimension, plot_intrinsic
 from .cluster import scheduler as active_scheduler
 from .collect import compute_with_progress, sketch_gradients
 from .report import Report, markdown_table
+from .settings import Execution, ModelSettings
 from .workloads import Workload, load_workload
 
 
@@ -147,8 +148,8 @@ def _workload_section(report: Report, w: Workload, accuracy: float, settings: De
 def _stream(report, w, out, settings, device, seed, progress, say):
     spec = {"method": settings.method, "n_out": settings.n_out, "seed": seed}
     train_data, train_ids = w.split("train", settings.n_train)
-    common = dict(batch_size=settings.batch_size, device=device, forward=w.forward, progress=progress,
-                  checkpoint="final")
+    common = dict(batch_size=settings.batch_size, checkpoint="final", model_settings=ModelSettings(forward=w.forward),
+                  execution=Execution(device=device, progress=progress))
     train_store, query_store = out / f"{w.name}-train-grad.zarr", out / f"{w.name}-test-grad.zarr"
     train = sketch_gradients(w.model_factory, w.loss_fn, train_data, spec, ids=train_ids, store=train_store,
                              **common)
@@ -272,8 +273,8 @@ def _spectrum(report, w, out, settings, device, seed, progress, say):
     say(f"\nHessian spectrum at checkpoint(s) {', '.join(chosen)} ({sketch['method']}, D = {sketch['n_out']}, "
         f"{len(data)} examples) ...")
     spec = hessian_spectrum(w.model_factory, w.loss_fn, data, sketch, k=settings.spectrum_k, checkpoints=chosen,
-                            batch_size=256, device=device, forward=w.forward, store=out / "spectrum",
-                            progress=progress)
+                            store=out / "spectrum", batch_size=256, model_settings=ModelSettings(forward=w.forward),
+                            execution=Execution(device=device, progress=progress))
     stats = spectrum_statistics(spec)
     rows = []
     for c in stats.checkpoint.values:
@@ -299,14 +300,14 @@ def _spectrum(report, w, out, settings, device, seed, progress, say):
 
 
 def _intrinsic(report, w, out, settings, device, seed, progress, say):
-    search = dict(w.search_settings)
-    search["d_max"] = min(search.get("d_max", settings.intrinsic_d_max), settings.intrinsic_d_max)
-    search.setdefault("d0", min(16, search["d_max"]))
-    say(f"\nintrinsic-dimension search ({settings.intrinsic_method}, D from {search['d0']} up to "
-        f"{search['d_max']}) ...")
+    d_max = min(w.search_settings.get("d_max", settings.intrinsic_d_max), settings.intrinsic_d_max)
+    search, training = w.intrinsic_settings(d_max=d_max, d0=w.search_settings.get("d0", min(16, d_max)),
+                                            seeds=(seed,), check=settings.intrinsic_check)
+    say(f"\nintrinsic-dimension search ({settings.intrinsic_method}, D from {search.d0} up to {search.d_max}) ...")
     res = intrinsic_dimension(w.search_model(), w.loss_fn, w.train, w.accuracy, settings.intrinsic_method,
-                              seeds=(seed,), forward=w.forward, device=device, check=settings.intrinsic_check,
-                              store=out / "intrinsic", progress=progress, **search)
+                              search=search, training=training, store=out / "intrinsic",
+                              model_settings=ModelSettings(forward=w.forward),
+                              execution=Execution(device=device, progress=progress))
     r = res.sel(seed=seed)
     d_star = float(r.d_star)
     raw = float(r.d_star_raw)
@@ -319,9 +320,9 @@ def _intrinsic(report, w, out, settings, device, seed, progress, say):
     say(markdown_table([row], columns))
     report.section("Intrinsic dimension")
     report.text(f"Training only ω ∈ R^D in θ = θ₀ + Φᵀω ({settings.intrinsic_method}), doubling D from "
-                f"{search['d0']} whenever the test accuracy stops improving, until it reaches 90% of full "
+                f"{search.d0} whenever the test accuracy stops improving, until it reaches 90% of full "
                 f"training's ({res.attrs['reference']:.3f}). The doubling stops at the first D that does (the search "
-                f"stops at D = {search['d_max']}); check runs trained to convergence at half of it refine D* "
+                f"stops at D = {search.d_max}); check runs trained to convergence at half of it refine D* "
                 "while they reach the target, and the run at D*/2 falling short confirms the factor of 2.")
     report.table([row], columns)
     plot = out / "intrinsic.png"

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .settings import SearchSettings, TrainingSettings, split_settings
+
 
 def cross_entropy_per_example(output, batch):
     """Per-example cross-entropy; the labels are the batch's second item (or its ``labels`` key)."""
@@ -99,10 +101,12 @@ class Workload:
         search refuses a theta_0 that already reaches it.  Default: the
         trained model (:meth:`search_model`).
     search_settings : dict
-        Keyword arguments of :func:`sketcharray.analysis.intrinsic.intrinsic_dimension`
-        that suit this workload (``d0``, ``d_max``, ``steps_per_eval``,
-        ``min_improvement``, ``lr``, ``reference_lr``, ``batch_size``); the
-        command line's flags override them.
+        Fields of :class:`~sketcharray.settings.SearchSettings` and
+        :class:`~sketcharray.settings.TrainingSettings` that suit this
+        workload's intrinsic-dimension search (``d0``, ``d_max``,
+        ``steps_per_eval``, ``min_improvement``, ``lr``, ``reference_lr``,
+        ``batch_size``); :meth:`intrinsic_settings` gives them as settings,
+        and the command line's flags override them.
     """
 
     name: str
@@ -127,6 +131,12 @@ class Workload:
     def search_model(self) -> nn.Module:
         """theta_0 of an intrinsic-dimension search: ``search_start()`` when given, else the trained model."""
         return (self.search_start or self.model_factory)()
+
+    def intrinsic_settings(self, **overrides) -> tuple[SearchSettings, TrainingSettings]:
+        """``(search, training)`` settings of an intrinsic-dimension search on this workload: its
+        ``search_settings`` with ``overrides`` (those that are not None) on top."""
+        options = {**self.search_settings, **{k: v for k, v in overrides.items() if v is not None}}
+        return split_settings(options, SearchSettings, TrainingSettings)
 
     def split(self, name: str, limit: int | None = None) -> tuple[torch.utils.data.Dataset, list]:
         """``(dataset, ids)`` of the ``"train"`` or ``"test"`` split, only its first ``limit`` examples if given."""

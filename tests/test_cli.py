@@ -172,7 +172,7 @@ def test_spectrum_and_intrinsic_dim_on_a_users_own_workload(tmp_path, capsys):
     assert "| init | positive | 1 |" in out and "RNEG" in out and png.stat().st_size > 10_000
     w = load_workload(TINY)
     direct = hessian_spectrum(w.model_factory, w.loss_fn, w.train, {"method": "affd", "n_out": 16, "seed": 0}, k=3,
-                              batch_size=64, progress=False)
+                              batch_size=64, execution={"progress": False})
     import xarray as xr
 
     stored = xr.open_zarr(str(folder / "checkpoint-init.zarr"), consolidated=False)
@@ -262,7 +262,7 @@ def test_attribution_across_sketches_or_models_exits_3_unless_allowed(tmp_path, 
     import functools
 
     sketch_gradients(functools.partial(_model, 3), w.loss_fn, w.test, {"method": "afjl", "n_out": 8, "seed": 0},
-                     batch_size=12, ids=w.test_ids, store=tmp_path / "tuned.zarr", progress=False)
+                     batch_size=12, ids=w.test_ids, store=tmp_path / "tuned.zarr", execution={"progress": False})
     args = ["attribute", stores["train"], str(tmp_path / "tuned.zarr"), "--k", "2", "--first", "1"]
     assert cli.main(args) == cli.EXIT_INPUT
     assert "come from different model weights" in capsys.readouterr().err
@@ -395,7 +395,7 @@ def test_spectrum_over_several_sketches_prints_mean_and_spread(capsys):
     assert "eigenvalue of K (mean of 2 sketches)" in out and "(mean ± spread over sketches)" in out
     w = load_workload(TINY)
     runs = [hessian_spectrum(w.model_factory, w.loss_fn, w.train, {"method": "affd", "n_out": 16, "seed": s}, k=2,
-                             batch_size=64, progress=False) for s in (0, 1)]
+                             batch_size=64, execution={"progress": False}) for s in (0, 1)]
     top = float(np.mean([r.eigenvalue.sel(sign="positive", rank=1) for r in runs]))
     assert f"| - | positive | 1 | {top:.4g} |" in out
 

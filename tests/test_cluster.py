@@ -35,7 +35,7 @@ def test_dashboard_answers_while_a_local_cluster_job_runs_and_shows_named_tasks(
         job = threading.Thread(target=sketch_gradients, args=(w.model_factory, w.loss_fn, w.train,
                                                               {"method": "affd", "n_out": 256}),
                                kwargs=dict(batch_size=10, ids=w.train_ids, store=str(tmp_path / "s.zarr"),
-                                           progress=False))
+                                           execution={"progress": False}))
         job.start()
         pages, prefixes = [], set()
         try:

@@ -60,14 +60,15 @@ def test_sketches_equal_the_operator_on_exact_gradients(work, small):
     batch = (data.tensors[0].double(), data.tensors[1])
     exact = op.apply(one_by_one(model, batch).numpy())
     for mode in ("explicit", "implicit"):
-        ds = sketch_gradients(model, cross_entropy_per_example, [batch], op, mode=mode)
+        ds = sketch_gradients(model, cross_entropy_per_example, [batch], op, model_settings={"mode": mode})
         np.testing.assert_allclose(ds.grad.values, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
 
 
 def test_explicit_and_implicit_agree_in_float32(work, small):
     data, _ = small
     e = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=40).grad.values
-    i = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=40, mode="implicit").grad.values
+    i = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=40,
+                         model_settings={"mode": "implicit"}).grad.values
     # float32: relative rounding ~1e-6 times the mixing depth
     np.testing.assert_allclose(i, e, rtol=1e-4, atol=1e-5 * np.abs(e).max())
 
@@ -85,7 +86,7 @@ def test_store_round_trip_and_progress(work, small, tmp_path):
     data, ids = small
     lazy = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=32, ids=ids).compute()
     ds = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=32, ids=ids,
-                          store=tmp_path / "s.zarr", progress=False)
+                          store=tmp_path / "s.zarr", execution={"progress": False})
     assert ds.grad.data.chunks[0] == (32, 32, 32, 24)
     np.testing.assert_array_equal(ds.grad.values, lazy.grad.values)
     np.testing.assert_array_equal(ds.loss.values, lazy.loss.values)
@@ -100,7 +101,7 @@ def test_half_precision_storage(work, small, tmp_path, dtype, rtol):
     data, _ = small
     ref = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=60).grad.values
     ds = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=60, dtype=dtype,
-                          store=tmp_path / "h.zarr", progress=False)
+                          store=tmp_path / "h.zarr", execution={"progress": False})
     assert ds.grad.dtype == (np.float16 if dtype == "float16" else np.float32)
     # float16 has an 11-bit significand (relative error 2^-11), bfloat16 8 bits (2^-8)
     np.testing.assert_allclose(ds.grad.values.astype(np.float32), ref, rtol=rtol, atol=1e-3 * np.abs(ref).max())
@@ -109,11 +110,13 @@ def test_half_precision_storage(work, small, tmp_path, dtype, rtol):
 def test_mismatched_store_names_both_values(work, small, tmp_path):
     data, _ = small
     path = tmp_path / "m.zarr"
-    sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=60, store=path, progress=False)
+    sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=60, store=path,
+                     execution={"progress": False})
     with pytest.raises(ValueError, match=r'sketch_spec=.*"seed": 1.*this run has sketch_spec=.*"seed": 2'):
         sketch_gradients(work.model_factory, work.loss_fn, data, {**SKETCH, "seed": 2}, batch_size=60, store=path)
     with pytest.raises(ValueError, match=r"param_names="):
-        sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, params="4.*", batch_size=60, store=path)
+        sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=60, store=path,
+                         model_settings={"params": "4.*"})
     other = work.model()
     with torch.no_grad():
         other[0].bias.add_(0.01)
@@ -129,8 +132,8 @@ def test_non_finite_examples_are_stored_invalid_with_a_warning(work, small, tmp_
     x[[5, 77]] = float("nan")
     data = torch.utils.data.TensorDataset(x, y)
     with pytest.warns(RuntimeWarning, match="2 example"):
-        ds = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=40,
-                              store=tmp_path / "n.zarr", progress=False)
+        ds = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=40, store=tmp_path / "n.zarr",
+                              execution={"progress": False})
     assert np.flatnonzero(~ds.valid.values).tolist() == [5, 77]
     assert np.isnan(ds.grad.values[[5, 77]]).all() and np.isfinite(ds.grad.values[ds.valid.values]).all()
 
@@ -142,7 +145,7 @@ def test_bad_arguments(work, small):
     with pytest.raises(ValueError, match="sketch has n_in=10 but the selected parameters have N=3466"):
         sketch_gradients(work.model_factory, work.loss_fn, data, make_sketch("afjl", 10, 4), batch_size=40)
     with pytest.raises(ValueError, match="mode must be 'explicit' or 'implicit'; got 'fast'"):
-        sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=40, mode="fast")
+        sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=40, model_settings={"mode": "fast"})
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH)
 
@@ -163,7 +166,7 @@ RESUME_SCRIPT = textwrap.dedent(
         return w.loss_fn(out, batch)
     x, y = w.train[:300]
     sketch_gradients(w.model_factory, loss, torch.utils.data.TensorDataset(x, y), {"method": "affd", "n_out": 128},
-                     batch_size=25, ids=w.train_ids[:300], store=sys.argv[1], progress=False)
+                     batch_size=25, ids=w.train_ids[:300], store=sys.argv[1], execution={"progress": False})
     """
 )
 
@@ -195,7 +198,7 @@ def test_hvp_sketches_equal_phi_h_v(work):
     H, ps = exact_hessian(model, batches)
     op = make_sketch("affd", ps.n, 32, seed=0)
     probes = random_probes(ps.n, 5, seed=3).astype(np.float64)
-    ds = sketch_hvps(model, cross_entropy_per_example, batches, op, probes=probes, probes_per_task=2)
+    ds = sketch_hvps(model, cross_entropy_per_example, batches, op, probes=probes, execution={"probes_per_task": 2})
     assert ds.hvp.dims == ("probe", "sketch") and ds.hvp.data.chunks == ((2, 2, 1), (32,))
     expected = op.apply(probes @ H.numpy().T)
     np.testing.assert_allclose(ds.hvp.values, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
@@ -208,11 +211,11 @@ def test_distributed_equals_local(work, small, tmp_path):
     distributed = pytest.importorskip("distributed")
     data, ids = small
     local = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=30, ids=ids,
-                             store=tmp_path / "local.zarr", progress=False)
+                             store=tmp_path / "local.zarr", execution={"progress": False})
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             distributed.Client(cluster):
         dist = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=30, ids=ids,
-                                store=tmp_path / "dist.zarr", progress=False)
+                                store=tmp_path / "dist.zarr", execution={"progress": False})
         lazy = sketch_gradients(work.model_factory, work.loss_fn, data, SKETCH, batch_size=30, ids=ids).compute()
     np.testing.assert_array_equal(dist.grad.values, local.grad.values)
     np.testing.assert_array_equal(lazy.grad.values, local.grad.values)
@@ -247,8 +250,9 @@ def test_the_model_factory_is_called_once_per_call(work, small, tmp_path):
 
     for scheduler in ("sync", "threads"):
         calls.clear()
-        ds = sketch_gradients(factory, work.loss_fn, data, SKETCH, batch_size=40, ids=ids, progress=False,
-                              store=tmp_path / f"{scheduler}.zarr", scheduler=scheduler)
+        ds = sketch_gradients(factory, work.loss_fn, data, SKETCH, batch_size=40, ids=ids,
+                              store=tmp_path / f"{scheduler}.zarr",
+                              execution={"progress": False, "scheduler": scheduler})
         # the caller's process builds once; its tasks use that module, or a private copy on other threads
         assert len(calls) == 1, scheduler
     np.testing.assert_array_equal(ds.grad.values, open_sketches(tmp_path / "sync.zarr").grad.values)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sketcharray"
 
 #: DESIGN.md: sketches <- torch <- collect/store <- analysis <- cli; nothing imports a higher layer.
 LAYERS = {
-    "sketches": 0, "progress": 0,
+    "sketches": 0, "progress": 0, "settings": 0,
     "torch": 1,
     "provenance": 2, "store": 2, "collect": 2, "cluster": 2,
     "analysis": 3, "workloads": 3,
@@ -23,10 +23,10 @@ LAYERS = {
 }
 #: modules that drive a model and so import torch when they load; every other module outside the
 #: torch layer imports it only inside the functions that need it, or not at all
-TORCH_AT_LOAD = ("sketcharray.torch", "sketcharray.collect", "sketcharray.workloads", "sketcharray.analysis.intrinsic",
-                 "sketcharray.bench")
-#: array-only analysis: scores, top-k, LDS; never torch
-ARRAY_ONLY = ("sketcharray.analysis.tda", "sketcharray.analysis.lds")
+TORCH_AT_LOAD = ("sketcharray.torch", "sketcharray.collect", "sketcharray.workloads", "sketcharray.bench")
+#: the analysis: scores, top-k, LDS, solvers on a linear operator, statistics, the search; never torch itself (what
+#: drives a model -- HVPs, training, checkpoints -- is the torch layer's, called through sketcharray.torch)
+ARRAY_ONLY = ("sketcharray.analysis",)
 
 
 def _modules():
@@ -110,3 +110,12 @@ def test_the_rules_are_the_readmes():
     section = readme[readme.index("## Layout"):]
     for phrase in ("tests/test_layers.py", "no dask, xarray or zarr", "array-only"):
         assert phrase in section, phrase
+
+
+def test_settings_are_plain_python():
+    """settings.py (layer 0) holds the option names every layer checks against: the standard library only."""
+    import sys
+
+    for target, line, _ in _imports("sketcharray.settings", PACKAGE / "settings.py"):
+        root = target.split(".")[0]
+        assert root in sys.stdlib_module_names or root == "__future__", f"settings.py:{line} imports {target}"

@@ -29,8 +29,8 @@ def stores(w, tmp_path_factory):
     root = tmp_path_factory.mktemp("prov")
 
     def make(name, data, ids, spec=SPEC, model=None, params=None, checkpoint=None):
-        sketch_gradients(model or w.model_factory, w.loss_fn, data, spec, batch_size=12, ids=ids,
-                         store=root / name, progress=False, params=params, checkpoint=checkpoint)
+        sketch_gradients(model or w.model_factory, w.loss_fn, data, spec, batch_size=12, ids=ids, store=root / name,
+                         checkpoint=checkpoint, model_settings={"params": params}, execution={"progress": False})
         return open_sketches(root / name)
 
     return {

@@ -272,7 +272,9 @@ def test_affd_is_its_definition_with_the_row_permutation_moved(n_in, n_out, bloc
     from sketcharray.sketches import transforms as tf
 
     if block:
-        monkeypatch.setattr(tf, "FWHT_BLOCK", block)
+        from sketcharray.sketches import backend
+
+        monkeypatch.setattr(backend, "FWHT_BLOCK", block)
     op = make_sketch("affd", n_in, n_out, seed=7)
     h1, h2 = op._precond("H1", op.n_pad, "rows"), op._precond("H2", op.n_out, "cols")
     m1 = [tf.hadamard(b)[p] for b, p in zip(h1.factors, h1.perms())]
@@ -297,3 +299,15 @@ def test_revision_names_a_changed_construction():
     assert sketch_from_spec(qk.spec) == qk
     with pytest.raises(ValueError, match=r"revision 1 of sketch 'qk'.*builds revision 2"):
         sketch_from_spec({**qk.spec, "revision": 1})
+
+
+@pytest.mark.parametrize("module", ["affd", "dense", "fastfood", "fjl", "qk", "__init__"])
+def test_each_operators_docstring_example_runs(module):
+    """Each operator's class docstring has an example (issue 15: read each operator next to its equation);
+    run here, so an example cannot drift from what the code does."""
+    import doctest
+    import importlib
+
+    mod = importlib.import_module("sketcharray.sketches" + ("" if module == "__init__" else f".{module}"))
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result

@@ -24,7 +24,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from sketcharray import collect
+from sketcharray.collect import gradients as collect
 from sketcharray import store as st
 from sketcharray.collect import sketch_gradients
 from sketcharray.store import StoreDamaged, StoreError, StoreLocked, open_sketches, verify_store
@@ -41,8 +41,9 @@ def w():
 
 
 def write(w, path, *, seed=0, method="afjl", n_out=8, progress=False, params=None, model=None):
-    return sketch_gradients(model or w.model_factory, w.loss_fn, w.train, {"method": method, "n_out": n_out, "seed": seed},
-                            batch_size=BATCH, ids=w.train_ids, store=path, progress=progress, params=params)
+    return sketch_gradients(model or w.model_factory, w.loss_fn, w.train,
+                            {"method": method, "n_out": n_out, "seed": seed}, batch_size=BATCH, ids=w.train_ids,
+                            store=path, model_settings={"params": params}, execution={"progress": progress})
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def count_batches(monkeypatch) -> list[int]:
     task = collect._gradient_task
 
     def counting(*args, **kwargs):
-        computed.append(args[4])
+        computed.append(args[3])  # (model, loss_fn, data, index, ...)
         return task(*args, **kwargs)
 
     monkeypatch.setattr(collect, "_gradient_task", counting)
@@ -138,7 +139,7 @@ def test_damaged_ids_are_detected_and_restored_from_the_same_run(w, reference, t
     assert {d.variable for d in verify_store(path).damage} == {"example"}
     with pytest.raises(ValueError, match="holds different example ids than this run"):
         sketch_gradients(w.model_factory, w.loss_fn, w.train, {"method": "afjl", "n_out": 8, "seed": 0},
-                         batch_size=BATCH, ids=[f"z{i}" for i in range(48)], store=path, progress=False)
+                         batch_size=BATCH, ids=[f"z{i}" for i in range(48)], store=path, execution={"progress": False})
     write(w, path)
     assert list(open_sketches(path).example.values) == w.train_ids
 
@@ -268,7 +269,7 @@ WRITER = textwrap.dedent(
         return w.loss_fn(out, batch)
     try:
         sketch_gradients(w.model_factory, slow, w.train, {"method": "afjl", "n_out": 8, "seed": int(sys.argv[2])},
-                         batch_size=10, ids=w.train_ids, store=sys.argv[1], progress=False)
+                         batch_size=10, ids=w.train_ids, store=sys.argv[1], execution={"progress": False})
     except StoreLocked as exc:
         print(exc)
         sys.exit(3)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from sketcharray.sketches import backend
 from sketcharray.sketches import random as rnd
 from sketcharray.sketches import transforms as tf
 from sketcharray.sketches.precond import Preconditioner
@@ -112,9 +113,9 @@ def test_butterfly_kernel_equals_the_dense_kronecker_factors(factors, permute, t
     d_in, d_out = rng.standard_normal(n), rng.standard_normal(max(1, n_full - 3))  # a short d_out
     expected = tf.kron_apply(np, x * d_in, mats, transpose=transpose)
     expected[:, : d_out.size] *= d_out
-    got = tf.kron_hadamard(x, factors, perms, permute=permute, transpose=transpose, d_in=d_in, d_out=d_out)
+    got = backend.kron_hadamard(x, factors, perms, permute=permute, transpose=transpose, d_in=d_in, d_out=d_out)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
-    got32 = tf.kron_hadamard(x.astype(np.float32), factors, perms, permute=permute, transpose=transpose)
+    got32 = backend.kron_hadamard(x.astype(np.float32), factors, perms, permute=permute, transpose=transpose)
     assert got32.dtype == np.float32
     # float32: rounding the input and each of the log2 N butterfly stages (orthogonal up to a
     # factor sqrt 2) adds at most about one ulp of the norm ||x|| <= sqrt(N) max|x| to the error
@@ -131,13 +132,13 @@ def test_butterfly_kernel_equals_an_fwht_library_we_did_not_write(log_n, rng, mo
     large N take; float64 keeps the comparison at rounding level (log2 N stages of sums of N terms).
     """
     fht_cpu = pytest.importorskip("fht_cpu")
-    monkeypatch.setattr(tf, "FWHT_BLOCK", 1 << 6)
-    monkeypatch.setattr(tf, "FWHT_L1_BLOCK", 1 << 4)
+    monkeypatch.setattr(backend, "FWHT_BLOCK", 1 << 6)
+    monkeypatch.setattr(backend, "FWHT_L1_BLOCK", 1 << 4)
     n = 1 << log_n
     x = rng.standard_normal((3, n))
     expected = fht_cpu.fht(x.copy()) / math.sqrt(n)
     for factors in (tf.pow2_factors(n, 64), tf.pow2_factors(n, 8)):
-        np.testing.assert_allclose(tf.kron_hadamard(x, factors), expected, rtol=0, atol=1e-12 * math.sqrt(n))
+        np.testing.assert_allclose(backend.kron_hadamard(x, factors), expected, rtol=0, atol=1e-12 * math.sqrt(n))
 
 
 @pytest.mark.parametrize("factors", [(8, 8, 8), (4, 8, 16, 32), (64, 32)])
@@ -145,19 +146,19 @@ def test_butterfly_kernel_equals_an_fwht_library_we_did_not_write(log_n, rng, mo
 def test_a_lead_matrix_after_the_transform_fused_or_not(factors, lead_factors, rng, monkeypatch):
     """``lead`` contracts the leading factors of the result: fused into the last pass when that pass is
     exactly those factors, else applied after it; both equal the Kronecker product of the two."""
-    monkeypatch.setattr(tf, "FWHT_BLOCK", 1 << 6)
-    monkeypatch.setattr(tf, "FWHT_STRIDED_BLOCK", 1 << 6)
+    monkeypatch.setattr(backend, "FWHT_BLOCK", 1 << 6)
+    monkeypatch.setattr(backend, "FWHT_STRIDED_BLOCK", 1 << 6)
     n_full = math.prod(factors)
     g = math.prod(factors[:lead_factors])
     lead = rng.standard_normal((2, g))
     x = rng.standard_normal((3, n_full - 7))
     d_in, d_out = rng.standard_normal(n_full - 7), rng.standard_normal(n_full)
-    full = tf.kron_hadamard(x, factors, d_in=d_in, d_out=d_out)
+    full = backend.kron_hadamard(x, factors, d_in=d_in, d_out=d_out)
     expected = np.einsum("rg,bgq->brq", lead, full.reshape(3, g, -1)).reshape(3, -1)
-    np.testing.assert_allclose(tf.kron_hadamard(x, factors, d_in=d_in, d_out=d_out, lead=lead), expected,
+    np.testing.assert_allclose(backend.kron_hadamard(x, factors, d_in=d_in, d_out=d_out, lead=lead), expected,
                                rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="lead has 3 columns"):
-        tf.kron_hadamard(x, factors, lead=np.ones((1, 3)))
+        backend.kron_hadamard(x, factors, lead=np.ones((1, 3)))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
@@ -166,7 +167,7 @@ def test_a_lead_matrix_after_the_transform_fused_or_not(factors, lead_factors, r
 def test_leading_contraction_reads_the_signed_padded_input(rows, signed, small, rng, monkeypatch):
     """The compiled kernel (up to 8 rows, inputs that are not small) and the blocked products against
     the formula."""
-    monkeypatch.setattr(tf, "_SPLIT_MIN", small)
+    monkeypatch.setattr(backend, "SPLIT_MIN", small)
     n, n_pad, b = 1000, 1024, 16
     x, m = rng.standard_normal((5, n)), rng.standard_normal((rows, b))
     signs = np.sign(rng.standard_normal(n)) if signed else None
@@ -189,33 +190,33 @@ def test_butterfly_kernel_gives_the_same_numbers_on_any_thread(rng):
     factors = tf.pow2_factors(1 << 18, 64)
     perms = [rng.permutation(b) for b in factors]
     x = rng.standard_normal((2, (1 << 18) - 11)).astype(np.float32)
-    main = tf.kron_hadamard(x, factors, perms, permute="rows")
+    main = backend.kron_hadamard(x, factors, perms, permute="rows")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        worker = pool.submit(tf.kron_hadamard, x, factors, perms, permute="rows").result()
+        worker = pool.submit(backend.kron_hadamard, x, factors, perms, permute="rows").result()
     np.testing.assert_array_equal(main, worker)
 
 
 def test_fwht_groups_cover_the_factors_in_cache_sized_passes():
     for bits in range(1, 31):
         factors = tf.pow2_factors(1 << bits, 64)
-        groups = tf.fwht_groups(factors)
+        groups = backend.fwht_groups(factors)
         assert groups[0][1] == len(factors) and groups[-1][0] == 0
         assert all(a[0] == b[1] for a, b in zip(groups, groups[1:]))  # consecutive, lowest first
         sizes = [math.prod(factors[k0:k1]) for k0, k1 in groups]
-        assert sizes[0] <= max(tf.FWHT_BLOCK, factors[-1])
-        assert all(s <= max(tf.FWHT_STRIDED_BLOCK, max(factors)) for s in sizes[1:])
-    assert len(tf.fwht_groups(tf.pow2_factors(1 << 25, 64))) == 2  # two passes over memory at N = 2^25
+        assert sizes[0] <= max(backend.FWHT_BLOCK, factors[-1])
+        assert all(s <= max(backend.FWHT_STRIDED_BLOCK, max(factors)) for s in sizes[1:])
+    assert len(backend.fwht_groups(tf.pow2_factors(1 << 25, 64))) == 2  # two passes over memory at N = 2^25
 
 
 def test_host_array_only_for_plain_host_arrays():
     torch = pytest.importorskip("torch")
     a = np.ones(3)
-    assert tf.host_array(a) is a
+    assert backend.host_array(a) is a
     t = torch.ones(3)
-    view = tf.host_array(t)
+    view = backend.host_array(t)
     view[0] = 5.0
     assert float(t[0]) == 5.0  # zero-copy
-    assert tf.host_array(torch.ones(3, requires_grad=True)) is None
+    assert backend.host_array(torch.ones(3, requires_grad=True)) is None
     seen = []
-    torch.func.vmap(lambda v: seen.append(tf.host_array(v)) or v)(torch.ones(2, 3))
+    torch.func.vmap(lambda v: seen.append(backend.host_array(v)) or v)(torch.ones(2, 3))
     assert seen == [None]  # a functorch-wrapped tensor has no storage to share

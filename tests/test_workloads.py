@@ -43,11 +43,12 @@ def test_minilm_loads_offline_and_sketches_explicitly_and_implicitly(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         explicit = sketch_gradients(w.model_factory, w.loss_fn, subset, spec, batch_size=4,
-                                    forward=w.forward, per_example="vmap").grad.values
-    looped = sketch_gradients(w.model_factory, w.loss_fn, subset, spec, batch_size=4, forward=w.forward,
-                              per_example="loop").grad.values
-    implicit = sketch_gradients(w.model_factory, w.loss_fn, subset, spec, batch_size=4, forward=w.forward,
-                                mode="implicit", per_example="loop").grad.values
+                                    model_settings={"forward": w.forward, "per_example": "vmap"}).grad.values
+    looped = sketch_gradients(w.model_factory, w.loss_fn, subset, spec, batch_size=4,
+                              model_settings={"forward": w.forward, "per_example": "loop"}).grad.values
+    implicit = sketch_gradients(w.model_factory, w.loss_fn, subset, spec, batch_size=4,
+                                model_settings={"forward": w.forward, "mode": "implicit",
+                                                "per_example": "loop"}).grad.values
     assert np.isfinite(explicit).all() and np.abs(explicit).max() > 0
     np.testing.assert_allclose(looped, explicit, rtol=1e-3, atol=1e-4 * np.abs(explicit).max())
     np.testing.assert_allclose(implicit, explicit, rtol=1e-3, atol=1e-4 * np.abs(explicit).max())

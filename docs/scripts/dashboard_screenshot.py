@@ -54,7 +54,8 @@ def main(out: str = "docs/dashboard.png") -> int:
         def job():
             for i in range(3):
                 sketch_gradients(w.model_factory, w.loss_fn, w.train, {"method": "affd", "n_out": 1024, "seed": i},
-                                 batch_size=8, ids=w.train_ids, store=f"{tmp}/train-{i}.zarr", progress=False)
+                                 batch_size=8, ids=w.train_ids, store=f"{tmp}/train-{i}.zarr",
+                                 execution={"progress": False})
 
         worker = threading.Thread(target=job)
         worker.start()

@@ -27,8 +27,18 @@ import numpy as np
 import xarray as xr
 
 from ..progress import Progress
+from ..settings import WHICH, Execution, ModelSettings, SolverSettings, coerce, moved_options
 
-WHICH = ("both", "top", "bottom")
+
+def _solver_for(method: str, solver) -> SolverSettings:
+    """``solver`` as SolverSettings for ``method``: a dict without a method is taken as that method's."""
+    if solver is None or isinstance(solver, dict):
+        solver = {"method": method, **(solver or {})}
+    solver = coerce(solver, SolverSettings, "solver")
+    if solver.method != method:
+        raise ValueError(f"{method}() got SolverSettings(method={solver.method!r}); pass method={method!r} "
+                         f"or call {solver.method}()")
+    return solver
 
 
 def _select(vals, vecs, res, k, which):
@@ -106,9 +116,9 @@ class _LanczosState:
         group.attrs["progress"] = {"m": m, "restarts": restarts, "rng": rng.bit_generator.state}
 
 
-def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int | None = None,
-            tol: float = 1e-6, seed: int = 0, check_every: int = 5, progress: bool = True,
-            basis_dtype=np.float64, state=None, identity=None) -> dict:
+@moved_options(solver=SolverSettings)
+def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | None = None, progress: bool = True,
+            state=None, identity=None) -> dict:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     Returns ``{"positive"|"negative": (values, vectors (dim, k), residuals)}``
@@ -124,6 +134,10 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     for very long vectors (a reference run on an unsketched Hessian), with the
     projections computed in float32 and the recurrence in float64.
 
+    ``solver``: a :class:`~sketcharray.settings.SolverSettings` (or a dict of
+    its fields) with ``method="lanczos"``: ``which``, ``tol``, ``max_iter``,
+    ``seed``, ``check_every``, ``basis_dtype``.
+
     ``state`` (a folder path) keeps the solve's state in Zarr after every
     product; rerunning the same call after a kill resumes from the last
     committed product and gives the same numbers as a solve never
@@ -131,9 +145,10 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     the model's and data's fingerprints and the sketch: a state left by
     another operator or other settings is refused, naming the difference.
     """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {list(WHICH)}; got {which!r}")
-    m_max = min(dim, max_iter or max(4 * k + 20, 60))
+    solver = _solver_for("lanczos", solver)
+    which, tol, seed, check_every = solver.which, solver.tol, solver.seed, solver.check_every
+    basis_dtype = np.dtype(solver.basis_dtype)
+    m_max = min(dim, solver.max_iter or max(4 * k + 20, 60))
     if k > m_max:
         raise ValueError(f"k={k} exceeds the Krylov dimension available ({m_max})")
     rng = np.random.default_rng(seed)
@@ -199,8 +214,9 @@ def lanczos(matvec, dim: int, k: int = 10, *, which: str = "both", max_iter: int
     return out
 
 
-def randomized(matvec, dim: int, k: int = 10, *, which: str = "both", block: int | None = None,
-               n_iter: int = 30, tol: float = 1e-6, seed: int = 0, progress: bool = True) -> dict:
+@moved_options(solver=SolverSettings)
+def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | None = None,
+               progress: bool = True) -> dict:
     """Extreme eigenpairs by randomized block Krylov iteration with Rayleigh-Ritz.
 
     Starts from a random Gaussian block of ``block`` (default k + 10)
@@ -211,10 +227,14 @@ def randomized(matvec, dim: int, k: int = 10, *, which: str = "both", block: int
     not slowed at the negative end by a dominant positive part).  Stops when
     the wanted Ritz residuals fall below ``tol`` x the spectral scale, after
     ``n_iter`` blocks, or when the basis spans the space.
+
+    ``solver``: a :class:`~sketcharray.settings.SolverSettings` (or a dict of
+    its fields) with ``method="randomized"``: ``which``, ``tol``, ``n_iter``
+    (default 30), ``block``, ``seed``.
     """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {list(WHICH)}; got {which!r}")
-    p = min(dim, block or k + 10)
+    solver = _solver_for("randomized", solver)
+    which, tol, seed, n_iter = solver.which, solver.tol, solver.seed, solver.n_iter or 30
+    p = min(dim, solver.block or k + 10)
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((dim, p)))
     basis, images = [q], []
@@ -385,22 +405,6 @@ def _spectrum_dataset(result: dict, k: int, eigenvectors: bool) -> xr.Dataset:
     return xr.Dataset(data, coords={"sign": signs, "rank": np.arange(1, k + 1)})
 
 
-def _load_state_dict(path) -> dict:
-    """A ``torch.save``d state_dict, loaded with ``weights_only=True`` (tensors and plain containers, no code)."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for a file that is not (only) weights, RuntimeError for a bad zip
-        raise ValueError(f"checkpoint {path} cannot be loaded as weights only ({type(exc).__name__}): checkpoints "
-                         "are read with torch.load(weights_only=True), which refuses anything but tensors and "
-                         "plain containers (nothing in them can run code); save model.state_dict()") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a state_dict (a dict of "
-                         "tensors)")
-    return state
-
-
 #: what every spectrum result says about itself
 SKETCHED_NOTE = (
     "eigenvalues of the sketched Hessian K = Phi H Phi^T, which estimate those of H. With several sketch seeds "
@@ -425,25 +429,28 @@ def _with_seed(sketch, seed: int):
     raise TypeError(f"sketch must be a SketchOperator, a spec dict or (method, n_out[, seed]); got {sketch!r}")
 
 
-def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = "both", method: str = "lanczos",
-                     checkpoints=None, params=None, batch_size: int | None = None, device=None, forward=None,
-                     eigenvectors: bool = False, store=None, progress: bool = True, seeds=None, shards=None,
-                     **solver_options) -> xr.Dataset:
+@moved_options(solver=SolverSettings, model_settings=ModelSettings, execution=Execution)
+def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: SolverSettings | dict | None = None,
+                     checkpoints=None, seeds=None, store=None, batch_size: int | None = None,
+                     model_settings: ModelSettings | dict | None = None,
+                     execution: Execution | dict | None = None) -> xr.Dataset:
     """Top-k positive and k most negative eigenvalues of K = Phi H Phi^T (computes now).
 
     Parameters
     ----------
     model : nn.Module or factory
-    loss_fn, data, batch_size, params, device, forward : as for ``sketch_gradients``
+    loss_fn, data, batch_size : as for ``sketch_gradients``
         H is the Hessian of the mean loss over ``data``.
     sketch : operator, spec dict or (method, n_out[, seed])
     k : int
-    which : {"both", "top", "bottom"}
-    method : {"lanczos", "randomized"}
+        Eigenvalues at each end.
+    solver : SolverSettings or dict, optional
+        The solver (``method`` lanczos or randomized), ``which`` end(s),
+        ``tol``, iteration limits, ``seed``, ``eigenvectors`` (also return the
+        Ritz vectors in sketch space: sign, rank, sketch); defaults as
+        documented there.
     checkpoints : dict name -> state_dict (or path to a ``torch.save``d one), optional
         Compute the spectrum at each; results gain a ``checkpoint`` dimension.
-    eigenvectors : bool
-        Also return the Ritz vectors in sketch space (sign, rank, sketch).
     store : path, optional
         A folder: each checkpoint's result is saved there as it completes
         (Zarr, ``checkpoint-NAME.zarr``; ``checkpoint-current.zarr`` for the
@@ -458,14 +465,14 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
         seed is replaced): the result gains a ``seed`` dimension and
         ``eigenvalue_mean`` / ``eigenvalue_spread`` (standard deviation over
         seeds), the eigenvalues' error bars.
-    shards : int, optional
-        Compute each product ``K W`` as a dask reduction over this many
-        shards of the data, on whatever dask scheduler is active (threads, a
-        LocalCluster, a remote scheduler): see
-        :func:`~sketcharray.collect.subspace_hessian`.  Default: in this
-        process, no dask.
-    **solver_options
-        ``tol``, ``max_iter`` (lanczos), ``n_iter``, ``block`` (randomized), ``seed``.
+    model_settings : ModelSettings or dict, optional
+        ``params`` (which parameters make up N), ``forward``, ``hvp_mode``.
+    execution : Execution or dict, optional
+        ``device``, ``progress``, and ``shards``: compute each product
+        ``K W`` as a dask reduction over that many shards of the data, on
+        whatever dask scheduler is active (threads, a LocalCluster, a remote
+        scheduler; see :func:`~sketcharray.collect.subspace_hessian`).
+        Default: in this process, no dask.
 
     Returns
     -------
@@ -477,83 +484,105 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
     These are eigenvalues of K, not of H: the ``note`` attr says how they
     relate (the ends are biased outward).
     """
-    if seeds is not None:
-        seeds = [int(s) for s in seeds]
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds must be distinct ints, at least one; got {seeds!r}")
-        runs = [hessian_spectrum(model, loss_fn, data, _with_seed(sketch, s), k=k, which=which, method=method,
-                                 checkpoints=checkpoints, params=params, batch_size=batch_size, device=device,
-                                 forward=forward, eigenvectors=eigenvectors,
-                                 store=None if store is None else Path(store) / f"seed-{s}", progress=progress,
-                                 shards=shards, **solver_options)
-                for s in seeds]
-        out = xr.concat(runs, dim=xr.DataArray(seeds, dims="seed", name="seed"), combine_attrs="drop_conflicts")
-        out["eigenvalue_mean"] = out.eigenvalue.mean("seed")
-        out["eigenvalue_spread"] = out.eigenvalue.std("seed", ddof=1) if len(seeds) > 1 else np.nan * out.eigenvalue_mean
-        out.attrs.update(note=SKETCHED_NOTE, seeds=json.dumps(seeds))
-        return out
-    from ..collect import DataSource, resolve_sketch, subspace_hessian
-    from ..store import open_zarr_dataset
-    from ..torch.grads import data_fingerprint
-    from ..torch.params import as_module, model_fingerprint, select_params
-
-    if method not in SOLVERS:
-        raise ValueError(f"method must be one of {list(SOLVERS)}; got {method!r}")
+    solver = coerce(solver, SolverSettings, "solver")
+    model_settings = coerce(model_settings, ModelSettings, "model_settings")
+    execution = coerce(execution, Execution, "execution")
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (eigenvalues at each end) must be an int >= 1; got {k!r}")
+    if seeds is not None:
+        return _over_seeds(seeds, lambda s, folder: hessian_spectrum(
+            model, loss_fn, data, _with_seed(sketch, s), k=k, solver=solver, checkpoints=checkpoints, store=folder,
+            batch_size=batch_size, model_settings=model_settings, execution=execution), store)
+    from ..torch.params import as_module, load_weights
+
     # the caller's module is never loaded into or moved: checkpoints go into a copy
     base = as_module(model, copy=True)
-    items = [(None, None)] if checkpoints is None else list(checkpoints.items())
-    data_fp = None
-    results = []
-    for name, state in items:
-        # without checkpoints the model's own weights are stored as the checkpoint "current"
-        path = None if store is None else Path(store) / f"checkpoint-{'current' if name is None else name}.zarr"
-        if state is not None:
-            if isinstance(state, (str, Path)):
-                state = _load_state_dict(state)
-            base.load_state_dict(state)
-        if path is not None:
-            if data_fp is None:
-                source = DataSource.from_data(data, batch_size)
-                data_fp = data_fingerprint(source.load(i, a, b) for i, (a, b) in enumerate(source.bounds))
-            op = resolve_sketch(sketch, select_params(base, params).n)
-            # a stored result is reused only for the same weights, data, sketch and solver settings
-            wanted = {"method": method, "sketch_spec": str(op.spec), "k": k, "which": which,
-                      "params": json.dumps(params), "model_fingerprint": model_fingerprint(base),
-                      "data_fingerprint": data_fp, "solver_options": json.dumps(solver_options, sort_keys=True)}
+    job = _SpectrumJob(base, loss_fn, data, sketch, k, solver, batch_size, model_settings, execution)
+    folder = None if store is None else Path(store)
+    if checkpoints is None:  # the model's own weights, stored as the checkpoint "current"
+        out = job.at("current", folder, checkpoint=False)
+    else:
+        results = []
+        for name, state in checkpoints.items():
+            base.load_state_dict(load_weights(state) if isinstance(state, (str, Path)) else state)
+            results.append(job.at(name, folder, checkpoint=True))
+        out = xr.concat(results, dim="checkpoint", combine_attrs="drop_conflicts")
+    out.attrs["note"] = SKETCHED_NOTE
+    return out
+
+
+def _over_seeds(seeds, run, store) -> xr.Dataset:
+    """``run(seed, store folder)`` per seed, stacked along ``seed`` with the mean and spread over seeds."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct ints, at least one; got {seeds!r}")
+    runs = [run(s, None if store is None else Path(store) / f"seed-{s}") for s in seeds]
+    out = xr.concat(runs, dim=xr.DataArray(seeds, dims="seed", name="seed"), combine_attrs="drop_conflicts")
+    out["eigenvalue_mean"] = out.eigenvalue.mean("seed")
+    out["eigenvalue_spread"] = out.eigenvalue.std("seed", ddof=1) if len(seeds) > 1 else np.nan * out.eigenvalue_mean
+    out.attrs.update(note=SKETCHED_NOTE, seeds=json.dumps(seeds))
+    return out
+
+
+class _SpectrumJob:
+    """One spectrum per set of weights loaded into ``base``: solved, or read back from a store folder."""
+
+    def __init__(self, base, loss_fn, data, sketch, k, solver: SolverSettings, batch_size,
+                 model_settings: ModelSettings, execution: Execution):
+        self.base, self.loss_fn, self.data, self.sketch, self.k = base, loss_fn, data, sketch, k
+        self.solver, self.batch_size, self.model_settings, self.execution = solver, batch_size, model_settings, execution
+        self._data_fp = None
+
+    def identity(self) -> dict:
+        """What a stored result is checked against: the weights, data, sketch and the solver options that change
+        the numbers (those left at their defaults unnamed, as sketcharray 0.3 recorded them)."""
+        from ..collect import DataSource, resolve_sketch
+        from ..torch.grads import data_fingerprint
+        from ..torch.params import model_fingerprint, select_params
+
+        if self._data_fp is None:
+            source = DataSource.from_data(self.data, self.batch_size)
+            self._data_fp = data_fingerprint(source.load(i, a, b) for i, (a, b) in enumerate(source.bounds))
+        solver, params = self.solver, self.model_settings.params
+        defaults = SolverSettings(method=solver.method)
+        options = {name: value for name, value in solver.identity().items()
+                   if name not in ("method", "which") and value != getattr(defaults, name)}
+        op = resolve_sketch(self.sketch, select_params(self.base, params).n)
+        return {"method": solver.method, "sketch_spec": str(op.spec), "k": self.k, "which": solver.which,
+                "params": json.dumps(params), "model_fingerprint": model_fingerprint(self.base),
+                "data_fingerprint": self._data_fp, "solver_options": json.dumps(options, sort_keys=True)}
+
+    def at(self, name: str, folder: Path | None, *, checkpoint: bool) -> xr.Dataset:
+        """The spectrum at the weights now in ``base`` (labelled along ``checkpoint`` as ``name`` when
+        ``checkpoint``); with ``folder``, stored as ``checkpoint-NAME.zarr`` (and read back instead of
+        recomputed when that holds the same identity), a Lanczos solve's state kept as ``solver-NAME.zarr``
+        until its result is stored."""
+        path = None if folder is None else folder / f"checkpoint-{name}.zarr"
+        wanted = None if path is None else self.identity()
         if path is not None and path.exists():
-            saved = open_zarr_dataset(path).load()
-            have = {key: saved.attrs.get(key) for key in wanted}
-            have["k"] = saved.sizes["rank"]
-            if have != wanted:
-                differ = [key for key in wanted if have[key] != wanted[key]]
-                raise ValueError(f"{path} holds a spectrum computed with {({key: have[key] for key in differ})}, but "
-                                 f"this call asks for {({key: wanted[key] for key in differ})}; use a new store "
-                                 "folder, or the same weights, data and settings to reuse it")
-            results.append(saved)
-            continue
-        K = subspace_hessian(base, loss_fn, data, sketch, params=params, batch_size=batch_size, device=device,
-                             forward=forward, shards=shards)
+            return _stored_spectrum(path, wanted)
+        from ..collect import subspace_hessian
+
+        K = subspace_hessian(self.base, self.loss_fn, self.data, self.sketch, batch_size=self.batch_size,
+                             model_settings=self.model_settings, execution=self.execution)
         t0 = time.perf_counter()
         # with a store, a Lanczos solve keeps its state next to the result it will write: a killed solve
         # resumes from its last product when the call is rerun
-        resumable = {} if path is None or method != "lanczos" else {
-            "state": path.with_name(path.name.replace("checkpoint-", "solver-", 1)), "identity": wanted}
+        resumable = {} if path is None or self.solver.method != "lanczos" else {
+            "state": folder / f"solver-{name}.zarr", "identity": wanted}
         with _one_blas_thread(K.shape[0]):
-            res = SOLVERS[method](K.matvec, K.shape[0], k, which=which, progress=progress, **resumable,
-                                  **solver_options)
+            res = SOLVERS[self.solver.method](K.matvec, K.shape[0], self.k, solver=self.solver,
+                                              progress=self.execution.progress, **resumable)
         total = time.perf_counter() - t0
-        ds = _spectrum_dataset(res, k, eigenvectors)
-        ds.attrs.update(method=method, which=which, iterations=res["iterations"], hvps=K.hvps, seconds=total,
-                        hvp_seconds=K.hvp_seconds, other_seconds=total - K.hvp_seconds,
-                        setup_seconds=K.setup_seconds,
-                        hvp_mode=K.hvp_mode, sketch_spec=str(K.op.spec), shards=K.shards)
-        if path is not None:
-            ds.attrs.update(wanted)
-        if name is not None:
+        ds = _spectrum_dataset(res, self.k, self.solver.eigenvectors)
+        ds.attrs.update(method=self.solver.method, which=self.solver.which, iterations=res["iterations"],
+                        hvps=K.hvps, seconds=total, hvp_seconds=K.hvp_seconds, other_seconds=total - K.hvp_seconds,
+                        setup_seconds=K.setup_seconds, hvp_mode=K.hvp_mode, sketch_spec=str(K.op.spec),
+                        shards=K.shards)
+        if checkpoint:
             ds = ds.expand_dims(checkpoint=[name])
         if path is not None:
+            ds.attrs.update(wanted)
             path.parent.mkdir(parents=True, exist_ok=True)
             with warnings.catch_warnings():  # zarr's note that fixed-width strings (the names) lack a v3 spec
                 warnings.simplefilter("ignore", category=FutureWarning)
@@ -562,10 +591,22 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, which: str = 
                 import shutil
 
                 shutil.rmtree(resumable["state"], ignore_errors=True)
-        results.append(ds)
-    out = results[0] if checkpoints is None else xr.concat(results, dim="checkpoint", combine_attrs="drop_conflicts")
-    out.attrs["note"] = SKETCHED_NOTE
-    return out
+        return ds
+
+
+def _stored_spectrum(path: Path, wanted: dict) -> xr.Dataset:
+    """A spectrum stored at ``path``, refused (naming the difference) unless it was made as ``wanted`` says."""
+    from ..store import open_zarr_dataset
+
+    saved = open_zarr_dataset(path).load()
+    have = {key: saved.attrs.get(key) for key in wanted}
+    have["k"] = saved.sizes["rank"]
+    if have != wanted:
+        differ = [key for key in wanted if have[key] != wanted[key]]
+        raise ValueError(f"{path} holds a spectrum computed with {({key: have[key] for key in differ})}, but "
+                         f"this call asks for {({key: wanted[key] for key in differ})}; use a new store "
+                         "folder, or the same weights, data and settings to reuse it")
+    return saved
 
 
 def spectrum_statistics(spectrum: xr.Dataset, outlier_ratio: float = 0.2) -> xr.Dataset:

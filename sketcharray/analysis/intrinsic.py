@@ -18,24 +18,29 @@ next half is checked.  The result reports the refined ``d_star`` beside the
 raw ``d_star_raw``, and ``confirmed`` when the run at d_star/2 falls short
 (the factor of 2 holds).  Everything computes now, with progress lines, and
 can resume from the state saved after every evaluation.
+
+The settings travel in :class:`~sketcharray.settings.SearchSettings` (the
+search) and :class:`~sketcharray.settings.TrainingSettings` (Adam on each
+subspace); the training itself is the torch layer's
+(:mod:`sketcharray.torch.training`): this module only calls ``train`` and
+``evaluate`` and keeps the search's state as plain arrays and JSON.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 import xarray as xr
 
+from ..settings import Execution, ModelSettings, SearchSettings, TrainingSettings, coerce, moved_options
 from ..sketches import make_sketch
-from ..torch import SubspaceModel, as_module, select_params
-from ..torch.grads import default_forward, to_device
+from ..torch import as_module, select_params
+from ..torch.training import SubspaceTrainer, full_finetune_metric, start_metric
 
 
 class SearchExhausted(RuntimeError):
@@ -60,20 +65,24 @@ class SearchState:
 
 
 def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], float], *, target_metric: float,
-                    d0: int, d_max: int, steps_per_eval: int, min_improvement: float, max_steps: int | None = None,
-                    state: SearchState | None = None, on_eval: Callable[[SearchState], None] | None = None,
-                    progress: bool = True) -> SearchState:
+                    search: SearchSettings, training: TrainingSettings, state: SearchState | None = None,
+                    on_eval: Callable[[SearchState], None] | None = None, progress: bool = True) -> SearchState:
     """The paper's search, independent of what is trained.
 
     ``train(d, n)`` trains n steps at dimension d (continuing); ``evaluate()``
-    returns the metric.  The metric at the start (theta_0) is evaluated first
+    returns the metric.  ``search``: ``d0`` and ``d_max`` (which must be
+    given); ``training``: ``steps_per_eval``, ``min_improvement`` and
+    ``max_steps``.  The metric at the start (theta_0) is evaluated first
     and is the "last" metric of the improvement rule.  Returns the final
     state (``d_star`` set when the target was reached).  Raises
     :class:`SearchExhausted` past ``d_max`` or ``max_steps``, and
     :class:`StartMeetsTarget` when theta_0 already reaches the target.
     """
-    if not 1 <= d0 <= d_max:
-        raise ValueError(f"d0 must be between 1 and d_max={d_max}; got d0={d0}")
+    d0, d_max = search.d0, search.d_max
+    if d_max is None:
+        raise ValueError("doubling_search needs SearchSettings.d_max (intrinsic_dimension computes it from the "
+                         "sketch when it is None)")
+    steps_per_eval, min_improvement, max_steps = training.steps_per_eval, training.min_improvement, training.max_steps
     state = state or SearchState(d=d0)
     if state.theta0 is None and state.step == 0:
         state.theta0 = state.last = float(evaluate())
@@ -111,81 +120,6 @@ def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], fl
     return state
 
 
-class _Stream:
-    """A deterministic stream of shuffled minibatches: batch i depends only on (seed, i)."""
-
-    def __init__(self, dataset, batch_size: int, seed: int):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.n = len(dataset)
-
-    def batch(self, i: int):
-        per_epoch = max(1, self.n // self.batch_size)
-        epoch, j = divmod(i, per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        idx = order[j * self.batch_size : (j + 1) * self.batch_size]
-        return torch.utils.data.default_collate([self.dataset[int(k)] for k in idx])
-
-
-def _train_steps(module, opt, stream: _Stream, start: int, n: int, loss_fn, forward, device):
-    module.train(False)
-    for i in range(start, start + n):
-        batch = to_device(stream.batch(i), device)
-        opt.zero_grad()
-        loss_fn(forward(module, batch), batch).mean().backward()
-        opt.step()
-
-
-#: learning-rate halvings before :func:`train_to_convergence` stops (lr / 64 at the end)
-DECAYS = 6
-
-
-def train_to_convergence(module, trainable, data, loss_fn, eval_fn, *, lr: float, batch_size: int,
-                         steps_per_eval: int, min_improvement: float, max_steps: int, seed: int = 0, forward=None,
-                         device=None) -> float:
-    """Adam on ``trainable`` to convergence; returns the best metric seen.
-
-    Every ``steps_per_eval`` steps the metric is evaluated; when it has not
-    improved on the best by ``min_improvement / 10`` the learning rate is
-    halved, and after :data:`DECAYS` halvings (or ``max_steps``) training
-    stops.  A constant learning rate leaves Adam circling the optimum at a
-    distance set by the rate; halving it at each plateau lets it settle.
-    Validated on a least-squares toy (tests/analysis/test_intrinsic.py): a
-    subspace that holds the solution reaches the least-squares metric within
-    0.01, where the plateau rule alone (stop at the first improvement below
-    ``min_improvement``) left it 0.1-0.2 short.
-    """
-    opt = torch.optim.Adam(trainable, lr=lr)
-    stream, step, best, decays = _Stream(data, batch_size, seed), 0, -math.inf, 0
-    tol = min_improvement / 10
-    while step < max_steps:
-        _train_steps(module, opt, stream, step, steps_per_eval, loss_fn, forward or default_forward, device)
-        step += steps_per_eval
-        with torch.no_grad():
-            tau = float(eval_fn(module))
-        if tau > best + tol:
-            best = tau
-            continue
-        best = max(best, tau)
-        decays += 1
-        if decays > DECAYS:
-            break
-        for group in opt.param_groups:
-            group["lr"] /= 2
-    return best
-
-
-def full_finetune_metric(model, loss_fn, data, eval_fn, *, lr: float, batch_size: int, steps_per_eval: int,
-                         min_improvement: float, max_steps: int, seed: int = 0, forward=None, device=None) -> float:
-    """The reference: all parameters trained by :func:`train_to_convergence`."""
-    model = copy.deepcopy(model).to(device or "cpu")
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return train_to_convergence(model, list(model.parameters()), data, loss_fn, eval_fn, lr=lr,
-                                batch_size=batch_size, steps_per_eval=steps_per_eval,
-                                min_improvement=min_improvement, max_steps=max_steps, seed=seed, forward=forward,
-                                device=device)
-
-
 def largest_d(method: str, n_params: int, d0: int, **sketch_options) -> int:
     """The largest D the doubling search can reach from ``d0`` that ``method`` admits for N = ``n_params``.
 
@@ -202,12 +136,11 @@ def largest_d(method: str, n_params: int, d0: int, **sketch_options) -> int:
     return d
 
 
-def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module], float], sketch_method: str = "affd",
-                        *, target: float = 0.9, reference: float | None = None, d0: int = 16,
-                        d_max: int | None = None, steps_per_eval: int = 200, min_improvement: float = 0.01,
-                        lr: float = 1e-2, reference_lr: float = 1e-2, batch_size: int = 64,
-                        max_steps: int = 100_000, seeds=(0,), params=None, forward=None, device=None,
-                        check: bool = True, store=None, progress: bool = True, **sketch_options) -> xr.Dataset:
+@moved_options(search=SearchSettings, training=TrainingSettings, model_settings=ModelSettings, execution=Execution)
+def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: str = "affd", *,
+                        search: SearchSettings | dict | None = None, training: TrainingSettings | dict | None = None,
+                        store=None, model_settings: ModelSettings | dict | None = None,
+                        execution: Execution | dict | None = None, **sketch_options) -> xr.Dataset:
     """D* of the doubling search for each seed, with trajectories (computes now).
 
     Parameters
@@ -216,41 +149,43 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
         Its current weights are theta_0; they must be below the target
         (else :class:`StartMeetsTarget`): a model before fine-tuning, not
         the fine-tuned one (a Workload's ``search_start``).
-    loss_fn, data, forward, params, device : as for ``sketch_gradients``
+    loss_fn, data : as for ``sketch_gradients``
     eval_fn : callable
         ``eval_fn(model) -> metric`` (higher is better), called on the
         reparametrised model.
     sketch_method : str
         Any registry method (affd, qk, ffd, dense, ...) with ``sketch_options``.
-    target : float
-        Fraction of the reference metric to reach (0.9 for D_int90).
-    reference : float, optional
-        The metric of full fine-tuning; computed (same budget rules,
-        ``reference_lr``) when not given.
-    d0, d_max, steps_per_eval, min_improvement, lr, batch_size, max_steps
-        The search's settings (SPEC: delta = 0.1 on accuracy, c = 2000 steps,
-        Adam lr 1e-4 on a language model; defaults here suit small models).
-        ``d_max`` defaults to the largest D the sketch admits for the model
-        (:func:`largest_d`); a larger one is refused before any training.
-    seeds : sequence of int
-        One projection (and minibatch order) per seed.
-    check : bool
-        Check runs: a fresh omega trained to convergence at D*/2, refining
-        D* to D*/2 while such a run reaches the target.
+    search : SearchSettings or dict, optional
+        ``target`` (0.9 for D_int90), ``reference`` (the metric of full
+        fine-tuning; computed with ``reference_lr`` when not given), ``d0``,
+        ``d_max`` (default: the largest D the sketch admits for the model,
+        :func:`largest_d`; a larger one is refused before any training),
+        ``seeds`` (one projection and minibatch order each), ``check``
+        (check runs: a fresh omega trained to convergence at D*/2, refining
+        D* to D*/2 while such a run reaches the target).
+    training : TrainingSettings or dict, optional
+        ``lr``, ``batch_size``, ``steps_per_eval``, ``min_improvement``,
+        ``max_steps`` (SPEC: delta = 0.1 on accuracy, c = 2000 steps, Adam lr
+        1e-4 on a language model; the defaults suit small models).
     store : path, optional
         A folder where the search state is saved after every evaluation
         (and the computed reference once); a rerun resumes each seed where
         it stopped.  Resuming with other settings raises ``ValueError``.
+    model_settings : ModelSettings or dict, optional
+        ``params`` (which parameters make up N) and ``forward``.
+    execution : Execution or dict, optional
+        ``device`` and ``progress``.
 
     Returns
     -------
     xarray.Dataset with, per seed, ``d_star`` (refined by the check runs),
     ``d_star_raw`` (where the doubling search stopped), ``d_star_metric`` (the
-    metric reached at d_star), ``final_metric`` (the search's last metric), ``check_metric`` (the check run at d_star/2) and
-    ``confirmed`` (that run fell short of the target: d_star is within a
-    factor of 2 of the intrinsic dimension), and the trajectory ``d``,
-    ``step``, ``metric`` (seed, eval); attrs hold the reference, the metric
-    at theta_0, the target metric and the settings.
+    metric reached at d_star), ``final_metric`` (the search's last metric),
+    ``check_metric`` (the check run at d_star/2) and ``confirmed`` (that run
+    fell short of the target: d_star is within a factor of 2 of the
+    intrinsic dimension), and the trajectory ``d``, ``step``, ``metric``
+    (seed, eval); attrs hold the reference, the metric at theta_0, the
+    target metric and the settings.
 
     Raises
     ------
@@ -259,89 +194,80 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable[[torch.nn.Module
     ValueError
         When ``d0`` or ``d_max`` exceed what the sketch admits (before any training).
     """
-    if not target > 0:
-        raise ValueError(f"target (a fraction of the reference metric) must be > 0; got {target!r}")
+    search = coerce(search, SearchSettings, "search")
+    training = coerce(training, TrainingSettings, "training")
+    settings = coerce(model_settings, ModelSettings, "model_settings")
+    execution = coerce(execution, Execution, "execution")
+    device, progress = execution.device, execution.progress
     base = as_module(model)
-    forward = forward or default_forward
-    n_params = select_params(base, params).n
-    admissible = largest_d(sketch_method, n_params, d0, **sketch_options)
-    if d_max is None:
-        d_max = admissible
+    n_params = select_params(base, settings.params).n
+    admissible = largest_d(sketch_method, n_params, search.d0, **sketch_options)
+    if search.d_max is None:
+        search = replace(search, d_max=admissible)
         if progress:
-            print(f"d_max = {d_max}: the largest D {sketch_method} admits for N = {n_params} from d0 = {d0}",
-                  flush=True)
-    elif d_max > admissible:
-        raise ValueError(f"d_max={d_max} exceeds the largest D the {sketch_method!r} sketch admits for this model "
-                         f"(N={n_params}: at most {admissible} from d0={d0}); lower d_max (--d-max), or leave it "
-                         "out for that largest value")
-    with torch.no_grad():  # theta_0 first: a search from weights already at the target measures nothing
-        theta0 = float(eval_fn(copy.deepcopy(base).to(device or "cpu")))
+            print(f"d_max = {admissible}: the largest D {sketch_method} admits for N = {n_params} from "
+                  f"d0 = {search.d0}", flush=True)
+    elif search.d_max > admissible:
+        raise ValueError(f"d_max={search.d_max} exceeds the largest D the {sketch_method!r} sketch admits for this "
+                         f"model (N={n_params}: at most {admissible} from d0={search.d0}); lower d_max (--d-max), or "
+                         "leave it out for that largest value")
+    # theta_0 first: a search from weights already at the target measures nothing
+    theta0 = start_metric(base, eval_fn, device)
+    reference = search.reference
     ref_file = None if store is None else Path(store) / "reference.json"
     if reference is None and ref_file is not None and ref_file.exists():
         reference = json.loads(ref_file.read_text())["reference"]
     if reference is None:
-        reference = full_finetune_metric(base, loss_fn, data, eval_fn, lr=reference_lr, batch_size=batch_size,
-                                         steps_per_eval=steps_per_eval, min_improvement=min_improvement,
-                                         max_steps=max_steps, forward=forward, device=device)
+        reference = full_finetune_metric(base, loss_fn, data, eval_fn, training=replace(training, lr=search.reference_lr),
+                                         forward=settings.forward, device=device)
         if progress:
             print(f"reference (full fine-tuning) metric: {reference:.4f}", flush=True)
         if ref_file is not None:
             ref_file.parent.mkdir(parents=True, exist_ok=True)
             ref_file.write_text(json.dumps({"reference": reference}))
-    goal = target * reference
+    goal = search.target * reference
     if theta0 >= goal:
         raise StartMeetsTarget(
-            f"the starting weights theta_0 already reach the target (metric {theta0:.4f} >= {target} x reference "
-            f"{reference:.4f} = {goal:.4f}): the search measures how many dimensions training *from* theta_0 "
-            "needs. Start from weights below the target: a Workload's search_start (a factory of the model the "
-            "search starts from, e.g. the pre-trained model before fine-tuning, or a fresh head), or pass such a "
-            "model to intrinsic_dimension")
+            f"the starting weights theta_0 already reach the target (metric {theta0:.4f} >= {search.target} x "
+            f"reference {reference:.4f} = {goal:.4f}): the search measures how many dimensions training *from* "
+            "theta_0 needs. Start from weights below the target: a Workload's search_start (a factory of the model "
+            "the search starts from, e.g. the pre-trained model before fine-tuning, or a fresh head), or pass such "
+            "a model to intrinsic_dimension")
     rows = []
-    for seed in seeds:
-        rows.append(_search_one(base, params, n_params, sketch_method, sketch_options, seed, goal, data, loss_fn,
-                                eval_fn, forward, device, lr, batch_size, d0, d_max, steps_per_eval,
-                                min_improvement, max_steps, check, store, progress))
-    return _result(rows, reference, theta0, goal, sketch_method, n_params, d_max, steps_per_eval, min_improvement,
-                   lr)
+    for seed in search.seeds:
+        op = make_sketch(sketch_method, n_params, search.d_max, seed=seed, **sketch_options)
+        trainer = SubspaceTrainer(base, op, data, loss_fn, training=training, seed=seed, model_settings=settings,
+                                  device=device)
+        rows.append(_search_one(trainer, eval_fn, goal, search, sketch_options, store, progress))
+    return _result(rows, reference, theta0, goal, sketch_method, n_params, search, training)
 
 
-def _search_one(base, params, n_params, method, sketch_options, seed, goal, data, loss_fn, eval_fn, forward, device,
-                lr, batch_size, d0, d_max, steps_per_eval, min_improvement, max_steps, check, store, progress):
-    op = make_sketch(method, n_params, d_max, seed=seed, **sketch_options)
-    sub = SubspaceModel(copy.deepcopy(base), op, params).to(device or "cpu")
-    opt = torch.optim.Adam([sub.omega], lr=lr)
-    stream = _Stream(data, batch_size, seed)
+def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSettings, sketch_options: dict, store,
+                progress: bool):
+    """One seed's doubling search (resumed from ``store`` when saved there), then its check runs."""
+    method, seed, training = trainer.op.spec["method"], trainer.seed, trainer.training
     folder = None if store is None else Path(store) / f"{method}-seed{seed}"
-    settings = {"method": method, "options": sketch_options, "n_params": n_params, "d0": d0, "d_max": d_max,
-                "steps_per_eval": steps_per_eval, "min_improvement": min_improvement, "lr": lr,
-                "batch_size": batch_size, "target_metric": goal}
-    loaded = _load(folder, sub, opt, settings)
-    state = loaded or SearchState(d=d0)
+    settings = {"method": method, "options": sketch_options, "n_params": trainer.op.n_in, "d0": search.d0,
+                "d_max": search.d_max, "steps_per_eval": training.steps_per_eval,
+                "min_improvement": training.min_improvement, "lr": training.lr, "batch_size": training.batch_size,
+                "target_metric": goal}
+    loaded = _load(folder, trainer, settings)
+    state = loaded or SearchState(d=search.d0)
     if progress:
-        print(f"{method} seed {seed}: N={n_params}, D_max={d_max}"
+        print(f"{method} seed {seed}: N={trainer.op.n_in}, D_max={search.d_max}"
               + (f" (resuming at d={state.d}, step {state.step})" if loaded else ""), flush=True)
-
-    def train(d, n):
-        sub.active = d
-        _train_steps(sub, opt, stream, state.step, n, loss_fn, forward, device)
-
-    def evaluate():
-        with torch.no_grad():
-            return eval_fn(sub)
-
     error = None
     if not state.done:
         try:
-            doubling_search(train, evaluate, target_metric=goal, d0=d0, d_max=d_max, steps_per_eval=steps_per_eval,
-                            min_improvement=min_improvement, max_steps=max_steps, state=state, progress=progress,
-                            on_eval=lambda st: _save(folder, st, sub, opt, settings))
+            doubling_search(lambda d, n: trainer.train(d, state.step, n), lambda: trainer.evaluate(eval_fn),
+                            target_metric=goal, search=search, training=training, state=state, progress=progress,
+                            on_eval=lambda st: _save(folder, st, trainer, settings))
         except SearchExhausted as exc:
             error = str(exc)
     refined, check_metric = state.d_star, np.nan
     at_refined = state.trajectory[-1][2] if state.trajectory else np.nan  # the metric that reached the target
-    while check and refined is not None and refined > 1:
-        check_metric = _check_run(base, op, params, refined // 2, data, loss_fn, eval_fn, lr, batch_size,
-                                  steps_per_eval, min_improvement, max_steps, seed, forward, device)
+    while search.check and refined is not None and refined > 1:
+        check_metric = trainer.check_run(refined // 2, eval_fn)
         if progress:
             print(f"  check run at d={refined // 2}: metric={check_metric:.4f} (target {goal:.4f})"
                   + (" -> D* refined" if check_metric >= goal else " -> D* confirmed"), flush=True)
@@ -351,22 +277,11 @@ def _search_one(base, params, n_params, method, sketch_options, seed, goal, data
     return seed, state, refined, (check_metric, at_refined), error
 
 
-def _check_run(base, op, params, d, data, loss_fn, eval_fn, lr, batch_size, steps_per_eval, min_improvement,
-               max_steps, seed, forward, device) -> float:
-    """A fresh omega trained to convergence at dimension d only (the check at D*/2, and the grid mode)."""
-    sub = SubspaceModel(copy.deepcopy(base), op, params).to(device or "cpu")
-    sub.active = d
-    return train_to_convergence(sub, [sub.omega], data, loss_fn, eval_fn, lr=lr, batch_size=batch_size,
-                                steps_per_eval=steps_per_eval, min_improvement=min_improvement, max_steps=max_steps,
-                                seed=seed, forward=forward, device=device)
-
-
-def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt, settings: dict) -> None:
+def _save(folder: Path | None, state: SearchState, trainer: SubspaceTrainer, settings: dict) -> None:
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    arrays, groups = _optimizer_arrays(opt.state_dict())
-    arrays["omega"] = sub.omega.detach().cpu().numpy()
+    arrays, groups = trainer.arrays()
     with open(folder / "weights.npz.tmp", "wb") as f:  # arrays only: nothing in it can run code when read
         np.savez(f, **arrays)
     (folder / "weights.npz.tmp").replace(folder / "weights.npz")
@@ -377,7 +292,7 @@ def _save(folder: Path | None, state: SearchState, sub: SubspaceModel, opt, sett
     (folder / "state.json.tmp").replace(folder / "state.json")
 
 
-def _load(folder: Path | None, sub: SubspaceModel, opt, settings: dict) -> SearchState | None:
+def _load(folder: Path | None, trainer: SubspaceTrainer, settings: dict) -> SearchState | None:
     if folder is None or not (folder / "state.json").exists():
         return None
     payload = json.loads((folder / "state.json").read_text())
@@ -392,35 +307,13 @@ def _load(folder: Path | None, sub: SubspaceModel, opt, settings: dict) -> Searc
     groups = payload.pop("optimizer")
     with np.load(folder / "weights.npz", allow_pickle=False) as weights:
         arrays = {k: weights[k] for k in weights.files}
-    with torch.no_grad():
-        sub.omega.copy_(torch.from_numpy(arrays.pop("omega")))
-    opt.load_state_dict(_optimizer_state(arrays, groups))
+    trainer.restore(arrays, groups)
     payload["trajectory"] = [tuple(t) for t in payload["trajectory"]]
     return SearchState(**payload)
 
 
-def _optimizer_arrays(state_dict: dict) -> tuple[dict[str, np.ndarray], list]:
-    """An optimizer's state_dict as named arrays (``state/<param>/<key>``) and JSON-able param groups."""
-    arrays = {f"state/{pid}/{key}": (value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
-                                     else np.asarray(value))
-              for pid, entries in state_dict["state"].items() for key, value in entries.items()}
-    return arrays, json.loads(json.dumps(state_dict["param_groups"]))
-
-
-def _optimizer_state(arrays: dict[str, np.ndarray], groups: list) -> dict:
-    """The inverse of :func:`_optimizer_arrays`."""
-    state: dict = {}
-    for name, value in arrays.items():
-        _, pid, key = name.split("/", 2)
-        state.setdefault(int(pid), {})[key] = torch.from_numpy(np.array(value))
-    for group in groups:
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-    return {"state": state, "param_groups": groups}
-
-
-def _result(rows, reference, theta0, goal, method, n_params, d_max, steps_per_eval, min_improvement,
-            lr) -> xr.Dataset:
+def _result(rows, reference, theta0, goal, method, n_params, search: SearchSettings,
+            training: TrainingSettings) -> xr.Dataset:
     n_eval = max(len(s.trajectory) for _, s, _, _, _ in rows)
     traj = np.full((len(rows), n_eval, 3), np.nan)
     for i, (_, s, _, _, _) in enumerate(rows):
@@ -443,24 +336,37 @@ def _result(rows, reference, theta0, goal, method, n_params, d_max, steps_per_ev
         },
         coords={"seed": [seed for seed, _, _, _, _ in rows], "eval": np.arange(n_eval)},
         attrs={"reference": reference, "theta0_metric": theta0, "target_metric": goal, "method": method,
-               "n_params": n_params, "d_max": d_max, "steps_per_eval": steps_per_eval,
-               "min_improvement": min_improvement, "lr": lr,
+               "n_params": n_params, "d_max": search.d_max, "steps_per_eval": training.steps_per_eval,
+               "min_improvement": training.min_improvement, "lr": training.lr,
                "errors": json.dumps({str(seed): err for seed, _, _, _, err in rows if err})},
     )
 
 
+#: the grid's default training: shorter runs than the search's (max_steps 20 000)
+GRID_TRAINING = TrainingSettings(max_steps=20_000)
+
+
+@moved_options(training=TrainingSettings, model_settings=ModelSettings, execution=Execution)
 def intrinsic_dimension_grid(model, loss_fn, data, eval_fn, sketch_method: str = "affd", *, dims,
-                             steps_per_eval: int = 200, min_improvement: float = 0.01, lr: float = 1e-2,
-                             batch_size: int = 64, max_steps: int = 20_000, seed: int = 0, params=None,
-                             forward=None, device=None, **sketch_options) -> xr.Dataset:
-    """The classic method: train a fresh omega at each D of ``dims`` to completion; metric per D."""
+                             training: TrainingSettings | dict | None = None, seed: int = 0,
+                             model_settings: ModelSettings | dict | None = None,
+                             execution: Execution | dict | None = None, **sketch_options) -> xr.Dataset:
+    """The classic method: train a fresh omega at each D of ``dims`` to completion; metric per D.
+
+    ``training`` defaults to :data:`GRID_TRAINING`; ``model_settings`` (``params``, ``forward``) and
+    ``execution`` (``device``) as for :func:`intrinsic_dimension`.
+    """
+    training = GRID_TRAINING if training is None else coerce(training, TrainingSettings, "training")
+    settings = coerce(model_settings, ModelSettings, "model_settings")
+    execution = coerce(execution, Execution, "execution")
     base = as_module(model)
-    n_params = select_params(base, params).n
+    n_params = select_params(base, settings.params).n
     metrics = []
     for d in dims:
         op = make_sketch(sketch_method, n_params, int(d), seed=seed, **sketch_options)
-        metrics.append(_check_run(base, op, params, int(d), data, loss_fn, eval_fn, lr, batch_size, steps_per_eval,
-                                  min_improvement, max_steps, seed, forward or default_forward, device))
+        trainer = SubspaceTrainer(base, op, data, loss_fn, training=training, seed=seed, model_settings=settings,
+                                  device=execution.device)
+        metrics.append(trainer.check_run(int(d), eval_fn))
     return xr.Dataset({"metric": ("d", np.array(metrics))}, coords={"d": np.asarray(dims)},
                       attrs={"method": sketch_method, "n_params": n_params})
 

@@ -13,17 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from ..analysis.intrinsic import intrinsic_dimension, plot_intrinsic
+from ..settings import Execution, ModelSettings
 from ..workloads import load_workload
 from ._util import format_table, write_json
 
 
 def setup(workload: str):
     w = load_workload(workload)
-    return w, w.search_model(), dict(w.search_settings)
+    return w, w.search_model()
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -46,21 +48,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
-    w, base, settings = setup(args.workload)
+    w, base = setup(args.workload)
     metric = w.accuracy
-    for key in ("d_max", "steps_per_eval", "lr"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    common = dict(forward=w.forward, device=args.device, progress=True, params=args.params, check=args.check,
-                  **settings)
+    search, training = w.intrinsic_settings(d_max=args.d_max, steps_per_eval=args.steps_per_eval, lr=args.lr,
+                                            check=args.check, seeds=tuple(range(args.seeds)))
+    common = dict(training=training, model_settings=ModelSettings(params=args.params, forward=w.forward),
+                  execution=Execution(device=args.device))
     t0 = time.perf_counter()
-    runs = {"affd": intrinsic_dimension(base, w.loss_fn, w.train, metric, "affd", seeds=tuple(range(args.seeds)),
-                                        **common)}
+    runs = {"affd": intrinsic_dimension(base, w.loss_fn, w.train, metric, "affd", search=search, **common)}
     reference = runs["affd"].attrs["reference"]
-    common["reference"] = reference
-    common.pop("reference_lr")
+    # the other methods on seed 0, against the same reference
+    others = replace(search, seeds=(0,), reference=reference)
     for method in args.methods:
-        runs[method] = intrinsic_dimension(base, w.loss_fn, w.train, metric, method, seeds=(0,), **common)
+        runs[method] = intrinsic_dimension(base, w.loss_fn, w.train, metric, method, search=others, **common)
     elapsed = time.perf_counter() - t0
 
     def fmt(v):

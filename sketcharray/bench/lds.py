@@ -107,7 +107,8 @@ def main(argv=None, args=None) -> int:
         for ld in args.log2d:
             spec = {"method": method, "n_out": 1 << ld, "seed": args.seed}
             variants[f"{method} 2^{ld}"] = tuple(
-                {k: sketch_gradients(w.model_factory, f, data, spec, batch_size=250, ids=ids, progress=False)
+                {k: sketch_gradients(w.model_factory, f, data, spec, batch_size=250, ids=ids,
+                                  execution={"progress": False})
                  for k, f in fns.items()}
                 for data, ids in ((w.train, w.train_ids), (w.test, w.test_ids)))
     rows = []

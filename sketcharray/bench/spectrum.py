@@ -139,7 +139,8 @@ def pretrained_table7(workload: str, methods, log2ds, *, k: int = 10, n_examples
         return hvp(torch.as_tensor(v, dtype=torch.float32, device=device)).cpu().numpy()
 
     t0 = time.perf_counter()
-    ref = lanczos(h_matvec, ps.n, k, which="top", max_iter=ref_iters, tol=1e-3, basis_dtype=np.float32)
+    ref = lanczos(h_matvec, ps.n, k, solver={"which": "top", "max_iter": ref_iters, "tol": 1e-3,
+                                             "basis_dtype": "float32"})
     ref_vals, ref_res = ref["positive"][0], ref["positive"][2]
     out = {"workload": workload, "n_params": ps.n, "examples": n_examples, "k": k,
            "reference": ref_vals.tolist(), "reference_residuals": ref_res.tolist(),
@@ -150,7 +151,8 @@ def pretrained_table7(workload: str, methods, log2ds, *, k: int = 10, n_examples
         out["errors"][method] = {}
         for ld in log2ds:
             K = SubspaceHessian(hvp, make_sketch(method, ps.n, 1 << ld, seed=0))
-            res = lanczos(K.matvec, 1 << ld, k, which="top", max_iter=iters, tol=1e-3, progress=False)
+            res = lanczos(K.matvec, 1 << ld, k, solver={"which": "top", "max_iter": iters, "tol": 1e-3},
+                          progress=False)
             out["errors"][method][ld] = top10_error(res["positive"][0], ref_vals)
         print("  " + method + ": " + " ".join(f"2^{ld}:{e:.3f}" for ld, e in out["errors"][method].items()),
               flush=True)
@@ -165,10 +167,11 @@ def performance(workload: str, methods, n_out: int, k: int, n_examples: int, bat
     rows = []
     for sketch in methods:
         for method in ("lanczos", "randomized"):
+            limits = {"max_iter": max_iter or 4 * k + 20} if method == "lanczos" else {"n_iter": n_iter}
             ds = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": sketch, "n_out": n_out}, k=k,
-                                  method=method, batch_size=batch, device=device, forward=w.forward, progress=False,
-                                  tol=1e-4, **({"max_iter": max_iter or 4 * k + 20} if method == "lanczos"
-                                               else {"n_iter": n_iter}))
+                                  solver={"method": method, "tol": 1e-4, **limits}, batch_size=batch,
+                                  model_settings={"forward": w.forward},
+                                  execution={"device": device, "progress": False})
             a = ds.attrs
             rows.append({"workload": workload, "sketch": sketch, "solver": method, "D": n_out, "examples": len(data),
                          "hvps": a["hvps"], "seconds": a["seconds"], "setup_seconds": a["setup_seconds"],
@@ -200,8 +203,8 @@ def cluster_scaling(workload: str, sketch: str, n_out: int, k: int, n_examples: 
         cluster, client = _local_cluster(n)
         with cluster, client:
             ds = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": sketch, "n_out": n_out}, k=k,
-                                  batch_size=batch, forward=w.forward, progress=False, tol=1e-12, max_iter=max_iter,
-                                  shards=n)
+                                  solver={"tol": 1e-12, "max_iter": max_iter}, batch_size=batch,
+                                  model_settings={"forward": w.forward}, execution={"progress": False, "shards": n})
         a = ds.attrs
         rows.append({"workload": workload, "sketch": sketch, "D": n_out, "examples": len(data), "workers": n,
                      "hvps": a["hvps"], "solve_s": a["seconds"], "setup_s": a["setup_seconds"],
@@ -229,15 +232,16 @@ def single_pass_against_lanczos(workload: str, sketch: str, n_out: int, k: int, 
     with cluster, client:
         t0 = time.perf_counter()
         ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=n_out, space="sketch", batch_size=batch,
-                         forward=w.forward, probes_per_task=max(1, n_out // (4 * workers)))
+                         model_settings={"forward": w.forward},
+                         execution={"probes_per_task": max(1, n_out // (4 * workers))})
         path = Path(folder) / f"{workload}-y.zarr"
         ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
         t_store = time.perf_counter() - t0
         t0 = time.perf_counter()
         single = single_pass_spectrum(open_zarr_dataset(path), k=k, oversampling=0)
         t_single = time.perf_counter() - t0
-        lz = hessian_spectrum(w.model_factory, w.loss_fn, data, spec, k=k, batch_size=batch, forward=w.forward,
-                              progress=False, tol=1e-6, shards=workers)
+        lz = hessian_spectrum(w.model_factory, w.loss_fn, data, spec, k=k, solver={"tol": 1e-6}, batch_size=batch,
+                              model_settings={"forward": w.forward}, execution={"progress": False, "shards": workers})
     scale = float(np.abs(lz.eigenvalue).max())
     diff = float(np.abs(single.eigenvalue - lz.eigenvalue).max()) / scale
     row = {"workload": workload, "sketch": sketch, "D": n_out, "examples": len(data), "workers": workers,
@@ -335,7 +339,7 @@ def accuracy(args) -> dict:
     ckpts = digits_checkpoints()
     data = torch.utils.data.Subset(w.train, range(args.n_examples))
     spec = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": "affd", "n_out": 1024}, k=10,
-                            checkpoints=ckpts, batch_size=250, progress=False, tol=1e-6)
+                            solver={"tol": 1e-6}, checkpoints=ckpts, batch_size=250, execution={"progress": False})
     stats = spectrum_statistics(spec)
     print(format_table([{"ckpt": str(c), "lmax": f"{float(stats.lambda_max.sel(checkpoint=c)):.4g}",
                          "lmin": f"{float(stats.lambda_min.sel(checkpoint=c)):.4g}",

@@ -70,7 +70,8 @@ def measure(workload, method: str, n_out: int, batch_size: int, n_batches: int, 
     end_to_end = tmp / f"{workload}-{method}-e2e.zarr"
     t0 = time.perf_counter()
     sketch_gradients(w.model_factory, w.loss_fn, torch.utils.data.Subset(w.train, range(n)), op,
-                     batch_size=batch_size, store=end_to_end, device=device, progress=False, forward=w.forward)
+                     batch_size=batch_size, store=end_to_end, model_settings={"forward": w.forward},
+                     execution={"device": device, "progress": False})
     e2e = time.perf_counter() - t0
     row = {
         "workload": workload, "method": method, "N": paramset.n, "D": n_out, "batch": batch_size, "examples": n,
@@ -94,8 +95,9 @@ def end_to_end_ratio(workload: str, method: str, n_out: int, n: int, batch: int,
     dev = torch.device(device)
 
     def sketch_call():
-        sketch_gradients(w.model_factory, w.loss_fn, data, spec, batch_size=batch, device=device,
-                         forward=w.forward, progress=False).grad.values
+        sketch_gradients(w.model_factory, w.loss_fn, data, spec, batch_size=batch,
+                         model_settings={"forward": w.forward},
+                         execution={"device": device, "progress": False}).grad.values
 
     model = w.model().to(dev)
 

@@ -86,9 +86,9 @@ def main(argv=None, args=None) -> int:
         for method in args.methods:
             spec = {"method": method, "n_out": d, "seed": 0}
             tr = sketch_gradients(w.model_factory, classification_margin, w.train, spec, batch_size=100,
-                                  progress=False)
+                                  execution={"progress": False})
             te = sketch_gradients(w.model_factory, classification_margin, w.test, spec, batch_size=100,
-                                  progress=False)
+                                  execution={"progress": False})
             ours = attribute(tr, te, score="trak").values
             o0, o1 = topk_overlap(ours, ref0, args.k), topk_overlap(ours, ref1, args.k)
             row[method] = float((o0.mean() + o1.mean()) / 2)

@@ -1,4 +1,11 @@
-"""The paper's lookup-free sketches AFFD (eq. 6) and AFJL (eq. 7)."""
+"""The paper's lookup-free sketches AFFD (eq. 6) and AFJL (eq. 7).
+
+Each class reads as its equation: ``_build_state`` draws the factors of the
+product, ``_apply`` multiplies them right to left, ``_adjoint`` multiplies
+their transposes left to right.  How host arrays get a faster route to the
+same product (the compiled FWHT, a fused contraction, scratch buffers) is
+:mod:`.backend`'s business; the one line here that hands over to it says so.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,8 @@ import math
 
 import numpy as np
 
+from . import backend
 from . import random as rnd
-from . import transforms as tf
 from .base import SketchOperator
 from .precond import Preconditioner, padded_length
 
@@ -19,7 +26,7 @@ class _LookupFree(SketchOperator):
     def n_pad(self) -> int:
         return padded_length(self.opts["precond"], self.n_in)
 
-    def _precond(self, name: str, n_out: int, permute: str) -> Preconditioner:
+    def _precond(self, name: str, n_out: int, permute: str | None) -> Preconditioner:
         o = self.opts
         return Preconditioner(o["precond"], self.n_pad, self.key(name), n_out, permute, o["max_factor"])
 
@@ -38,32 +45,63 @@ class _LookupFree(SketchOperator):
 
 
 class AFFD(_LookupFree):
-    """``R_D( sqrt(N/D) H^{pi2} G H^{pi1} B x )``: one full Kronecker transform plus a truncated one.
+    """AFFD, SPEC eq. 6: ``Phi x = R_D( sqrt(N/D) H^{pi2} G H^{pi1} B x )``.
 
-    State: signs and a Gaussian diagonal of length N plus the small permuted
-    factors -- independent of D; no gather anywhere.
+    Right to left: random signs ``B``, the Kronecker Hadamard ``H^{pi1}``
+    with each factor's rows permuted, a Gaussian diagonal ``G``, the
+    Kronecker Hadamard ``H^{pi2}`` with each factor's columns permuted, and
+    ``R_D``, the first D coordinates (a slice).  N is the input length
+    padded to a power of two.  ``E||Phi x||^2 = ||x||^2``; the variance of
+    ``||Phi x||^2 / ||x||^2`` falls as 1/D (about 2/D on typical inputs; SPEC
+    fact 2), and Theorem 3.2 bounds the failure probability by
+    ``exp(-C eps^2 D / log^2 N)``.
 
-    Notes
-    -----
+    State (per backend, built on first use from the seed): ``B`` (N signs),
+    ``G`` (N Gaussians, times ``sqrt(N/D)``), and the small Hadamard factors
+    of H1 and H2 (``sum b_k^2`` floats) -- independent of D, no index arrays.
+    Cost: one full Kronecker transform and one truncated one (the first D
+    outputs need only the leading rows of H2's leading factors).
+
     The row permutation of ``H^{pi1} = P H`` (``P`` the Kronecker product of
-    the factors' permutations) is moved out of the full transform:
+    the factors' permutations) is moved into its neighbours:
     ``H^{pi2} G P = (H^{pi2} P)(P^T G P)``, where ``P^T G P`` is ``G`` with its
-    entries permuted and ``H^{pi2} P`` is again a Kronecker product of
-    column-permuted Hadamard factors (factor ``k``'s columns by
-    ``pi2_k o pi1_k^-1``).  The same matrix, so the same sketch; but the
-    full transform is a plain one, which the compiled FWHT runs without a
-    gather (a gather per entry cost more than the transform's butterflies).
+    entries permuted and ``H^{pi2} P`` again a Kronecker product of
+    column-permuted factors (factor ``k``'s columns by ``pi2_k o pi1_k^-1``).
+    The same matrix (tested against eq. 6 built from the drawn
+    permutations), but H1 becomes a plain Hadamard, which the compiled FWHT
+    runs without a gather.
+
+    Options: ``precond`` ("hadamard", "fft", "kron"; SPEC's preconditioner
+    option) and ``max_factor`` (the largest Kronecker factor).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sketcharray.sketches import make_sketch
+    >>> phi = make_sketch("affd", n_in=10_000, n_out=256, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((4, 10_000))
+    >>> y = phi.apply(x)                       # (4, 256)
+    >>> bool(abs((y ** 2).sum() / (x ** 2).sum() - 1) < 0.2)
+    True
     """
 
     method = "affd"
 
     def _state_floats(self) -> int:
-        return 2 * self.n_pad + self._precond("H1", self.n_pad, None).state_floats + self._precond(
-            "H2", self.n_out, "cols"
-        ).state_floats
+        return 2 * self.n_pad + self._precond("H1", self.n_pad, None).state_floats + self._h2.state_floats
+
+    @property
+    def _h2(self) -> Preconditioner:
+        return self._precond("H2", self.n_out, "cols")
+
+    @property
+    def _h1(self) -> Preconditioner:
+        # The full transform H1 as it runs: unpermuted with the Hadamard preconditioner (its permutation
+        # is moved into G and H2, see the class notes), row-permuted otherwise.
+        return self._precond("H1", self.n_pad, None if self.opts["precond"] == "hadamard" else "rows")
 
     def _build_state(self, xp, device, dtype) -> dict:
-        h1, h2 = self._precond("H1", self.n_pad, "rows"), self._precond("H2", self.n_out, "cols")
+        h1, h2 = self._precond("H1", self.n_pad, "rows"), self._h2
         g = rnd.normal(xp, self.key("G"), 0, self.n_pad, dtype=dtype, device=device) * self._scale
         if self.opts["precond"] != "hadamard":
             return {"B": self._signs(xp, device, dtype), "G": g,
@@ -77,90 +115,71 @@ class AFFD(_LookupFree):
         return {
             "B": self._signs(xp, device, dtype),
             "G": xp.reshape(g, (self.n_pad,)),
-            "H1": self._plain_h1.build(xp, device, dtype),
+            "H1": self._h1.build(xp, device, dtype),
             "H2": h2.build(xp, device, dtype, perms=[p2[inv] for p2, inv in zip(pi2, inverse)]),
         }
 
-    @property
-    def _plain_h1(self) -> Preconditioner:
-        # The full transform H1 runs: unpermuted with the Hadamard preconditioner (see the class notes).
-        return self._precond("H1", self.n_pad, None if self.opts["precond"] == "hadamard" else "rows")
-
     def _apply(self, xp, x, state):
-        h1 = self._plain_h1
-        # On the host H1's output is an intermediate the compiled FWHT writes into a reused scratch
-        # buffer; a batch too large for it goes through in slices of rows
-        rows = max(1, tf.SCRATCH_BYTES // (self.n_pad * (8 if str(x.dtype).endswith("64") else 4)))
-        if int(x.shape[0]) > rows and h1._butterflies(x):
-            return xp.concat([self._apply(xp, x[i : i + rows], state) for i in range(0, int(x.shape[0]), rows)],
-                             axis=0)
-        h2 = self._precond("H2", self.n_out, "cols")
-        k = self._fused_lead(h1, h2)
-        if k and h1._butterflies(x, state["B"], state["G"]):
-            return self._fused_apply(xp, x, state, h1, h2, k)
-        u = h1.forward(xp, x, state["H1"], signs=state["B"], diag=state["G"], scratch=True)
-        return h2.forward(xp, u, state["H2"])
-
-    @staticmethod
-    def _fused_lead(h1: Preconditioner, h2: Preconditioner) -> int:
-        """Leading factors of H2 whose contraction the FWHT's last pass can take (0: none): only where
-        that pass is a pass of its own, and the contraction shrinks the data."""
-        groups = tf.fwht_groups(h1.factors)
-        k = groups[-1][1]
-        if len(groups) == 1 or math.prod(h2.rows[:k]) * 8 > math.prod(h1.factors[:k]):
-            return 0
-        return k
-
-    def _fused_apply(self, xp, x, state, h1: Preconditioner, h2: Preconditioner, k: int):
-        # Host arrays: H2's first contraction (its truncated leading factors, the ones the FWHT's last pass
-        # covers) runs inside that pass, so H1's full output is never written back.
-        factors, rows = h1.factors, h2.rows
-        h = tf.host_array
-        mats = [h(m)[:r] for m, r in zip(state["H2"]["mats"], rows)]
-        lead = mats[0]
-        for m in mats[1:k]:
-            lead = np.kron(lead, m)
-        z = tf.kron_hadamard(h(x), factors, d_in=h(state["B"]), d_out=h(state["G"]), scratch=True, lead=lead)
-        batch = int(x.shape[0])
-        y = tf.kron_apply(np, z.reshape(batch * int(lead.shape[0]), -1), mats[k:]).reshape(batch, -1) if mats[k:] else z
-        return xp.asarray(y[:, : self.n_out])
+        h1, h2 = self._h1, self._h2
+        if h1._butterflies(x, state["B"], state["G"]):  # host arrays: the same product, fused (backend)
+            return backend.affd_apply(xp, x, state["B"], state["G"], h1.factors,
+                                      [m[:r] for m, r in zip(state["H2"]["mats"], h2.rows)], self.n_out)
+        u = h1.forward(xp, x, state["H1"], signs=state["B"], diag=state["G"])   # G H1 B x
+        return h2.forward(xp, u, state["H2"])                                  # R_D H2 (...)
 
     def _adjoint(self, xp, y, state):
-        h1, h2 = self._plain_h1, self._precond("H2", self.n_out, "cols")
-        if h2.constant_lead and h1._butterflies(y, state["G"], state["B"]):
-            # H2^T R_D^T y is constant along H2's leading factors: hand one period to the FWHT of H1^T
-            v, periodic = h2.adjoint_period(xp, y, state["H2"]), True
-        else:
-            v, periodic = h2.adjoint(xp, y, state["H2"]), False
+        h1, h2 = self._h1, self._h2
+        # B H1^T G (H2^T R_D^T y).  H2^T R_D^T y is constant along H2's leading factors that the first D
+        # outputs see only through their constant row 0: the compiled FWHT of H1^T reads one period of it
+        periodic = bool(h2.constant_lead) and h1._butterflies(y, state["G"], state["B"])
+        v = h2.adjoint_period(xp, y, state["H2"]) if periodic else h2.adjoint(xp, y, state["H2"])
         return self._unpad(h1.adjoint(xp, v, state["H1"], diag=state["G"], signs=state["B"], periodic=periodic))
 
 
 class AFJL(_LookupFree):
-    """``R_D( sqrt(N/D) G H^{pi1} B x )``: AFFD without the second transform.
+    """AFJL, SPEC eq. 7: ``Phi x = R_D( sqrt(N/D) G H^{pi1} B x )``: AFFD without the second transform.
 
-    Only the first D outputs of the transform are needed, so it costs about
-    one pass over the input.  State: signs and the Gaussian diagonal (length
-    N; the first D entries are used) and the small permuted factors.
+    Right to left: random signs ``B``, the row-permuted Kronecker Hadamard,
+    the Gaussian diagonal, the first D coordinates.  ``R_D`` commutes with
+    the diagonal, and the first D outputs of a Kronecker product need only
+    the leading rows of its leading factors, so it costs about one pass over
+    the input.  ``E||Phi x||^2 = ||x||^2``; the variance of ``||Phi x||^2 /
+    ||x||^2`` is up to 8/D (a Gaussian diagonal times the Gaussian-like
+    ``H B x``: a product of two Gaussians; SPEC fact 2).
+
+    State: ``B`` (N signs), ``G`` (N Gaussians times ``sqrt(N/D)``, the
+    first D used; the whole diagonal so the state does not depend on D) and
+    the small permuted Hadamard factors (``sum b_k^2`` floats).  Options as
+    for :class:`AFFD`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sketcharray.sketches import make_sketch
+    >>> phi = make_sketch("afjl", n_in=10_000, n_out=256, seed=0)
+    >>> x, y = np.ones((1, 10_000)), np.ones((1, 256))
+    >>> bool(np.isclose((phi.apply(x) * y).sum(), (x * phi.adjoint(y)).sum()))   # <Phi x, y> = <x, Phi^T y>
+    True
     """
 
     method = "afjl"
 
     def _state_floats(self) -> int:
-        return 2 * self.n_pad + self._precond("H1", self.n_out, "rows").state_floats
+        return 2 * self.n_pad + self._h1.state_floats
+
+    @property
+    def _h1(self) -> Preconditioner:
+        return self._precond("H1", self.n_out, "rows")
 
     def _build_state(self, xp, device, dtype) -> dict:
-        # The whole diagonal G (length N, as in AFFD) so the state does not depend on D.
         g = rnd.normal(xp, self.key("G"), 0, self.n_pad, dtype=dtype, device=device)
-        return {
-            "B": self._signs(xp, device, dtype),
-            "G": g * self._scale,
-            "H1": self._precond("H1", self.n_out, "rows").build(xp, device, dtype),
-        }
+        return {"B": self._signs(xp, device, dtype), "G": g * self._scale,
+                "H1": self._h1.build(xp, device, dtype)}
 
     def _apply(self, xp, x, state):
-        u = self._precond("H1", self.n_out, "rows").forward(xp, x, state["H1"], signs=state["B"])
-        return u * state["G"][: self.n_out]
+        u = self._h1.forward(xp, x, state["H1"], signs=state["B"])   # R_D H1 B x
+        return u * state["G"][: self.n_out]                          # G (...)
 
     def _adjoint(self, xp, y, state):
-        h1 = self._precond("H1", self.n_out, "rows")
-        return self._unpad(h1.adjoint(xp, y, state["H1"], diag=state["G"][: self.n_out], signs=state["B"]))
+        # B H1^T R_D^T (G y)
+        return self._unpad(self._h1.adjoint(xp, y, state["H1"], diag=state["G"][: self.n_out], signs=state["B"]))

@@ -195,10 +195,10 @@ class SketchOperator:
         """
         xp, like, _ = self._prepare(like, int(like.shape[-1]), "like", "its length")
         self._state(xp, like)
-        from .transforms import host_array, warm_up
+        from . import backend
 
-        if host_array(like) is not None:
-            warm_up(like.dtype)
+        if backend.compiled(like):
+            backend.warm_up(like.dtype)
         return self
 
     # -------------------------------------------------------------- helpers

@@ -29,6 +29,20 @@ class FJL(SketchOperator):
     memory first.  SPEC writes the scale as sqrt(N/D); with the orthonormal
     ``H_N`` used here the factor that gives E||Phi x||^2 = ||x||^2 is
     1/sqrt(D), which SPEC's normalisation rule requires.
+
+    Variance of ``||Phi x||^2 / ||x||^2``: given ``u = H B x``, each output is
+    a sum of independent terms ``s_ij u_j`` with ``E s^2 = 1`` and ``E s^4 =
+    3/q``, so the variance is ``2/D + 3 (1/q - 1) sum_j u_j^4 / (D ||u||^4)``,
+    about ``(2 + 9 (1 - q) / (q N)) / D`` for the spread-out ``u`` the
+    Hadamard produces (``qN = log2(N)^2`` by default).  Options: ``q`` (the
+    density, default :func:`default_density`), ``precond``, ``max_factor``.
+
+    Examples
+    --------
+    >>> from sketcharray.sketches import make_sketch
+    >>> small, large = make_sketch("fjl", 4096, 64, seed=0), make_sketch("fjl", 4096, 1024, seed=0)
+    >>> bool(large.state_nbytes > 10 * small.state_nbytes)      # the state grows with D
+    True
     """
 
     method = "fjl"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import backend
 from . import random as rnd
 from . import transforms as tf
 
@@ -91,10 +92,9 @@ class Preconditioner:
         return {"mats": mats, "perms": drawn}
 
     def _butterflies(self, *arrays) -> bool:
-        # The full Kronecker Hadamard on host arrays runs as the compiled FWHT (tf.kron_hadamard);
+        # The full Kronecker Hadamard on host arrays runs as the compiled FWHT (backend.kron_hadamard);
         # truncated transforms, GPU arrays and the other preconditioners use kron_apply's products.
-        return (self.precond == "hadamard" and self.n_out == self.n
-                and all(a is None or tf.host_array(a) is not None for a in arrays))
+        return self.precond == "hadamard" and self.n_out == self.n and backend.compiled(*arrays)
 
     def forward(self, xp, x, state, signs=None, diag=None, scratch=False):
         """``R_{n_out} T pad(signs * x) * diag`` for the rows of ``x`` (B, <= n) -> (B, n_out).
@@ -102,11 +102,11 @@ class Preconditioner:
         ``signs`` (length of ``x``'s rows) and ``diag`` (length ``n_out``) are
         optional diagonals.  ``scratch``: the caller consumes the result
         before its next call on this thread, so the compiled FWHT may write
-        it into a reused buffer (:func:`~sketcharray.sketches.transforms.scratch_buffer`).
+        it into a reused buffer (:func:`~sketcharray.sketches.backend.scratch_buffer`).
         """
         if self._butterflies(x, signs, diag):
-            h = tf.host_array
-            return xp.asarray(tf.kron_hadamard(h(x), self.factors, state["perms"], permute=self.permute,
+            h = backend.host_array
+            return xp.asarray(backend.kron_hadamard(h(x), self.factors, state["perms"], permute=self.permute,
                                                d_in=None if signs is None else h(signs),
                                                d_out=None if diag is None else h(diag), scratch=scratch))
         if self.precond == "fft":
@@ -138,7 +138,7 @@ class Preconditioner:
         """One period of :meth:`adjoint` (no diagonals): (B, prod(factors[constant_lead:])).
 
         The full adjoint is this repeated ``prod(factors[:constant_lead])``
-        times; :func:`~sketcharray.sketches.transforms.kron_hadamard` reads
+        times; :func:`~sketcharray.sketches.backend.kron_hadamard` reads
         it as a periodic input without the repeats ever being written.
         """
         lead, rows = self.constant_lead, self.rows
@@ -155,11 +155,11 @@ class Preconditioner:
         (see :meth:`adjoint_period`), with ``n_out == n``.
         """
         if self._butterflies(y, diag, signs):
-            h = tf.host_array
+            h = backend.host_array
             # the result leaves the operator: allocated by y's library (torch's allocator does not ask for
             # huge pages, whose compaction after an HVP costs more than plain page faults)
             x = xp.empty((int(y.shape[0]), self.n), dtype=y.dtype)
-            tf.kron_hadamard(h(y), self.factors, state["perms"], permute=self.permute, transpose=True,
+            backend.kron_hadamard(h(y), self.factors, state["perms"], permute=self.permute, transpose=True,
                              d_in=None if diag is None else h(diag), d_out=None if signs is None else h(signs),
                              periodic=periodic, out=h(x))
             return x if signs is None else x[:, : int(signs.shape[0])]

@@ -46,11 +46,25 @@ def split_output(n_out: int, blocks: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 class QK(SketchOperator):
-    """``Phi x = sqrt(N/D) (Q1 x ... x QK) x``, ``Q_i`` the first D_i rows of a Haar B_i x B_i.
+    """QK, SPEC eq. 8: ``Phi x = sqrt(N/D) (Q1 x ... x QK) x``, ``Q_i`` the first D_i rows of a Haar B_i x B_i.
 
-    No sign diagonal; state ``sum D_i B_i`` floats, independent of N beyond
-    the factor sizes.  Options: ``blocks`` (the B_i) and ``out_factors`` (the
-    D_i); chosen from n_in and n_out when not given.
+    ``prod D_i = D`` and ``prod B_i = N`` (the input padded to the product
+    of the blocks); no sign diagonal.  ``E||Phi x||^2 = ||x||^2``; the
+    variance of ``||Phi x||^2 / ||x||^2`` depends on the factors, about
+    ``sum_i 2/D_i`` on rank-one-like inputs (Theorem 3.3, a weaker bound than
+    AFFD's), which is why the D_i are chosen to minimise that sum.
+
+    State: the truncated factors, ``sum D_i B_i`` floats, independent of N
+    beyond the factor sizes.  Options: ``blocks`` (the B_i) and
+    ``out_factors`` (the D_i); chosen from n_in and n_out when not given
+    (:func:`default_blocks`, :func:`split_output`).
+
+    Examples
+    --------
+    >>> from sketcharray.sketches import make_sketch
+    >>> phi = make_sketch("qk", n_in=10_000, n_out=256, seed=0)
+    >>> phi.blocks, phi.out_factors, phi.state_nbytes // 4     # B_i, D_i, sum D_i B_i
+    ((104, 104), (16, 16), 3328)
     """
 
     method = "qk"

@@ -108,7 +108,7 @@ def _blocked(xp, draw, start: int, count: int, dtype):
     # start at even offsets so Box-Muller pairs are never split.  Other libraries: one call.
     if xp.__name__.split(".")[-1] != "numpy" or count <= 2 * _BLOCK:
         return draw(start, count)
-    from ._threads import run_ranges
+    from .backend import run_ranges
 
     out = xp.empty(count, dtype=dtype)
 

@@ -108,3 +108,17 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def load_weights(path) -> dict:
+    """A ``torch.save``d state_dict, loaded with ``weights_only=True`` (tensors and plain containers, no code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for a file that is not (only) weights, RuntimeError for a bad zip
+        raise ValueError(f"checkpoint {path} cannot be loaded as weights only ({type(exc).__name__}): checkpoints "
+                         "are read with torch.load(weights_only=True), which refuses anything but tensors and "
+                         "plain containers (nothing in them can run code); save model.state_dict()") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a state_dict (a dict of "
+                         "tensors)")
+    return state

@@ -23,7 +23,7 @@ def test_solvers_find_both_ends_of_a_known_spectrum(solver):
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     ev = np.concatenate([[40.0, 25.0, 9.0], rng.uniform(-1, 1, d - 6), [-2.0, -6.0, -15.0]])
     a = (q * ev) @ q.T
-    out = solver(lambda x: x @ a, d, 3, tol=1e-9, progress=False)
+    out = solver(lambda x: x @ a, d, 3, solver={"tol": 1e-9}, progress=False)
     np.testing.assert_allclose(out["positive"][0], [40, 25, 9], rtol=1e-7)
     np.testing.assert_allclose(out["negative"][0], [-15, -6, -2], rtol=1e-7)
     vecs = out["positive"][1]
@@ -39,7 +39,8 @@ def test_lanczos_with_a_float32_basis_keeps_float32_accuracy():
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     ev = np.concatenate([[50.0, 30.0, 20.0], rng.uniform(-1, 1, d - 3)])
     a = (q * ev) @ q.T
-    out = lanczos(lambda x: x @ a, d, 3, which="top", tol=1e-6, progress=False, basis_dtype=np.float32)
+    out = lanczos(lambda x: x @ a, d, 3, progress=False,
+                  solver={"which": "top", "tol": 1e-6, "basis_dtype": "float32"})
     np.testing.assert_allclose(out["positive"][0], [50, 30, 20], rtol=1e-5)
     assert out["positive"][1].dtype == np.float32
 
@@ -59,8 +60,8 @@ def test_spectrum_equals_dense_eigenvalues_of_phi_h_phi_t(small_problem, method)
     phi = op.apply(np.eye(ps.n)).T
     exact = np.linalg.eigvalsh(phi @ h @ phi.T)
     assert exact[0] < 0 < exact[-1]  # an indefinite Hessian: both ends matter
-    ds = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, method=method,
-                          tol=1e-10, progress=False)
+    ds = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, solver={"method": method, "tol": 1e-10},
+                          execution={"progress": False})
     assert ds.eigenvalue.dims == ("sign", "rank") and list(ds.sign.values) == ["positive", "negative"]
     np.testing.assert_allclose(ds.eigenvalue.sel(sign="positive"), exact[::-1][:3], rtol=1e-6)
     np.testing.assert_allclose(ds.eigenvalue.sel(sign="negative"), exact[:3], rtol=1e-6)
@@ -91,7 +92,8 @@ def test_checkpoints_are_saved_and_reused(small_problem, tmp_path, monkeypatch):
     model, batches, _, ps = small_problem
     states = {"early": {k: v * 0.5 for k, v in model.state_dict().items()}, "late": model.state_dict()}
     spec = {"method": "qk", "n_out": 16, "seed": 0}
-    kwargs = dict(k=2, checkpoints=states, store=tmp_path / "spec", progress=False, tol=1e-10)
+    kwargs = dict(k=2, checkpoints=states, store=tmp_path / "spec", execution={"progress": False},
+                  solver={"tol": 1e-10})
     ds = hessian_spectrum(tiny_model(), cross_entropy_per_example, batches, spec, **kwargs)
     assert ds.eigenvalue.dims == ("checkpoint", "sign", "rank") and list(ds.checkpoint.values) == ["early", "late"]
     calls = []
@@ -136,7 +138,7 @@ def test_lanczos_restarts_when_the_krylov_space_becomes_invariant(spectrum, k, t
     d = len(spectrum)
     q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((d, d)))
     a = (q * np.asarray(spectrum)) @ q.T
-    out = lanczos(lambda x: x @ a, d, k, tol=1e-10, progress=False)
+    out = lanczos(lambda x: x @ a, d, k, progress=False, solver={"tol": 1e-10})
     assert out["restarts"] >= 1
     np.testing.assert_allclose(out["positive"][0], top, atol=1e-8)
     np.testing.assert_allclose(out["negative"][0], bottom, atol=1e-8)
@@ -152,7 +154,7 @@ def test_stored_spectra_are_keyed_on_weights_and_data_and_the_callers_model_is_u
     states = {"c": {k: v * 0.5 for k, v in model.state_dict().items()}}
     mine = tiny_model()
     before = {k: v.clone() for k, v in mine.state_dict().items()}
-    kwargs = dict(k=2, store=tmp_path / "spec", progress=False, tol=1e-10)
+    kwargs = dict(k=2, store=tmp_path / "spec", execution={"progress": False}, solver={"tol": 1e-10})
     hessian_spectrum(mine, cross_entropy_per_example, batches, spec, checkpoints=states, **kwargs)
     for key, value in mine.state_dict().items():  # the checkpoint went into a copy
         torch.testing.assert_close(value, before[key])
@@ -163,7 +165,7 @@ def test_stored_spectra_are_keyed_on_weights_and_data_and_the_callers_model_is_u
     with pytest.raises(ValueError, match=r"holds a spectrum computed with \{'data_fingerprint'"):
         hessian_spectrum(mine, cross_entropy_per_example, [(x[:-1], y[:-1])], spec, checkpoints=states, **kwargs)
     with pytest.raises(ValueError, match=r"holds a spectrum computed with \{'solver_options'"):
-        hessian_spectrum(mine, cross_entropy_per_example, batches, spec, checkpoints=states, **{**kwargs, "tol": 1e-4})
+        hessian_spectrum(mine, cross_entropy_per_example, batches, spec, checkpoints=states, **{**kwargs, "solver": {"tol": 1e-4}})
 
 
 def test_seeds_give_error_bars_and_an_orthogonal_full_size_sketch_has_no_error(small_problem):
@@ -173,7 +175,7 @@ def test_seeds_give_error_bars_and_an_orthogonal_full_size_sketch_has_no_error(s
     # is the identity on R^N, so K holds H's eigenvalues (and zeros): no sketching error, for every seed
     full = make_sketch("qk", ps.n, 1, seed=0).max_n_out
     ds = hessian_spectrum(model, cross_entropy_per_example, batches, {"method": "qk", "n_out": full}, k=3,
-                          seeds=(0, 1, 2), tol=1e-12, progress=False)
+                          seeds=(0, 1, 2), solver={"tol": 1e-12}, execution={"progress": False})
     assert ds.eigenvalue.dims == ("seed", "sign", "rank") and ds.seed.values.tolist() == [0, 1, 2]
     for s in range(3):
         np.testing.assert_allclose(ds.eigenvalue.sel(seed=s, sign="positive"), exact[::-1][:3], rtol=1e-6)
@@ -182,7 +184,7 @@ def test_seeds_give_error_bars_and_an_orthogonal_full_size_sketch_has_no_error(s
     assert "eigenvalues of the sketched Hessian K = Phi H Phi^T" in ds.attrs["note"]
     # at small D the sketches disagree: the spread is the standard deviation of the per-seed eigenvalues
     small = hessian_spectrum(model, cross_entropy_per_example, batches, ("affd", 16), k=3, seeds=(0, 1, 2, 3),
-                             tol=1e-10, progress=False)
+                             solver={"tol": 1e-10}, execution={"progress": False})
     per_seed = small.eigenvalue.values
     np.testing.assert_allclose(small.eigenvalue_mean.values, per_seed.mean(0), rtol=1e-12)
     np.testing.assert_allclose(small.eigenvalue_spread.values, per_seed.std(0, ddof=1), rtol=1e-12)
@@ -199,7 +201,7 @@ def _k_pass(small_problem, probes, seed=0, d=32):
     op = make_sketch("affd", ps.n, d, seed=0)
     phi = op.apply(np.eye(ps.n)).T
     ds = sketch_hvps(model, cross_entropy_per_example, batches, op, probes=probes, seed=seed, space="sketch",
-                     probes_per_task=8)
+                     execution={"probes_per_task": 8})
     return ds, phi @ h @ phi.T, op
 
 
@@ -292,7 +294,8 @@ def test_single_pass_spectrum_agrees_with_lanczos_from_a_store(small_problem, tm
     ds.to_zarr(tmp_path / "y.zarr", zarr_format=3, consolidated=False)
     stored = open_zarr_dataset(tmp_path / "y.zarr")
     out = single_pass_spectrum(stored, k=3, oversampling=0)
-    lz = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, tol=1e-10, progress=False)
+    lz = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, solver={"tol": 1e-10},
+                          execution={"progress": False})
     np.testing.assert_allclose(out.eigenvalue, lz.eigenvalue, rtol=0, atol=_float32_bound(ds, k_exact, 0))
 
 
@@ -322,16 +325,17 @@ def test_sharded_products_equal_the_in_process_operator(small_problem):
     many = [tiny_batch(8, seed=s) for s in range(5)]
     op = make_sketch("affd", ps.n, 32, seed=0)
     local = subspace_hessian(model, cross_entropy_per_example, many, op)
-    sharded = subspace_hessian(model, cross_entropy_per_example, many, op, shards=3)
+    sharded = subspace_hessian(model, cross_entropy_per_example, many, op, execution={"shards": 3})
     assert isinstance(sharded, ShardedSubspaceHessian) and sharded.shards == 3
     w = np.random.default_rng(0).standard_normal((4, 32))
     expected = local.matvec(w)
     np.testing.assert_allclose(sharded.matvec(w), expected, rtol=0, atol=ps.n * 2.2e-16 * np.abs(expected).max())
     np.testing.assert_allclose(sharded.matvec(w[1]), expected[1], rtol=0, atol=ps.n * 2.2e-16 * np.abs(expected).max())
     assert sharded.hvps == 5 and sharded.hvp_seconds > 0
-    assert subspace_hessian(model, cross_entropy_per_example, many, op, shards=99).shards == 5  # one per batch at most
-    with pytest.raises(ValueError, match="shards must be a positive int; got 0"):
-        subspace_hessian(model, cross_entropy_per_example, many, op, shards=0)
+    # one shard per batch at most
+    assert subspace_hessian(model, cross_entropy_per_example, many, op, execution={"shards": 99}).shards == 5
+    with pytest.raises(ValueError, match="shards must be a positive int or None; got 0"):
+        subspace_hessian(model, cross_entropy_per_example, many, op, execution={"shards": 0})
 
 
 def test_a_local_cluster_computes_the_same_spectrum_with_named_tasks(small_problem):
@@ -341,11 +345,12 @@ def test_a_local_cluster_computes_the_same_spectrum_with_named_tasks(small_probl
     model, batches, h, ps = small_problem
     many = [tiny_batch(8, seed=s) for s in range(4)]
     op = make_sketch("affd", ps.n, 32, seed=0)
-    local = hessian_spectrum(model, cross_entropy_per_example, many, op, k=3, tol=1e-10, progress=False)
+    local = hessian_spectrum(model, cross_entropy_per_example, many, op, k=3, solver={"tol": 1e-10},
+                             execution={"progress": False})
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
             distributed.Client(c) as client:
-        spread = hessian_spectrum(model, cross_entropy_per_example, many, op, k=3, tol=1e-10, progress=False,
-                                  shards=2)
+        spread = hessian_spectrum(model, cross_entropy_per_example, many, op, k=3, solver={"tol": 1e-10},
+                                  execution={"progress": False, "shards": 2})
         prefixes = set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
     np.testing.assert_allclose(spread.eigenvalue, local.eigenvalue, rtol=1e-9)
     assert spread.attrs["shards"] == 2 and spread.attrs["hvps"] == local.attrs["hvps"]
@@ -380,22 +385,22 @@ def test_a_lanczos_solve_killed_with_sigkill_resumes_to_the_same_numbers(tmp_pat
             if len(calls) == 10:
                 os.kill(os.getpid(), signal.SIGKILL)
             return x @ a
-        lanczos(matvec, a.shape[0], 3, tol=1e-12, progress=False, state={str(tmp_path / "state")!r},
-                identity={{"operator": "a.npy"}})
+        lanczos(matvec, a.shape[0], 3, solver={{"tol": 1e-12}}, progress=False,
+                state={str(tmp_path / "state")!r}, identity={{"operator": "a.npy"}})
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    reference = lanczos(lambda x: x @ a, a.shape[0], 3, tol=1e-12, progress=False)
+    reference = lanczos(lambda x: x @ a, a.shape[0], 3, progress=False, solver={"tol": 1e-12})
     calls = []
-    resumed = lanczos(lambda x: calls.append(1) or x @ a, a.shape[0], 3, tol=1e-12, progress=False,
-                      state=tmp_path / "state", identity={"operator": "a.npy"})
+    resumed = lanczos(lambda x: calls.append(1) or x @ a, a.shape[0], 3, progress=False, state=tmp_path / "state",
+                      identity={"operator": "a.npy"}, solver={"tol": 1e-12})
     assert len(calls) == reference["iterations"] - 9
     for end in ("positive", "negative"):
         np.testing.assert_array_equal(resumed[end][0], reference[end][0])
         np.testing.assert_array_equal(resumed[end][1], reference[end][1])
     with pytest.raises(ValueError, match=r"another solve: \{'operator': \{'operator': 'a.npy'\}\}.*'b.npy'"):
-        lanczos(lambda x: x @ a, a.shape[0], 3, tol=1e-12, progress=False, state=tmp_path / "state",
-                identity={"operator": "b.npy"})
+        lanczos(lambda x: x @ a, a.shape[0], 3, progress=False, state=tmp_path / "state",
+                identity={"operator": "b.npy"}, solver={"tol": 1e-12})
     assert os.path.isdir(tmp_path / "state")
 
 
@@ -404,8 +409,8 @@ def test_hessian_spectrum_with_a_store_resumes_an_interrupted_solve(small_proble
 
     model, batches, h, ps = small_problem
     op = make_sketch("affd", ps.n, 32, seed=0)
-    whole = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, tol=1e-10, progress=False,
-                             store=tmp_path / "whole")
+    whole = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, store=tmp_path / "whole",
+                             solver={"tol": 1e-10}, execution={"progress": False})
     real = SubspaceHessian.matvec
     calls = []
 
@@ -417,13 +422,13 @@ def test_hessian_spectrum_with_a_store_resumes_an_interrupted_solve(small_proble
 
     monkeypatch.setattr(SubspaceHessian, "matvec", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, tol=1e-10, progress=False,
-                         store=tmp_path / "run")
+        hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, store=tmp_path / "run",
+                         solver={"tol": 1e-10}, execution={"progress": False})
     assert (tmp_path / "run" / "solver-current.zarr").is_dir()
     calls.clear()
     monkeypatch.setattr(SubspaceHessian, "matvec", lambda self, w: calls.append(1) or real(self, w))
-    resumed = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, tol=1e-10, progress=False,
-                               store=tmp_path / "run")
+    resumed = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, store=tmp_path / "run",
+                               solver={"tol": 1e-10}, execution={"progress": False})
     np.testing.assert_array_equal(resumed.eigenvalue, whole.eigenvalue)
     assert len(calls) == whole.attrs["iterations"] - 11
     assert not (tmp_path / "run" / "solver-current.zarr").exists()  # removed once the result is stored

@@ -9,6 +9,7 @@ from torch import nn
 
 from sketcharray.analysis.intrinsic import (SearchExhausted, StartMeetsTarget, doubling_search, intrinsic_dimension,
                                             intrinsic_dimension_grid, largest_d, plot_intrinsic)
+from sketcharray.settings import SearchSettings, TrainingSettings
 from sketcharray.sketches import make_sketch
 from sketcharray.torch import SubspaceModel, select_params
 from sketcharray.workloads import cross_entropy_per_example
@@ -54,8 +55,9 @@ class FakeTrainer:
 
 def test_doubling_logic_with_a_fake_trainer():
     fake = FakeTrainer(k=100)
-    state = doubling_search(fake.train, fake.evaluate, target_metric=0.9, d0=8, d_max=1024, steps_per_eval=10,
-                            min_improvement=0.01, progress=False)
+    state = doubling_search(fake.train, fake.evaluate, target_metric=0.9, progress=False,
+                            search=SearchSettings(d0=8, d_max=1024),
+                            training=TrainingSettings(steps_per_eval=10, min_improvement=0.01))
     ds = [t[0] for t in state.trajectory]
     assert ds == sorted(ds) and set(ds) <= {8, 16, 32, 64, 128}
     assert state.d_star == 128 and state.trajectory[-1][2] >= 0.9
@@ -65,11 +67,12 @@ def test_doubling_logic_with_a_fake_trainer():
         if d2 > d1:
             assert m1 - m0 < 0.01
     with pytest.raises(SearchExhausted, match="not reached up to d_max=32"):
-        doubling_search(FakeTrainer(100).train, FakeTrainer(100).evaluate, target_metric=0.9, d0=8, d_max=32,
-                        steps_per_eval=10, min_improvement=0.01, progress=False)
+        doubling_search(FakeTrainer(100).train, FakeTrainer(100).evaluate, target_metric=0.9, progress=False,
+                        search=SearchSettings(d0=8, d_max=32),
+                        training=TrainingSettings(steps_per_eval=10, min_improvement=0.01))
     with pytest.raises(ValueError, match="d0 must be between 1 and d_max=32; got d0=64"):
-        doubling_search(fake.train, fake.evaluate, target_metric=0.9, d0=64, d_max=32, steps_per_eval=10,
-                        min_improvement=0.01)
+        doubling_search(fake.train, fake.evaluate, target_metric=0.9, search=SearchSettings(d0=64, d_max=32),
+                        training=TrainingSettings(steps_per_eval=10, min_improvement=0.01))
 
 
 class Projected(nn.Module):
@@ -101,9 +104,10 @@ TOY_DATA = torch.utils.data.TensorDataset(torch.zeros(8, 1))
 @pytest.mark.parametrize("method", ["affd", "qk"])
 def test_search_finds_a_known_intrinsic_dimension_within_a_factor_of_two(method):
     k = 40
-    ds = intrinsic_dimension(Projected(k=k), _toy_loss, TOY_DATA, _toy_metric, method, reference=1.0, d0=4,
-                             d_max=256, steps_per_eval=60, min_improvement=0.01, lr=0.1, batch_size=8,
-                             seeds=(0, 1), progress=False)
+    ds = intrinsic_dimension(Projected(k=k), _toy_loss, TOY_DATA, _toy_metric, method,
+                             search={"reference": 1.0, "d0": 4, "d_max": 256, "seeds": (0, 1)},
+                             training={"steps_per_eval": 60, "min_improvement": 0.01, "lr": 0.1, "batch_size": 8},
+                             execution={"progress": False})
     for d_star in ds.d_star.values:
         assert k / 2 <= d_star <= 2 * k, ds.d_star.values
     assert (ds.final_metric >= 0.9).all()
@@ -126,8 +130,9 @@ def interrupt_search(store, at: int, **kwargs) -> None:
 
 
 def test_search_resumes_after_an_interruption(tmp_path):
-    kwargs = dict(reference=1.0, d0=4, d_max=256, steps_per_eval=50, min_improvement=0.01, lr=0.05, batch_size=8,
-                  seeds=(0,), progress=False, check=False)
+    kwargs = dict(search={"reference": 1.0, "d0": 4, "d_max": 256, "seeds": (0,), "check": False},
+                  training={"steps_per_eval": 50, "min_improvement": 0.01, "lr": 0.05, "batch_size": 8},
+                  execution={"progress": False})
     full = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", **kwargs)
     interrupt_search(tmp_path, 5, **kwargs)
     resumed = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", store=tmp_path, **kwargs)
@@ -138,7 +143,7 @@ def test_search_resumes_after_an_interruption(tmp_path):
 
 def test_grid_mode_and_plot(tmp_path):
     grid = intrinsic_dimension_grid(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", dims=[8, 32, 128],
-                                    steps_per_eval=60, lr=0.1, batch_size=8)
+                                    training={"steps_per_eval": 60, "lr": 0.1, "batch_size": 8})
     m = grid.metric.values
     assert m[0] < m[1] < m[2] and m[2] > 0.95 and m[0] < 0.5
     plot_intrinsic({"grid": grid}, tmp_path / "id.png", reference=1.0)
@@ -160,8 +165,9 @@ class _Crafted:
 def test_a_search_folder_holds_no_pickle_and_a_crafted_one_runs_nothing(tmp_path):
     import pickle
 
-    kwargs = dict(reference=1.0, d0=4, d_max=64, steps_per_eval=20, min_improvement=0.01, lr=0.05, batch_size=8,
-                  seeds=(0,), progress=False, check=False)
+    kwargs = dict(search={"reference": 1.0, "d0": 4, "d_max": 64, "seeds": (0,), "check": False},
+                  training={"steps_per_eval": 20, "min_improvement": 0.01, "lr": 0.05, "batch_size": 8},
+                  execution={"progress": False})
     interrupt_search(tmp_path, 5, **kwargs)
     folder = tmp_path / "affd-seed0"
     assert sorted(p.name for p in folder.iterdir()) == ["state.json", "weights.npz"]
@@ -224,8 +230,9 @@ def least_squares_toy(method, seed, *, n_params=4096, k=16, n=512, d0=16):
 def test_the_search_reports_the_least_squares_dimension(method, seed, d0):
     model, data, r2, ls = least_squares_toy(method, seed)
     # the default settings; d0 = 2 starts below the answer so that the doubling has work to do
-    res = intrinsic_dimension(model, _square_loss, data, r2, method, seeds=(seed,), progress=False,
-                              **({} if d0 is None else {"d0": d0}))
+    res = intrinsic_dimension(model, _square_loss, data, r2, method,
+                              search={"seeds": (seed,), **({} if d0 is None else {"d0": d0})},
+                              execution={"progress": False})
     goal = res.attrs["target_metric"]
     assert res.attrs["reference"] > 0.999 and res.attrs["theta0_metric"] < 0.1
     ls_d_star = min(d for d, v in ls.items() if v >= goal)
@@ -236,17 +243,22 @@ def test_the_search_reports_the_least_squares_dimension(method, seed, d0):
 
 def test_check_runs_refine_a_raw_d_star_that_is_too_high():
     model, data, r2, ls = least_squares_toy("affd", 0, d0=32)
-    res = intrinsic_dimension(model, _square_loss, data, r2, "affd", seeds=(0,), d0=32, progress=False)
+    res = intrinsic_dimension(model, _square_loss, data, r2, "affd", search={"seeds": (0,), "d0": 32},
+                              execution={"progress": False})
     assert res.d_star_raw.item() == 32 and res.d_star.item() == 16 and bool(res.confirmed.item())
     assert abs(res.check_metric.item() - ls[8]) < 0.01  # the run at 8 that stopped the refinement
 
 
 def test_a_fit_inside_the_solution_subspace_converges_to_least_squares():
-    from sketcharray.analysis.intrinsic import _check_run
+    from sketcharray.settings import ModelSettings
+    from sketcharray.torch.training import SubspaceTrainer
 
     model, data, r2, ls = least_squares_toy("qk", 0)
     op = make_sketch("qk", 4096, largest_d("qk", 4096, 16), seed=0)
-    got = _check_run(model, op, None, 16, data, _square_loss, r2, 1e-2, 64, 200, 0.01, 100_000, 0, None, None)
+    trainer = SubspaceTrainer(model, op, data, _square_loss, training=TrainingSettings(lr=1e-2, batch_size=64,
+                              steps_per_eval=200, min_improvement=0.01, max_steps=100_000), seed=0,
+                              model_settings=ModelSettings())
+    got = trainer.check_run(16, r2)
     assert got >= ls[16] - 0.01
 
 
@@ -257,10 +269,11 @@ def test_a_start_at_the_target_and_an_impossible_d_max_are_refused_before_traini
     with torch.no_grad():
         solved.theta.copy_(torch.linalg.lstsq(x, y[:, None]).solution[:, 0])
     with pytest.raises(StartMeetsTarget, match="theta_0 already reach the target.*search_start"):
-        intrinsic_dimension(solved, _square_loss, data, r2, "affd", reference=1.0, progress=False)
+        intrinsic_dimension(solved, _square_loss, data, r2, "affd", search={"reference": 1.0},
+                            execution={"progress": False})
     calls = []
     with pytest.raises(ValueError, match=r"d_max=16384 exceeds the largest D the 'affd' sketch admits for this "
                                          r"model \(N=4096: at most 4096 from d0=16\); lower d_max"):
-        intrinsic_dimension(model, _square_loss, data, lambda m: calls.append(1) or r2(m), "affd", d_max=16384,
-                            progress=False)
+        intrinsic_dimension(model, _square_loss, data, lambda m: calls.append(1) or r2(m), "affd",
+                            search={"d_max": 16384}, execution={"progress": False})
     assert calls == []

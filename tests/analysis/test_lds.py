@@ -56,8 +56,10 @@ def test_attribution_scores_predict_retraining_on_digits():
     exact = attribute(exact_gradients(model, w.loss_fn, train, w.train_ids[:n]),
                       exact_gradients(model, w.loss_fn, test, w.test_ids[:m]), score="influence").values
     spec = {"method": "affd", "n_out": 256}
-    sketched = attribute(sketch_gradients(w.model_factory, w.loss_fn, train, spec, batch_size=100, progress=False),
-                         sketch_gradients(w.model_factory, w.loss_fn, test, spec, batch_size=100, progress=False),
+    sketched = attribute(sketch_gradients(w.model_factory, w.loss_fn, train, spec, batch_size=100,
+                                          execution={"progress": False}),
+                         sketch_gradients(w.model_factory, w.loss_fn, test, spec, batch_size=100,
+                                          execution={"progress": False}),
                          score="influence").values
     zero_line = 4 / np.sqrt((12 - 1) * m)  # the random-score bound of the test above
     for scores in (exact, sketched):

@@ -243,7 +243,7 @@ def margin_sketches():
     def sketches(data, method, d, seed=0):
         return sketch_gradients(w.model_factory, classification_margin, data, {"method": method, "n_out": d,
                                                                               "seed": seed},
-                                batch_size=100, progress=False).compute()
+                                batch_size=100, execution={"progress": False}).compute()
 
     return w, train, test, sketches
 

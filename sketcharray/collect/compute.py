@@ -1,0 +1,49 @@
+"""Computing dask collections now, with progress: a bar under a local scheduler, the dashboard under a client."""
+
+from __future__ import annotations
+
+import sys
+
+import dask
+
+def _active_client():
+    """The active ``dask.distributed`` client, or None (never imports distributed: a process that did not
+    import it has no client)."""
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def compute_with_progress(collections, *, progress: bool = True, message: str | None = None, scheduler=None,
+                          prefix: str | None = None, total: int | None = None, unit: str = "tasks",
+                          label: str = "computing") -> list:
+    """Compute dask collections (delayed tasks, dask arrays, xarray objects) now; returns their values.
+
+    With ``progress``: prints ``message``, then, under a local scheduler, a
+    :class:`~sketcharray.progress.Progress` that counts finished tasks whose
+    key starts with ``prefix`` (all tasks when None; ``total`` of them), a
+    bar on a terminal and plain lines otherwise; under an active
+    ``dask.distributed`` client, the dashboard link (where the progress shows).
+    """
+    if not collections:
+        return []
+    client = _active_client()
+    if progress and message:
+        print(message, flush=True)
+    if client is not None and scheduler is None:
+        if progress:
+            print(f"dask dashboard: {client.dashboard_link}", flush=True)
+        return list(dask.compute(*collections))
+    kwargs = {"scheduler": scheduler or "threads"}
+    if progress:
+        from ..progress import Progress, TaskProgress
+
+        bar = Progress(label, total or 0, unit=unit, stream=sys.stdout)
+        with TaskProgress(bar, prefix):
+            return list(dask.compute(*collections, **kwargs))
+    return list(dask.compute(*collections, **kwargs))

@@ -47,10 +47,9 @@ def sketch(args) -> int:
     with scheduler(args.scheduler, quiet=args.quiet):
         if args.hvps:
             ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=args.hvps, seed=args.seed,
-                             space=args.hvp_space, batch_size=args.batch_size,
+                             space=args.hvp_space, batch_size=args.batch_size, store=args.out,
                              model_settings=ModelSettings(params=args.params, forward=w.forward),
-                             execution=Execution(device=args.device))
-            _write_zarr(ds, args.out, args.quiet, f"{args.hvps} sketched HVPs")
+                             execution=Execution(device=args.device, progress=not args.quiet))
         else:
             from .workloads import classification_margin
 
@@ -61,21 +60,6 @@ def sketch(args) -> int:
                                   execution=Execution(device=args.device, progress=not args.quiet))
     _say(args, f"wrote {Path(args.out).resolve()}", str(ds))
     return 0
-
-
-def _write_zarr(ds, path, quiet: bool, what: str) -> None:
-    from .store import chunk_codecs, writer_lock
-
-    with writer_lock(path, quiet=quiet):
-        if Path(path).exists():
-            raise ValueError(f"{path} exists; HVP sketches are written whole, choose a new --out")
-        encoding = {name: {"compressors": chunk_codecs()} for name in [*ds.data_vars, *ds.coords]}
-        job = ds.to_zarr(str(path), mode="w-", compute=False, consolidated=False, zarr_format=3, encoding=encoding)
-        from .collect import compute_with_progress
-
-        compute_with_progress([job], progress=not quiet, message=f"computing {what} to {path}",
-                              prefix="sketch-hvps", total=len(ds.hvp.data.chunks[0]), unit="blocks of probes",
-                              label="sketching HVPs")
 
 
 def attribute(args) -> int:
@@ -234,7 +218,8 @@ def store_info(path) -> dict:
         n_rows, chunk = ds.sizes[row_dim], int(attrs["batch_size"])
         rows_done = sum(min(chunk, n_rows - i * chunk) for i in np.flatnonzero(done))
         valid = ds["valid"].values if "valid" in ds else None
-        info = {"kind": "sketch store", "path": str(path), "variable": variable,
+        info = {"kind": "HVP sketch store" if variable == "hvp" else "sketch store", "path": str(path),
+                "variable": variable,
                 "dims": {d: int(s) for d, s in ds[variable].sizes.items()}, "storage_dtype": attrs["storage_dtype"],
                 "sketch_spec": ds.attrs["sketch_spec"], "n_params": int(sum(ds.attrs["param_sizes"])),
                 "param_groups": len(ds.attrs["param_names"]), "model_fingerprint": attrs.get("model_fingerprint"),
@@ -245,6 +230,9 @@ def store_info(path) -> dict:
             written = np.repeat(done, chunk)[:n_rows]
             info["valid"] = int(valid[written].sum())
             info["invalid"] = int((~valid[written]).sum())
+        if variable == "hvp":
+            info.update(probe_seed=attrs.get("probe_seed"), probe_space=attrs.get("probe_space"),
+                        finite=bool(info.get("invalid", 0) == 0))
         return info
     hvps = _hvp_store(path)
     if hvps is not None:
@@ -305,9 +293,12 @@ def _hvp_store(path: Path):
     """The Dataset of a store written by ``sketch --hvps`` (``hvp`` over probe x sketch), else None."""
     if not (path / "zarr.json").exists():
         return None
-    from .store import StoreError, open_zarr_dataset
+    from .store import StoreError, open_sketches, open_zarr_dataset, read_attrs
 
-    try:
+    attrs = read_attrs(path)
+    if attrs is not None:  # a checksummed store (sketcharray >= 0.4): verified as it is read
+        return open_sketches(path) if attrs.get("variable") == "hvp" else None
+    try:  # a store written whole by sketcharray 0.3
         ds = open_zarr_dataset(path)
     except StoreError:
         raise

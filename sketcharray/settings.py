@@ -169,6 +169,12 @@ class SolverSettings:
         long vectors; the recurrence stays float64).
     eigenvectors : bool
         Also return the Ritz vectors (in sketch space).
+    memory_budget : int, optional
+        Lanczos: bytes the Krylov basis may take in RAM (default: half the
+        available memory).  A larger basis, ``(max_iter + 1) x D`` entries,
+        stays in the solve's state store (``lanczos(state=...)``, or
+        ``hessian_spectrum(store=...)``) and is read back a block of rows at a
+        time; without a store it is refused before the solve starts.
     """
 
     method: str = "lanczos"
@@ -181,6 +187,7 @@ class SolverSettings:
     check_every: int = 5
     basis_dtype: str = "float64"
     eigenvectors: bool = False
+    memory_budget: int | None = None
 
     def __post_init__(self):
         _one_of("SolverSettings", "method", self.method, SOLVER_METHODS)
@@ -193,7 +200,9 @@ class SolverSettings:
         for name in ("max_iter", "n_iter", "block"):
             _positive_int("SolverSettings", name, getattr(self, name), optional=True)
         _positive_int("SolverSettings", "check_every", self.check_every)
-        only = {"lanczos": ("max_iter", "check_every", "basis_dtype"), "randomized": ("n_iter", "block")}
+        _positive_int("SolverSettings", "memory_budget", self.memory_budget, optional=True)
+        only = {"lanczos": ("max_iter", "check_every", "basis_dtype", "memory_budget"),
+                "randomized": ("n_iter", "block")}
         for method, names in only.items():
             if method == self.method:
                 continue
@@ -203,8 +212,9 @@ class SolverSettings:
                                  f"method={self.method!r}")
 
     def identity(self) -> dict:
-        """The settings that change the numbers, as JSON-able values (what a stored result is checked against)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "eigenvectors"}
+        """The settings that change the numbers, as JSON-able values (what a stored result is checked against):
+        all but ``eigenvectors`` and ``memory_budget`` (where the basis lives changes only the rounding)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("eigenvectors", "memory_budget")}
 
 
 @dataclass(frozen=True)

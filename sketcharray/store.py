@@ -65,7 +65,9 @@ STORE_FORMAT = 2
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 #: attrs that must agree for a run to resume into an existing store
 IDENTITY_ATTRS = ("param_names", "param_sizes", "model_fingerprint", "sketch_spec", "mode",
-                  "n_examples", "batch_size", "storage_dtype", "checkpoint", "variable")
+                  "n_examples", "batch_size", "storage_dtype", "checkpoint", "variable",
+                  # stores of sketched HVPs: the data that define the Hessian, and the probes
+                  "data_fingerprint", "probe_space", "probe_seed", "probes_digest")
 
 
 class StoreError(ValueError):

@@ -380,7 +380,8 @@ def test_sketch_hvps_writes_the_lazy_dataset_once(tmp_path, capsys):
     direct = sketch_hvps(w.model_factory, w.loss_fn, w.train, {"method": "afjl", "n_out": 8, "seed": 0}, probes=3,
                          batch_size=64).compute()
     np.testing.assert_allclose(stored.hvp.values, direct.hvp.values, rtol=1e-5, atol=1e-7)
-    assert cli.main(args) == cli.EXIT_INPUT  # written whole: a second run is refused, not appended
+    assert cli.main(args) == 0  # a finished store: the rerun resumes, with nothing left to compute
+    np.testing.assert_array_equal(xr.open_zarr(str(out), consolidated=False).hvp.values, stored.hvp.values)
     assert cli.main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "HVP sketch store" and info["dims"] == {"probe": 3, "sketch": 8} and info["finite"]

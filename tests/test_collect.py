@@ -207,6 +207,55 @@ def test_hvp_sketches_equal_phi_h_v(work):
     np.testing.assert_allclose(K.matvec(np.eye(32)[:4]), (phi @ H.numpy() @ phi.T)[:4], rtol=1e-8, atol=1e-12)
 
 
+def test_hvp_probes_are_made_in_the_tasks_and_a_store_resumes_to_the_same_numbers(work, tmp_path):
+    """Issue 16: each task generates its block of directions from (seed, row), so the graph holds no N-sized
+    array; sketch_hvps(store=) writes the blocks resumably (a run interrupted after two blocks computes only
+    the rest, to the same numbers) and refuses a store made with other probes or data."""
+    x, y = work.train[:60]
+    data = [(x[:30], y[:30]), (x[30:], y[30:])]
+    n = select_params(work.model()).n
+    lazy = sketch_hvps(work.model_factory, cross_entropy_per_example, data, SKETCH, probes=7, seed=4,
+                       execution={"probes_per_task": 2})
+    graph = dict(lazy.hvp.data.__dask_graph__())
+    sizes = [v.size for v in dask.core.flatten(list(graph.values()), container=(list, tuple)) if isinstance(v, np.ndarray)]
+    assert max(sizes, default=0) < n  # no (k, N) probe block in the graph
+    expected = lazy.hvp.values
+    # rows 2:4 generated inside a block of 2 and inside a block of 4 are the same directions; the float32
+    # products of blocks of different sizes differ in rounding only (~ sqrt(N) eps32 = 4e-6 relative)
+    other = sketch_hvps(work.model_factory, cross_entropy_per_example, data, SKETCH, probes=7, seed=4).hvp.values
+    np.testing.assert_allclose(other[2:4], expected[2:4], rtol=0, atol=1e-5 * np.abs(expected).max())
+
+    import sketcharray.collect.hvps as hvps
+
+    real, calls = hvps._hvp_task, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    store = tmp_path / "hvp.zarr"
+    options = dict(probes=7, seed=4, store=store, execution={"probes_per_task": 2, "progress": False,
+                                                             "scheduler": "synchronous"})
+    hvps._hvp_task = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sketch_hvps(work.model_factory, cross_entropy_per_example, data, SKETCH, **options)
+        calls.clear()
+        hvps._hvp_task = lambda *a, **k: calls.append(1) or real(*a, **k)
+        stored = sketch_hvps(work.model_factory, cross_entropy_per_example, data, SKETCH, **options)
+    finally:
+        hvps._hvp_task = real
+    assert len(calls) == 2  # the two blocks the interrupted run did not finish
+    np.testing.assert_array_equal(stored.hvp.values, expected)  # the same blocks: the same bits
+    assert stored.valid.values.all() and stored.attrs["probe_seed"] == 4
+    with pytest.raises(ValueError, match="written with probe_seed=4, but this run has probe_seed=5"):
+        sketch_hvps(work.model_factory, cross_entropy_per_example, data, SKETCH, **{**options, "seed": 5})
+    with pytest.raises(ValueError, match="written with data_fingerprint="):
+        sketch_hvps(work.model_factory, cross_entropy_per_example, data[:1], SKETCH, **options)
+
+
 def test_distributed_equals_local(work, small, tmp_path):
     distributed = pytest.importorskip("distributed")
     data, ids = small

@@ -52,21 +52,20 @@ def _select(vals, vecs, res, k, which):
     return out
 
 
-class _LanczosState:
-    """A Lanczos solve's state in a Zarr folder, committed after every product (see :func:`lanczos`'s ``state``).
+class _SolveState:
+    """A solve's state in a Zarr folder, committed after every product (see :func:`lanczos`'s ``state``).
 
-    Arrays: ``basis`` ((m_max + 1) x dim, one row per chunk: a product writes one row), ``alpha`` and
-    ``beta``; attrs: ``settings`` (what the solve is: the operator's identity, k, tolerance, seed, ...)
-    and ``progress`` (products done, restarts, the random generator's state), written last, so a kill
-    between a row and its progress leaves the previous product's state.  Chunks carry CRC32C.
+    attrs: ``settings`` (what the solve is: the operator's identity, k, tolerance, seed, ...) and
+    ``progress``, written last, so a kill between the arrays and the progress leaves the previous
+    product's state.  Chunks carry CRC32C; a state left by another solve is refused, naming the difference.
     """
 
     def __init__(self, path, settings: dict):
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings))  # as JSON gives it back
 
-    def load(self):
-        """(basis, alpha, beta, m, restarts, rng state) of the last committed product, or None for no state."""
+    def _open(self):
+        """(group, progress) of a committed state, or None for no state; raises ValueError for another solve's."""
         import zarr
 
         from ..store import check_codecs
@@ -78,17 +77,37 @@ class _LanczosState:
             group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
             attrs = dict(group.attrs)
             have, progress = attrs["settings"], attrs["progress"]
-            if have != self.settings:
-                differ = sorted(key for key in set(have) | set(self.settings) if have.get(key) != self.settings.get(key))
-                raise ValueError(f"{self.path} holds the state of another solve: {({k: have.get(k) for k in differ})}, "
-                                 f"but this call is {({k: self.settings.get(k) for k in differ})}; use another state "
-                                 "folder, or delete this one to start over")
-            m = int(progress["m"])
-            basis = group["basis"][: m + 1]
-            alpha, beta = group["alpha"][:], group["beta"][:]
         except (KeyError, OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"the Lanczos state in {self.path} cannot be read ({type(exc).__name__}: {exc}); delete "
-                             "the folder to start the solve over") from exc
+            raise self._unreadable(exc) from exc
+        if have != self.settings:
+            differ = sorted(key for key in set(have) | set(self.settings) if have.get(key) != self.settings.get(key))
+            raise ValueError(f"{self.path} holds the state of another solve: {({k: have.get(k) for k in differ})}, "
+                             f"but this call is {({k: self.settings.get(k) for k in differ})}; use another state "
+                             "folder, or delete this one to start over")
+        return group, progress
+
+    def _unreadable(self, exc) -> ValueError:
+        return ValueError(f"the solver state in {self.path} cannot be read ({type(exc).__name__}: {exc}); delete "
+                          "the folder to start the solve over")
+
+
+class _LanczosState(_SolveState):
+    """Lanczos: arrays ``basis`` ((m_max + 1) x dim, one row per chunk: a product writes one row), ``alpha``
+    and ``beta``; ``progress`` holds the products done, restarts and the random generator's state."""
+
+    def load(self, rows: bool = True):
+        """(basis rows (None without ``rows``), alpha, beta, m, restarts, rng state) of the last committed product,
+        or None for no state."""
+        opened = self._open()
+        if opened is None:
+            return None
+        group, progress = opened
+        try:
+            m = int(progress["m"])
+            basis = group["basis"][: m + 1] if rows else None
+            alpha, beta = group["alpha"][:], group["beta"][:]
+        except (KeyError, OSError) as exc:
+            raise self._unreadable(exc) from exc
         return basis, alpha, beta, m, int(progress["restarts"]), progress["rng"]
 
     def create(self, dim: int, m_max: int, basis_dtype) -> None:
@@ -105,6 +124,13 @@ class _LanczosState:
         group.attrs["settings"] = self.settings
         self._group = group
 
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``a:b`` of the stored basis (checksummed chunks: a damaged one is an error, not a wrong basis)."""
+        import zarr
+
+        group = getattr(self, "_group", None) or zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        return np.array(group["basis"][a:b])
+
     def commit(self, row: int, vector, alpha, beta, m: int, restarts: int, rng) -> None:
         import zarr
 
@@ -114,6 +140,133 @@ class _LanczosState:
         group["alpha"][:] = alpha
         group["beta"][:] = beta
         group.attrs["progress"] = {"m": m, "restarts": restarts, "rng": rng.bit_generator.state}
+
+
+class _RandomizedState(_SolveState):
+    """Randomized block Krylov: arrays ``q{i}`` (the basis blocks), ``kq{i}`` (their images) and
+    ``rayleigh`` (V^T K V so far); ``progress`` holds the blocks multiplied."""
+
+    def load(self):
+        """(basis blocks, images, rayleigh, iterations) of the last committed block, or None for no state."""
+        opened = self._open()
+        if opened is None:
+            return None
+        group, progress = opened
+        try:
+            it = int(progress["iterations"])
+            basis = [np.array(group[f"q{i}"]) for i in range(it + 1)]
+            images = [np.array(group[f"kq{i}"]) for i in range(it)]
+            rayleigh = np.array(group["rayleigh"]) if it else np.zeros((0, 0))
+        except (KeyError, OSError) as exc:
+            raise self._unreadable(exc) from exc
+        return basis, images, rayleigh, it
+
+    def commit(self, it: int, basis: list, images: list, rayleigh) -> None:
+        """Block ``it``'s image, the next basis block and the Rayleigh quotient; the progress last."""
+        import zarr
+
+        from ..store import chunk_codecs
+
+        mode = "w" if it == 0 else "r+"
+        group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+        if it == 0:
+            group.attrs["settings"] = self.settings
+
+        def put(name, values):
+            values = np.ascontiguousarray(values, dtype=np.float64)
+            arr = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=np.float64,
+                                     compressors=chunk_codecs(compressed=False), overwrite=True)
+            arr[...] = values
+
+        if it:
+            put(f"kq{it - 1}", images[it - 1])
+            put("rayleigh", rayleigh)
+        put(f"q{it}", basis[it])
+        group.attrs["progress"] = {"iterations": it}
+
+
+class _MemoryBasis:
+    """The Krylov basis V ((m_max + 1) x dim) as one array in RAM."""
+
+    on_disk = False
+
+    def __init__(self, rows: int, dim: int, dtype):
+        self.a = np.zeros((rows, dim), dtype=dtype)
+        self.dtype = self.a.dtype
+
+    def row(self, j: int) -> np.ndarray:
+        return self.a[j]
+
+    def set(self, j: int, v) -> None:
+        self.a[j] = v
+
+    def load(self, rows: np.ndarray) -> None:
+        self.a[: len(rows)] = rows
+
+    def project_out(self, w: np.ndarray, count: int) -> np.ndarray:
+        """``w - V_c^T V_c w`` twice (full reorthogonalisation; in the basis dtype, no upcast copy)."""
+        b = self.a[:count]
+        for _ in range(2):
+            w -= b.T @ (b @ w.astype(b.dtype, copy=False))
+        return w
+
+    def combine(self, count: int, s: np.ndarray) -> np.ndarray:
+        """``V_c^T s``: the Ritz vectors of the coefficients ``s`` (count x r)."""
+        return self.a[:count].T @ s.astype(self.dtype)
+
+
+class _DiskBasis(_MemoryBasis):
+    """The Krylov basis as the solve's Zarr state holds it (a row per product), read back ``block`` rows at a
+    time: the memory a product needs is a few such blocks, whatever the Krylov dimension."""
+
+    on_disk = True
+
+    def __init__(self, state: "_LanczosState", dim: int, dtype, block: int):
+        self.state, self.dim, self.dtype, self.block = state, dim, np.dtype(dtype), max(1, int(block))
+        self.rows = {}  # the rows set since their commit (the current and the next vector)
+
+    def row(self, j: int) -> np.ndarray:
+        return self.rows[j] if j in self.rows else self._read(j, j + 1)[0]
+
+    def set(self, j: int, v) -> None:
+        self.rows = {j: np.asarray(v, dtype=self.dtype)}  # written by the state's commit, read back from there
+
+    def load(self, rows: np.ndarray) -> None:  # already on disk
+        pass
+
+    def _read(self, a: int, b: int) -> np.ndarray:
+        return self.state.rows(a, b)
+
+    def project_out(self, w: np.ndarray, count: int) -> np.ndarray:
+        for _ in range(2):
+            coef = np.concatenate([self._block(a, count) @ w.astype(self.dtype, copy=False)
+                                   for a in range(0, count, self.block)])
+            for a in range(0, count, self.block):
+                w -= self._block(a, count).T @ coef[a : a + self.block]
+        return w
+
+    def _block(self, a: int, count: int) -> np.ndarray:
+        b = min(count, a + self.block)
+        block = self._read(a, b)
+        for j, v in self.rows.items():  # a row set but not yet committed
+            if a <= j < b:
+                block[j - a] = v
+        return block
+
+    def combine(self, count: int, s: np.ndarray) -> np.ndarray:
+        out = np.zeros((self.dim, s.shape[1]), dtype=self.dtype)
+        for a in range(0, count, self.block):
+            out += self._block(a, count).T @ s[a : a + self.block].astype(self.dtype)
+        return out
+
+
+def _basis_budget(solver: SolverSettings) -> int:
+    """Bytes the Krylov basis may hold in RAM: ``solver.memory_budget``, else half the available memory."""
+    if solver.memory_budget is not None:
+        return int(solver.memory_budget)
+    from ..sketches.base import available_memory
+
+    return available_memory() // 2
 
 
 @moved_options(solver=SolverSettings)
@@ -152,33 +305,41 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
     if k > m_max:
         raise ValueError(f"k={k} exceeds the Krylov dimension available ({m_max})")
     rng = np.random.default_rng(seed)
-    basis = np.zeros((m_max + 1, dim), dtype=basis_dtype)
+    need, budget = (m_max + 1) * dim * basis_dtype.itemsize, _basis_budget(solver)
+    on_disk = need > budget
+    if on_disk and state is None:
+        raise MemoryError(f"the Krylov basis needs {need:,} bytes ({m_max + 1} x {dim} {basis_dtype.name}) but the "
+                          f"memory budget is {budget:,} bytes; give a state folder (state=..., or hessian_spectrum's "
+                          "store=) to keep it on disk, raise SolverSettings.memory_budget, or lower max_iter")
     alpha, beta = np.zeros(m_max), np.zeros(m_max)
     m, restarts = 0, 0
     saver = None
     if state is not None:
         saver = _LanczosState(state, {"dim": dim, "k": k, "which": which, "m_max": m_max, "tol": tol, "seed": seed,
                                       "check_every": check_every, "basis_dtype": np.dtype(basis_dtype).name,
-                                      "operator": identity})
-        saved = saver.load()
+                                      "basis": "disk" if on_disk else "memory", "operator": identity})
+    # the basis in RAM while it fits the budget, else read back from the solve's state store by blocks of rows
+    basis = (_DiskBasis(saver, dim, basis_dtype, budget // (4 * dim * basis_dtype.itemsize)) if on_disk
+             else _MemoryBasis(m_max + 1, dim, basis_dtype))
+    if saver is not None:
+        saved = saver.load(rows=not on_disk)
         if saved is not None:
             rows, alpha, beta, m, restarts, rng_state = saved
-            basis[: m + 1] = rows
+            basis.load(rows)
             rng.bit_generator.state = rng_state
     if m == 0:
         v = rng.standard_normal(dim)
-        basis[0] = v / np.linalg.norm(v)
+        basis.set(0, v / np.linalg.norm(v))
         if saver is not None:
             saver.create(dim, m_max, basis_dtype)
-            saver.commit(0, basis[0], alpha, beta, 0, 0, rng)
+            saver.commit(0, basis.row(0), alpha, beta, 0, 0, rng)
     bar = Progress("lanczos", m_max, enabled=progress, unit="HVPs")
     result = None
     for j in range(m, m_max):
-        w = np.asarray(matvec(basis[j][None, :]), dtype=np.float64)[0]
-        alpha[j] = basis[j] @ w
-        b = basis[: j + 1]
-        for _ in range(2):  # full reorthogonalisation, twice is enough (in the basis dtype: no upcast copy)
-            w -= b.T @ (b @ w.astype(b.dtype, copy=False))
+        current = basis.row(j)
+        w = np.asarray(matvec(current[None, :]), dtype=np.float64)[0]
+        alpha[j] = current @ w
+        w = basis.project_out(w, j + 1)  # full reorthogonalisation, twice is enough
         beta[j] = np.linalg.norm(w)
         m = j + 1
         bar.update(m)
@@ -199,16 +360,14 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
             break
         if invariant:
             restarts += 1
-            w = rng.standard_normal(dim)
-            for _ in range(2):
-                w -= b.T @ (b @ w.astype(b.dtype, copy=False))
-            basis[j + 1] = w / np.linalg.norm(w)
+            w = basis.project_out(rng.standard_normal(dim), j + 1)
+            basis.set(j + 1, w / np.linalg.norm(w))
         else:
-            basis[j + 1] = w / beta[j]
+            basis.set(j + 1, w / beta[j])
         if saver is not None:
-            saver.commit(j + 1, basis[j + 1], alpha, beta, m, restarts, rng)
+            saver.commit(j + 1, basis.row(j + 1), alpha, beta, m, restarts, rng)
     bar.close()
-    out = {key: (vals, basis[:m].T @ s.astype(basis.dtype), res) for key, (vals, s, res) in result.items()}
+    out = {key: (vals, basis.combine(m, s), res) for key, (vals, s, res) in result.items()}
     out["iterations"] = m
     out["restarts"] = restarts
     return out
@@ -216,7 +375,7 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
 
 @moved_options(solver=SolverSettings)
 def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, state=None, identity=None) -> dict:
     """Extreme eigenpairs by randomized block Krylov iteration with Rayleigh-Ritz.
 
     Starts from a random Gaussian block of ``block`` (default k + 10)
@@ -230,18 +389,30 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
 
     ``solver``: a :class:`~sketcharray.settings.SolverSettings` (or a dict of
     its fields) with ``method="randomized"``: ``which``, ``tol``, ``n_iter``
-    (default 30), ``block``, ``seed``.
+    (default 30), ``block``, ``seed``.  ``state`` and ``identity`` as for
+    :func:`lanczos`: the basis blocks, their images and the Rayleigh
+    quotient are committed to Zarr after every block, and a rerun after a
+    kill resumes from the last committed block to the same numbers.
     """
     solver = _solver_for("randomized", solver)
     which, tol, seed, n_iter = solver.which, solver.tol, solver.seed, solver.n_iter or 30
     p = min(dim, solver.block or k + 10)
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((dim, p)))
-    basis, images = [q], []
-    rayleigh = np.zeros((0, 0))  # V^T K V, grown by one block of rows and columns per product
+    saver = None if state is None else _RandomizedState(state, {
+        "dim": dim, "k": k, "which": which, "block": p, "n_iter": n_iter, "tol": tol, "seed": seed,
+        "operator": identity})
+    saved = None if saver is None else saver.load()
+    if saved is not None:
+        basis, images, rayleigh, done = saved
+    else:
+        rng = np.random.default_rng(seed)
+        q, _ = np.linalg.qr(rng.standard_normal((dim, p)))
+        basis, images, done = [q], [], 0
+        rayleigh = np.zeros((0, 0))  # V^T K V, grown by one block of rows and columns per product
+        if saver is not None:
+            saver.commit(0, basis, images, rayleigh)
     bar = Progress("randomized", n_iter, enabled=progress, unit="blocks")
-    result, it = None, 0
-    for it in range(1, n_iter + 1):
+    result, it = None, done
+    for it in range(done + 1, n_iter + 1):
         bar.update(it)
         images.append(np.asarray(matvec(basis[-1].T), dtype=np.float64).T)  # K Q_i: one batched product
         v, kv = np.hstack(basis), np.hstack(images)
@@ -274,6 +445,8 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
         if not keep.any():
             break  # the Krylov space is invariant: Ritz values are exact
         basis.append(q[:, keep][:, :room])
+        if saver is not None:
+            saver.commit(it, basis, images, rayleigh)
     bar.close()
     out = dict(result)
     out["iterations"] = it
@@ -337,11 +510,19 @@ def single_pass_spectrum(hvps: xr.Dataset, k: int = 10, *, which: str = "both", 
 
     if which not in WHICH:
         raise ValueError(f"which must be one of {list(WHICH)}; got {which!r}")
-    if "omega" not in hvps or hvps.attrs.get("probe_space") != "sketch":
+    if hvps.attrs.get("probe_space") != "sketch" or "hvp" not in hvps:
         raise ValueError("single_pass_spectrum needs Y = K Omega and Omega: sketch_hvps(..., space='sketch') "
-                         f"(probe_space='sketch', an 'omega' variable); got probe_space="
+                         f"(probe_space='sketch', an 'hvp' variable); got probe_space="
                          f"{hvps.attrs.get('probe_space', 'parameters')!r} and variables {sorted(hvps.data_vars)}")
     n_probes, dim = hvps.hvp.shape
+    if "omega" not in hvps:  # a store keeps Y only: Omega is regenerated from its seed, exactly
+        from ..sketches.random import random_test_matrix
+
+        hvps = hvps.assign(omega=(("probe", "sketch"), random_test_matrix(dim, n_probes, int(hvps.attrs["probe_seed"]))))
+    if "valid" in hvps and not bool(hvps.valid.all()):
+        bad = np.flatnonzero(~hvps.valid.values)[:10].tolist()
+        raise ValueError(f"probes {bad} of the stored Y = K Omega have non-finite products (valid=False); the "
+                         "single pass needs every column: recompute them, or use Lanczos")
     p = min(10, n_probes // 3) if oversampling is None else int(oversampling)
     rank = n_probes - p
     if not 0 <= p < n_probes:
@@ -456,8 +637,8 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: Solve
         (Zarr, ``checkpoint-NAME.zarr``; ``checkpoint-current.zarr`` for the
         model's own weights), and a rerun loads finished checkpoints instead
         of recomputing (only for the same weights, data, sketch and solver
-        settings).  A Lanczos solve also keeps its state there
-        (``solver-NAME.zarr``) after every product until its result is
+        settings).  The solve (Lanczos or randomized) also keeps its state
+        there (``solver-NAME.zarr``) after every product until its result is
         written: rerunning the call after a kill resumes it, to the same
         eigenvalues.
     seeds : sequence of int, optional
@@ -555,7 +736,7 @@ class _SpectrumJob:
     def at(self, name: str, folder: Path | None, *, checkpoint: bool) -> xr.Dataset:
         """The spectrum at the weights now in ``base`` (labelled along ``checkpoint`` as ``name`` when
         ``checkpoint``); with ``folder``, stored as ``checkpoint-NAME.zarr`` (and read back instead of
-        recomputed when that holds the same identity), a Lanczos solve's state kept as ``solver-NAME.zarr``
+        recomputed when that holds the same identity), the solver's state kept as ``solver-NAME.zarr``
         until its result is stored."""
         path = None if folder is None else folder / f"checkpoint-{name}.zarr"
         wanted = None if path is None else self.identity()
@@ -568,8 +749,7 @@ class _SpectrumJob:
         t0 = time.perf_counter()
         # with a store, a Lanczos solve keeps its state next to the result it will write: a killed solve
         # resumes from its last product when the call is rerun
-        resumable = {} if path is None or self.solver.method != "lanczos" else {
-            "state": folder / f"solver-{name}.zarr", "identity": wanted}
+        resumable = {} if path is None else {"state": folder / f"solver-{name}.zarr", "identity": wanted}
         with _one_blas_thread(K.shape[0]):
             res = SOLVERS[self.solver.method](K.matvec, K.shape[0], self.k, solver=self.solver,
                                               progress=self.execution.progress, **resumable)

@@ -8,9 +8,12 @@ directions (or D-sized test vectors, from which it forms the probes).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
-from typing import Callable
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import dask
 import dask.array as da
@@ -20,110 +23,201 @@ import xarray as xr
 from torch import nn
 
 from .. import __version__
+from .. import store as st
 from ..settings import Execution, ModelSettings, coerce, moved_options
 from ..sketches import random as rnd
 from ..torch import HVP, SubspaceHessian, as_module, select_params
-from .compute import _active_client
+from .compute import _active_client, compute_with_progress
 from .sources import (_TORCH_LOCK, DataSource, _device_of, _driver_model, _elsewhere, _model_delayed, _model_from,
                       _on_device, _to_chunk, function_name, resolve_sketch)
 
 _local = threading.local()
 
 
-def random_probes(n_params: int, k: int, seed: int = 0) -> np.ndarray:
-    """k unit-norm Gaussian probe directions (float32), from the project's counter generator."""
-    v = rnd.normal(np, rnd.stream_key(seed, "probes"), 0, k * n_params).reshape(k, n_params)
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+@dataclass(frozen=True)
+class ProbeBlock:
+    """Rows ``start:stop`` of a probe matrix, generated where they are used from (seed, row).
+
+    ``space="parameters"``: unit Gaussian directions of the parameter space
+    (:func:`~sketcharray.sketches.random.random_probes`); ``"sketch"``:
+    Gaussian test vectors ``omega`` of the sketch space
+    (:func:`~sketcharray.sketches.random.random_test_matrix`), whose probes
+    ``Phi^T omega`` the task forms.  ``given`` holds user-supplied rows
+    instead (they travel with the task).
+    """
+
+    space: str
+    seed: int
+    start: int
+    stop: int
+    given: Any = None
+
+    def rows(self, op):
+        """The block: (rows, N) directions, or (rows, D) test vectors in the sketch space."""
+        if self.given is not None:
+            return self.given
+        if self.space == "sketch":
+            return rnd.random_test_matrix(op.n_out, self.stop, self.seed, rows=(self.start, self.stop))
+        return rnd.random_probes(op.n_in, self.stop, self.seed, rows=(self.start, self.stop))
 
 
-def _hvp_task(model_src, loss_fn, data: DataSource, probes, op, settings: ModelSettings, device,
-              in_sketch: bool = False):
-    """``Phi H v`` for a block of probes ``v`` (k, N); with ``in_sketch`` the block holds test vectors
-    ``omega`` (k, D) and the probes ``Phi^T omega`` are formed here, next to the model."""
-    dev = _device_of(device)
-    model = _on_device(_model_from(model_src), dev)
-    paramset = select_params(model, settings.params)
-    batches = [data.load(i, a, b) for i, (a, b) in enumerate(data.bounds)]
-    hvp = HVP(model, loss_fn, batches, paramset, forward=settings.forward, mode=settings.hvp_mode, device=dev)
+def _operator_key(source: DataSource, shard, n_examples: int, settings: ModelSettings, device, loss_fn,
+                  fingerprint: str) -> str:
+    """What a worker keeps an HVP operator under: the shard of the data, the settings and the weights."""
+    return dask.base.tokenize(source, shard, n_examples, settings.params, settings.hvp_mode, str(device),
+                              function_name(loss_fn), settings.forward and function_name(settings.forward), fingerprint)
+
+
+def _hvp_task(model_src, loss_fn, data: DataSource, block: ProbeBlock, op, settings: ModelSettings, device, key,
+              store_path=None, index: int | None = None):
+    """``Phi H v`` for one block of probes, over all of ``data`` (the worker thread's HVP operator, built once
+    and kept with the batches).  With ``store_path`` the rows are written there as batch ``index`` (returns
+    the count of non-finite rows); else returned as a chunk."""
+    bounds = data.bounds
+    hvp = _shard_hvp(model_src, loss_fn, data, tuple(range(len(bounds))), bounds[-1][1], settings, device, key)
     ref = next(iter(hvp.theta.values()))
-    block = torch.as_tensor(probes, dtype=ref.dtype, device=dev)
-    if in_sketch:
-        block = op.adjoint(block)
+    rows = torch.as_tensor(block.rows(op), dtype=ref.dtype, device=ref.device)
+    if block.space == "sketch":
+        rows = op.adjoint(rows)
     with _TORCH_LOCK:
-        hv = hvp(block)
-    return _to_chunk(op.apply(hv).float(), dev.type == "cuda")
-
-
-def random_test_matrix(n_out: int, k: int, seed: int = 0) -> np.ndarray:
-    """k standard Gaussian test vectors of the sketch space (k, n_out), float32, from the counter generator."""
-    return rnd.normal(np, rnd.stream_key(seed, "omega"), 0, k * n_out).reshape(k, n_out).astype(np.float32)
+        hv = hvp(rows)
+    out = op.apply(hv, check_finite=False).float()
+    if store_path is None:
+        return _to_chunk(out, ref.device.type == "cuda")
+    values = out.detach().cpu().numpy()
+    valid = np.isfinite(values).all(axis=1)
+    st.write_batch(store_path, index, block.start, block.stop, {"hvp": values, "valid": valid},
+                   list(range(block.start, block.stop)))
+    return int((~valid).sum())
 
 
 @moved_options(model_settings=ModelSettings, execution=Execution)
 def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int = 0, space: str = "parameters",
-                batch_size: int | None = None, model_settings: ModelSettings | dict | None = None,
+                batch_size: int | None = None, store=None, model_settings: ModelSettings | dict | None = None,
                 execution: Execution | dict | None = None) -> xr.Dataset:
     """Sketched Hessian-vector products ``Phi H v_p`` of the mean loss over ``data``.
 
-    ``probes``: an int (that many random directions from ``seed``) or, for
-    ``space="parameters"``, an array (k, N).  ``space="parameters"``: the
-    directions are unit Gaussian vectors of the parameter space.
-    ``space="sketch"``: they are ``Phi^T omega_p`` for standard Gaussian
-    test vectors ``omega_p`` of the sketch space (:func:`random_test_matrix`), so
-    ``hvp`` holds ``Y = K Omega`` for ``K = Phi H Phi^T``, the one pass
-    :func:`~sketcharray.analysis.eigen.single_pass_spectrum` computes K's extreme
-    eigenvalues from; the Dataset then also holds
-    ``omega``.  Lazy: one dask task per ``execution.probes_per_task``
-    probes, each a full pass over ``data``; a sketch-space task receives
-    its D-sized test vectors, not N-sized probes.  ``batch_size``,
-    ``model_settings`` (``params``, ``forward``, ``hvp_mode``) and
-    ``execution`` (``device``, ``probes_per_task``) as for
-    :func:`sketch_gradients`.  Returns a Dataset with ``hvp`` (probe,
-    sketch).
+    Parameters
+    ----------
+    model, loss_fn, data, sketch, batch_size : as for :func:`sketch_gradients`
+    probes : int or array (k, N)
+        How many random directions (generated from ``seed``), or, for
+        ``space="parameters"``, the directions themselves.
+    space : {"parameters", "sketch"}
+        ``"parameters"``: unit Gaussian directions of the parameter space.
+        ``"sketch"``: ``Phi^T omega_p`` for standard Gaussian test vectors
+        ``omega_p`` of the sketch space (:func:`random_test_matrix`), so
+        ``hvp`` holds ``Y = K Omega`` for ``K = Phi H Phi^T``, the one pass
+        :func:`~sketcharray.analysis.eigen.single_pass_spectrum` computes
+        K's extreme eigenvalues from; the Dataset also holds ``omega``.
+    store : path, optional
+        Write to this Zarr store (computes now, with progress; the layout of
+        a gradient store: checksummed chunks, a digest per block, one writer
+        at a time) and return it opened lazily.  Rerunning the same call
+        resumes an interrupted run; a store made with another model, data,
+        sketch or probes is refused, naming the difference.
+    model_settings : ModelSettings or dict, optional
+        ``params``, ``forward``, ``hvp_mode``.
+    execution : Execution or dict, optional
+        ``device``, ``probes_per_task`` (one dask task per that many probes,
+        each a full pass over ``data``), ``scheduler`` and ``progress`` (for
+        a store).
+
+    Each task generates its own block of directions (or test vectors) from
+    ``(seed, row)``: nothing N-sized travels in the graph unless ``probes``
+    is an array.  A worker thread builds the model and loads the data once
+    and keeps its HVP operator for the next block.
+
+    Returns
+    -------
+    xarray.Dataset with ``hvp`` (probe, sketch), lazy, one chunk per task
+    (with ``store``: ``valid`` too, False for a probe with non-finite
+    products).
     """
     settings = coerce(model_settings, ModelSettings, "model_settings")
     execution = coerce(execution, Execution, "execution")
-    params, device, probes_per_task = settings.params, execution.device, execution.probes_per_task
+    device, per_task = execution.device, execution.probes_per_task
     if space not in ("parameters", "sketch"):
         raise ValueError(f"space must be 'parameters' or 'sketch'; got {space!r}")
     driver_model, model_src, fingerprint = _driver_model(model)
-    paramset = select_params(driver_model, params)
+    paramset = select_params(driver_model, settings.params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
-    if space == "sketch":
-        if not isinstance(probes, (int, np.integer)) or probes < 1:
-            raise ValueError(f"with space='sketch' probes must be a positive int (how many test vectors); "
-                             f"got {probes!r}")
-        v = random_test_matrix(op.n_out, int(probes), seed)
-    elif isinstance(probes, (int, np.integer)):
+    given = None
+    if space == "sketch" and not (isinstance(probes, (int, np.integer)) and probes >= 1):
+        raise ValueError(f"with space='sketch' probes must be a positive int (how many test vectors); got {probes!r}")
+    if isinstance(probes, (int, np.integer)):
         if probes < 1:
             raise ValueError(f"probes must be a positive int (how many random directions) or an array "
                              f"(k, {paramset.n}); got {probes!r}")
-        v = random_probes(paramset.n, int(probes), seed)
+        k = int(probes)
     else:
-        v = np.asarray(probes, dtype=np.float32)
-        if v.ndim != 2 or v.shape[1] != paramset.n:
-            raise ValueError(f"probes must have shape (k, {paramset.n}); got {v.shape}")
+        given = np.asarray(probes, dtype=np.float32)
+        if given.ndim != 2 or given.shape[1] != paramset.n:
+            raise ValueError(f"probes must have shape (k, {paramset.n}); got {given.shape}")
+        k = given.shape[0]
+    blocks = [ProbeBlock(space, int(seed), s, min(k, s + per_task), None if given is None else given[s : s + per_task])
+              for s in range(0, k, per_task)]
+    bounds = source.bounds
+    key = _operator_key(source, tuple(range(len(bounds))), bounds[-1][1], settings, device, loss_fn, fingerprint)
+    attrs = {"sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": fingerprint, "probe_seed": int(seed),
+             "probe_space": space, "sketcharray_version": __version__}
+    if store is not None:
+        return _stored_hvps(store, model_src, loss_fn, source, blocks, op, settings, execution, key, attrs, given)
     model_d = _model_delayed(model_src)
     meta = None
     if _device_of(device).type == "cuda":
         import cupy
 
         meta = cupy.empty((0, 0), dtype=np.float32)
-    parts = []
-    for s in range(0, len(v), probes_per_task):
-        block = v[s : s + probes_per_task]
-        t = dask.delayed(_hvp_task, pure=True)(
-            model_d, loss_fn, source, block, op, settings, device, space == "sketch",
-            dask_key_name=(f"sketch-hvps-{dask.base.tokenize(block, op, params, space)}", s))
-        parts.append(da.from_delayed(t, (len(block), op.n_out), dtype=np.float32, meta=meta))
+    token = dask.base.tokenize(op, settings.params, space, int(seed), given, key)
+    parts = [da.from_delayed(dask.delayed(_hvp_task, pure=True)(
+        model_d, loss_fn, source, b, op, settings, device, key, dask_key_name=(f"sketch-hvps-{token}", b.start)),
+        (b.stop - b.start, op.n_out), dtype=np.float32, meta=meta) for b in blocks]
     variables = {"hvp": (("probe", "sketch"), da.concatenate(parts))}
     if space == "sketch":
-        variables["omega"] = (("probe", "sketch"), v)
-    ds = xr.Dataset(variables, coords={"probe": np.arange(len(v)), "sketch": np.arange(op.n_out)})
-    ds.attrs.update({"sketch_spec": op.spec, **paramset.to_attrs(),
-                     "model_fingerprint": fingerprint, "probe_seed": seed, "probe_space": space,
-                     "sketcharray_version": __version__})
+        variables["omega"] = (("probe", "sketch"), rnd.random_test_matrix(op.n_out, k, int(seed)))
+    ds = xr.Dataset(variables, coords={"probe": np.arange(k), "sketch": np.arange(op.n_out)})
+    ds.attrs.update(attrs)
+    return ds
+
+
+def _stored_hvps(store, model_src, loss_fn, source: DataSource, blocks, op, settings: ModelSettings,
+                 execution: Execution, key: str, attrs: dict, given) -> xr.Dataset:
+    """sketch_hvps into a resumable store: one task per block not yet flagged done."""
+    from ..torch.grads import data_fingerprint
+
+    k = blocks[-1].stop
+    attrs = {**attrs, "variable": "hvp", "n_examples": k, "batch_size": blocks[0].stop - blocks[0].start,
+             "storage_dtype": "float32", "mode": "hvp", "checkpoint": None,
+             "data_fingerprint": data_fingerprint(source.load(i, a, b) for i, (a, b) in enumerate(source.bounds)),
+             "probes_digest": None if given is None else hashlib.sha256(given.tobytes()).hexdigest()[:16]}
+    skeleton = dict(variable="hvp", row_dim="probe", n_rows=k, n_out=op.n_out, chunk=attrs["batch_size"],
+                    ids=list(range(k)), has_label=False, storage_dtype="float32", attrs=attrs)
+    progress = execution.progress
+    with st.writer_lock(store, quiet=not progress):
+        existing = st.read_attrs(store)
+        if existing is None:
+            st.create_store(store, **skeleton)
+        else:
+            st.check_compatible(store, existing, attrs)
+            st.repair_store(store, quiet=not progress, **skeleton)
+        todo = st.pending_batches(store)
+        model_d = _model_delayed(model_src)
+        token = dask.base.tokenize(op, settings.params, str(store), key)
+        tasks = [dask.delayed(_hvp_task, pure=True)(
+            model_d, loss_fn, source, blocks[i], op, settings, execution.device, key, str(store), int(i),
+            dask_key_name=(f"sketch-hvps-{token}", int(i))) for i in todo]
+        invalid = compute_with_progress(tasks, progress=progress, scheduler=execution.scheduler,
+                                        message=f"computing {len(todo)} of {len(blocks)} blocks of sketched HVPs "
+                                                f"to {store}", prefix=f"sketch-hvps-{token}", total=len(tasks),
+                                        unit="blocks of probes", label="sketching HVPs")
+    if sum(invalid):
+        warnings.warn(f"{sum(invalid)} probe(s) had non-finite Hessian-vector products; stored with valid=False",
+                      RuntimeWarning, stacklevel=3)
+    ds = st.open_sketches(store)
+    if attrs["probe_space"] == "sketch":
+        ds["omega"] = (("probe", "sketch"), rnd.random_test_matrix(op.n_out, k, attrs["probe_seed"]))
     return ds
 
 
@@ -218,7 +312,7 @@ class ShardedSubspaceHessian:
             raise ValueError(f"shards must be a positive int; got {shards!r}")
         t0 = time.perf_counter()
         settings = coerce(model_settings, ModelSettings, "model_settings")
-        params, forward, hvp_mode = settings.params, settings.forward, settings.hvp_mode
+        params, hvp_mode = settings.params, settings.hvp_mode
         driver_model, model_src, self.fingerprint = _driver_model(model)
         paramset = select_params(driver_model, params)
         self.op = resolve_sketch(sketch, paramset.n)
@@ -229,9 +323,7 @@ class ShardedSubspaceHessian:
         n = min(int(shards), len(bounds))
         self.shards = n
         self._groups = [tuple(range(len(bounds) * j // n, len(bounds) * (j + 1) // n)) for j in range(n)]
-        # what a worker keeps its shard's HVP operator under: the shard, the data and the settings
-        self._keys = [dask.base.tokenize(source, group, self.n_examples, params, hvp_mode, str(device),
-                                         function_name(loss_fn), forward and function_name(forward), self.fingerprint)
+        self._keys = [_operator_key(source, group, self.n_examples, settings, device, loss_fn, self.fingerprint)
                       for group in self._groups]
         self._loss_fn, self._settings, self._device = loss_fn, settings, device
         client = _active_client()
@@ -265,3 +357,8 @@ class ShardedSubspaceHessian:
         self.hvp_seconds += float(seconds)
         self.hvp_mode = mode
         return out[0] if squeeze else out
+
+
+#: the project's counter-generated probes, re-exported where the streams that use them live
+random_probes = rnd.random_probes
+random_test_matrix = rnd.random_test_matrix

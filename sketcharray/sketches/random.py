@@ -153,3 +153,28 @@ def permutations(xp, key, n: int, count: int = 1, *, device=None):
     lo = random_bits(xp, _subkey(key, 5), 0, n * count, device=device)
     sort_key = xp.reshape((hi >> 2) * 2**31 + (lo >> 1), (count, n))
     return xp.argsort(sort_key, axis=1, stable=True)
+
+
+def random_probes(n_params: int, k: int, seed: int = 0, *, rows: tuple[int, int] | None = None):
+    """k unit-norm Gaussian probe directions of the parameter space (float32 numpy, (k, n_params)).
+
+    ``rows=(start, stop)`` gives only those rows, the same numbers as the
+    slice of the whole: each row is a function of (seed, row) alone, so a
+    task generates its own block instead of receiving it.
+    """
+    import numpy as np
+
+    start, stop = (0, k) if rows is None else rows
+    v = normal(np, stream_key(seed, "probes"), start * n_params, (stop - start) * n_params)
+    v = v.reshape(stop - start, n_params)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_test_matrix(n_out: int, k: int, seed: int = 0, *, rows: tuple[int, int] | None = None):
+    """k standard Gaussian test vectors of the sketch space (float32 numpy, (k, n_out)); ``rows`` as for
+    :func:`random_probes`."""
+    import numpy as np
+
+    start, stop = (0, k) if rows is None else rows
+    v = normal(np, stream_key(seed, "omega"), start * n_out, (stop - start) * n_out)
+    return v.reshape(stop - start, n_out).astype(np.float32)

@@ -297,6 +297,17 @@ def test_single_pass_spectrum_agrees_with_lanczos_from_a_store(small_problem, tm
     lz = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=3, solver={"tol": 1e-10},
                           execution={"progress": False})
     np.testing.assert_allclose(out.eigenvalue, lz.eigenvalue, rtol=0, atol=_float32_bound(ds, k_exact, 0))
+    # the resumable store keeps Y only (checksummed, per block); Omega is regenerated from the seed, exactly
+    from sketcharray.collect import sketch_hvps
+    from sketcharray.store import open_sketches
+
+    sketch_hvps(model, cross_entropy_per_example, batches, op, probes=32, space="sketch", store=tmp_path / "s.zarr",
+                execution={"probes_per_task": 8, "progress": False})
+    resumable = open_sketches(tmp_path / "s.zarr")
+    assert "omega" not in resumable and resumable.attrs["probe_space"] == "sketch"
+    np.testing.assert_array_equal(resumable.hvp.values, ds.hvp.values)
+    again = single_pass_spectrum(resumable, k=3, oversampling=0)
+    np.testing.assert_array_equal(again.eigenvalue, out.eigenvalue)
 
 
 def test_single_pass_spectrum_refuses_parameter_space_probes(small_problem):
@@ -432,3 +443,76 @@ def test_hessian_spectrum_with_a_store_resumes_an_interrupted_solve(small_proble
     np.testing.assert_array_equal(resumed.eigenvalue, whole.eigenvalue)
     assert len(calls) == whole.attrs["iterations"] - 11
     assert not (tmp_path / "run" / "solver-current.zarr").exists()  # removed once the result is stored
+
+
+def test_a_basis_over_the_memory_budget_stays_in_the_store_and_resumes(tmp_path, monkeypatch):
+    """Issue 16: a Krylov basis larger than SolverSettings.memory_budget is kept in the solve's Zarr state and
+    read back by blocks of rows (never more than a block at a time); it finds the in-RAM eigenvalues (the
+    same products, summed in another order: float64 rounding), and a run interrupted at a product resumes to
+    the bits of one never interrupted."""
+    from sketcharray.analysis.eigen import _LanczosState
+
+    rng = np.random.default_rng(5)
+    d = 300
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a = (q * np.concatenate([[30.0, 20.0, 10.0], rng.uniform(-1, 1, d - 6), [-4.0, -8.0, -16.0]])) @ q.T
+    ram = lanczos(lambda x: x @ a, d, 3, solver={"tol": 1e-12}, progress=False)
+    budget = 8 * d * 8  # eight rows of float64: the basis (up to 61 rows) does not fit
+    reads = []
+    real_rows = _LanczosState.rows
+    monkeypatch.setattr(_LanczosState, "rows", lambda self, i, j: reads.append(j - i) or real_rows(self, i, j))
+    solver = {"tol": 1e-12, "memory_budget": budget}
+    disk = lanczos(lambda x: x @ a, d, 3, solver=solver, progress=False, state=tmp_path / "whole")
+    assert reads and max(reads) <= budget // (4 * d * 8)
+    for end in ("positive", "negative"):
+        np.testing.assert_allclose(disk[end][0], ram[end][0], rtol=1e-10)
+        np.testing.assert_allclose(np.abs(np.sum(disk[end][1] * ram[end][1], axis=0)), 1, atol=1e-8)
+    with pytest.raises(MemoryError, match="the Krylov basis needs .* bytes .* give a state folder"):
+        lanczos(lambda x: x @ a, d, 3, solver=solver, progress=False)
+
+    calls = []
+
+    def interrupted(x):
+        calls.append(1)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        return x @ a
+
+    with pytest.raises(KeyboardInterrupt):
+        lanczos(interrupted, d, 3, solver=solver, progress=False, state=tmp_path / "run")
+    resumed = lanczos(lambda x: x @ a, d, 3, solver=solver, progress=False, state=tmp_path / "run")
+    for end in ("positive", "negative"):
+        np.testing.assert_array_equal(resumed[end][0], disk[end][0])
+        np.testing.assert_array_equal(resumed[end][1], disk[end][1])
+    with pytest.raises(ValueError, match=r"another solve: \{'basis': 'disk'\}.*\{'basis': 'memory'\}"):
+        lanczos(interrupted, d, 3, solver={"tol": 1e-12}, progress=False, state=tmp_path / "run")
+
+
+def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path):
+    """Issue 16: the randomized solver commits its blocks, their images and the Rayleigh quotient after each
+    block; rerun after an interruption it multiplies only the remaining blocks and gives the same bits."""
+    rng = np.random.default_rng(2)
+    d = 200
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a = (q * np.concatenate([[40.0, 25.0, 9.0], rng.uniform(-1, 1, d - 6), [-2.0, -6.0, -15.0]])) @ q.T
+    solver = {"tol": 1e-12, "n_iter": 8, "block": 6}
+    whole = randomized(lambda x: x @ a, d, 3, solver=solver, progress=False)
+    calls = []
+
+    def interrupted(x):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return x @ a
+
+    with pytest.raises(KeyboardInterrupt):
+        randomized(interrupted, d, 3, solver=solver, progress=False, state=tmp_path / "s", identity={"op": "a"})
+    calls.clear()
+    resumed = randomized(lambda x: calls.append(1) or x @ a, d, 3, solver=solver, progress=False,
+                         state=tmp_path / "s", identity={"op": "a"})
+    assert len(calls) == whole["iterations"] - 3 and resumed["iterations"] == whole["iterations"]
+    for end in ("positive", "negative"):
+        np.testing.assert_array_equal(resumed[end][0], whole[end][0])
+        np.testing.assert_array_equal(resumed[end][1], whole[end][1])
+    with pytest.raises(ValueError, match=r"another solve: \{'operator': \{'op': 'a'\}\}"):
+        randomized(lambda x: x @ a, d, 3, solver=solver, progress=False, state=tmp_path / "s", identity={"op": "b"})

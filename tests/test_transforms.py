@@ -183,17 +183,28 @@ def test_leading_contraction_reads_the_signed_padded_input(rows, signed, small, 
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_butterfly_kernel_gives_the_same_numbers_on_any_thread(rng):
-    """From the main thread the work is split across cores; from a worker thread it runs on one."""
+def test_butterfly_kernel_gives_the_same_numbers_on_any_thread(rng, monkeypatch):
+    """Issue 16: a dask worker thread's sketch is split over the shared pool like the main thread's (it used to
+    run on one core); the split never changes a bit, and a pool thread runs its work inline."""
     import concurrent.futures
+    import threading
 
     factors = tf.pow2_factors(1 << 18, 64)
     perms = [rng.permutation(b) for b in factors]
     x = rng.standard_normal((2, (1 << 18) - 11)).astype(np.float32)
     main = backend.kron_hadamard(x, factors, perms, permute="rows")
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    seen = []
+    real = backend.run_ranges
+    monkeypatch.setattr(backend, "run_ranges", lambda run, bounds: seen.append(len(bounds) - 1) or real(run, bounds))
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="a-dask-worker") as pool:
         worker = pool.submit(backend.kron_hadamard, x, factors, perms, permute="rows").result()
     np.testing.assert_array_equal(main, worker)
+    if backend.cores() > 1:  # split over the pool, at most a part per core
+        assert seen and 1 < max(seen) <= backend.cores()
+    inline = []
+    monkeypatch.setattr(threading.current_thread(), "name", backend._POOL_PREFIX + "_0")
+    backend.split_work(4, lambda a, b: inline.append((a, b)), 1 << 30)
+    assert inline == [(0, 4)]
 
 
 def test_fwht_groups_cover_the_factors_in_cache_sized_passes():

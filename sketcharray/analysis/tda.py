@@ -33,6 +33,7 @@ import numpy as np
 import xarray as xr
 
 from ..provenance import check_same_sketch, provenance, with_provenance
+from ..sketches import backend
 
 SCORES = ("dot", "cosine", "influence", "trak")
 
@@ -72,7 +73,17 @@ def _as_queries(queries) -> xr.DataArray:
 def _valid_mask(grad: xr.DataArray, valid) -> xr.DataArray:
     ok = xr.ones_like(grad.isel(sketch=0, drop=True), dtype=bool) if valid is None else valid.astype(bool)
     finite = np.isfinite(grad).all("sketch")
-    return ok & finite
+    return _like_chunks(ok, grad) & finite
+
+
+def _like_chunks(mask: xr.DataArray, grad: xr.DataArray) -> xr.DataArray:
+    """``mask`` in the array library of ``grad``'s chunks: flags read from a store are NumPy, and a CuPy chunk
+    is masked on its device (each flag block moved there, not the chunk to the host)."""
+    meta = getattr(grad.data, "_meta", None)
+    lib = backend.library(meta) if meta is not None else np
+    if lib is np or not isinstance(mask.data, da.Array):
+        return mask
+    return mask.copy(data=mask.data.map_blocks(lib.asarray, meta=lib.empty((0,), dtype=bool)))
 
 
 def _checkpoint_weights(grad: xr.DataArray, weights, score: str = "dot") -> xr.DataArray | None:
@@ -114,13 +125,15 @@ def _damped_solve(f, q, lam):
     then an eigenvalue of F + lam I at zero, to working precision, is an error
     rather than an amplified inverse.
     """
-    f = np.asarray(f, dtype=np.float64)
-    w, u = np.linalg.eigh((f + f.T) / 2)
+    xp = backend.library(f)  # numpy, or CuPy for a Gram of device chunks: solved where it lives
+    f = xp.asarray(f, dtype=xp.float64)
+    w, u = xp.linalg.eigh((f + f.T) / 2)
     shifted = w + float(lam)
-    if np.abs(shifted).min() <= 1e-12 * max(np.abs(shifted).max(), 1e-300):
+    smallest = float(xp.abs(shifted).min())
+    if smallest <= 1e-12 * max(float(xp.abs(shifted).max()), 1e-300):
         raise ValueError(f"F + lambda I is singular (lambda = {float(lam):.3g}, smallest |eigenvalue| "
-                         f"{np.abs(shifted).min():.3g}); increase damping")
-    return ((np.asarray(q, dtype=np.float64) @ u) / shifted) @ u.T
+                         f"{smallest:.3g}); increase damping")
+    return ((xp.asarray(q, dtype=xp.float64) @ u) / shifted) @ u.T
 
 
 def _preconditioned(q: xr.DataArray, train, damping, preconditioner) -> tuple[xr.DataArray, xr.DataArray, dict]:
@@ -353,27 +366,33 @@ def self_influence(train, *, score: str = "dot", damping: float | None = None, p
 
 # ---------------------------------------------------------------- top-k
 def chunk_topk(q, g, valid, weights, offset, k, sign, normalize, row_scale=None):
-    """Top-k (by sign * score) of one raw training chunk: (scores, global indices), each (n_query, k).
+    """Top-k (by sign * score) of one raw training chunk: (scores, global indices), each (n_query, k), on the host.
 
-    The chunk is read once: rows flagged invalid or holding non-finite values
-    are excluded here, ``normalize`` (cosine) scales rows to unit norm here,
-    and ``row_scale`` (TRAK's reweighting) multiplies each row's scores.
+    The chunk is read once, where it lives: a CuPy chunk is scored on its
+    device (the small queries, flags and weights are moved there) and only
+    the (n_query, k) result comes back.  Rows flagged invalid or holding
+    non-finite values are excluded here, ``normalize`` (cosine) scales rows to
+    unit norm here, and ``row_scale`` (TRAK's reweighting) multiplies each
+    row's scores.
     """
-    finite = np.isfinite(g).reshape(g.shape[0], -1).all(axis=1)
-    ok = finite if valid is None else (finite & np.asarray(valid, dtype=bool))
-    g = np.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
+    xp = backend.library(g)
+    q = xp.asarray(q)
+    finite = xp.isfinite(g).reshape(g.shape[0], -1).all(axis=1)
+    ok = finite if valid is None else (finite & xp.asarray(valid, dtype=bool))
+    g = xp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
     if normalize:
-        norms = np.sqrt(np.sum(g * g, axis=1, keepdims=True))
-        g = g / np.where(norms > 0, norms, 1.0)
-    s = np.einsum("qd...,ed...->qe...", q, g) if g.ndim == 3 else q @ g.T
+        norms = xp.sqrt(xp.sum(g * g, axis=1, keepdims=True))
+        g = g / xp.where(norms > 0, norms, 1.0)
+    s = xp.einsum("qd...,ed...->qe...", q, g) if g.ndim == 3 else q @ g.T
     if s.ndim == 3:  # (query, example, checkpoint)
-        s = s @ weights
+        s = s @ xp.asarray(weights)
     if row_scale is not None:
-        s = s * np.asarray(row_scale, dtype=np.float64)[None, :]
-    s = np.where(ok[None, :], sign * s, -np.inf)
+        s = s * xp.asarray(row_scale, dtype=xp.float64)[None, :]
+    s = xp.where(ok[None, :], sign * s, -xp.inf)
     kk = min(k, s.shape[1])
-    idx = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1] else np.tile(np.arange(s.shape[1]), (s.shape[0], 1))
-    return np.take_along_axis(s, idx, axis=1), idx + offset
+    idx = (xp.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1]
+           else xp.tile(xp.arange(s.shape[1]), (s.shape[0], 1)))
+    return _to_host(xp.take_along_axis(s, idx, axis=1)), _to_host(idx) + offset
 
 
 def merge_topk(parts, k):
@@ -432,9 +451,8 @@ def _top_k(grad, valid, q, weights, k, which, normalize, row_scale=None):
     qd = dask.delayed(_to_host)(qarr) if isinstance(qarr, da.Array) else np.asarray(qarr)
     parts, offset = [], 0
     for gb, ob, sb, size in zip(garr.to_delayed().ravel(), okblocks, scaleblocks, garr.chunks[0]):
-        parts.append(dask.delayed(chunk_topk, pure=True)(
-            qd, dask.delayed(_to_host)(gb), None if ob is None else dask.delayed(_to_host)(ob), w, offset, k, sign,
-            normalize, None if sb is None else dask.delayed(_to_host)(sb)))
+        # the chunk as it is (a CuPy chunk stays on its device); only its top k comes back to the host
+        parts.append(dask.delayed(chunk_topk, pure=True)(qd, gb, ob, w, offset, k, sign, normalize, sb))
         offset += size
     while len(parts) > 1:  # tree merge: bounded memory, parallel
         parts = [dask.delayed(merge_topk, pure=True)(parts[i : i + 8], k) for i in range(0, len(parts), 8)]

@@ -162,6 +162,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--quick", action="store_true", help="small sizes: N=2^16,2^18, D=2^10,2^12")
     p.add_argument("--no-fwht", dest="fwht", action="store_false",
                    help="skip the transform-alone rows (the package's FWHT against fht-cpu, CPU only)")
+    p.add_argument("--no-worker-threads", dest="worker_threads", action="store_false",
+                   help="skip the rows that sketch from a worker thread, pool against one core (CPU only)")
     p.add_argument("--json", default="bench-out/bench-sketch.json", help="where to write the JSON results")
     return p
 
@@ -208,10 +210,58 @@ def main(argv=None, args=None) -> int:
     targets = evaluate_targets(rows, device)
     print()
     print("\n".join(targets))
+    threads = []
+    if device.name == "cpu" and args.worker_threads:
+        n, d = max(args.n), 1 << 12 if (1 << 12) in args.d else args.d[0]
+        print(f"\nFrom a dask worker thread (N={_pow2(n)}, D={_pow2(d)}): the sketch split over the shared pool "
+              "against the calling thread alone (before 0.4)", flush=True)
+        threads = worker_thread_rows(device.random((args.batch, n)), d, [m for m in LOOKUP_FREE if m in
+                                                                         (args.methods or LOOKUP_FREE)],
+                                     repeat=max(5, args.repeat))
+        print(format_table([{"method": r["method"], "pool": f"{r['pool_ms']:.1f}", "one": f"{r['one_core_ms']:.1f}",
+                             "x": f"{r['speedup']:.2f}"} for r in threads],
+                           [("method", "method"), ("pool", f"ms, pool of {threads[0]['cores'] if threads else 0}"),
+                            ("one", "ms, one core"), ("x", "speed-up")]))
     write_json(args.json, {"benchmark": "sketch", "device": device.describe(), "batch": args.batch,
-                           "dtype": "float32", "rows": rows, "targets": targets})
+                           "dtype": "float32", "rows": rows, "targets": targets, "worker_thread": threads})
     print(f"\nwrote {args.json}")
     return 0
+
+
+def worker_thread_rows(x, d: int, methods, repeat: int) -> list[dict]:
+    """Each lookup-free sketch applied from a thread that is not the main one (a dask worker's), with the work
+    split over the shared pool (sketcharray >= 0.4) and on the calling thread alone (before): issue 16's
+    "all cores under dask".  Host arrays only; the ratio is one core's time over the pool's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..sketches import backend
+
+    rows = []
+    n = int(x.shape[1])
+    with ThreadPoolExecutor(1, thread_name_prefix="dask-worker-like") as worker:
+        for method in methods:
+            op = make_sketch(method, n, d, seed=0)
+            op.apply(x)
+
+            def run():
+                worker.submit(op.apply, x).result()
+
+            pool = min(_time(run) for _ in range(repeat))
+            cores = backend.cores
+            backend.cores = lambda: 1  # what a worker thread did before: no split
+            try:
+                one = min(_time(run) for _ in range(repeat))
+            finally:
+                backend.cores = cores
+            rows.append({"method": method, "N": n, "D": d, "pool_ms": 1e3 * pool, "one_core_ms": 1e3 * one,
+                         "speedup": one / pool, "cores": backend.cores()})
+    return rows
+
+
+def _time(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
 
 
 def _display(r: dict) -> dict:

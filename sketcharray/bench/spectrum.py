@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -223,7 +224,7 @@ def single_pass_against_lanczos(workload: str, sketch: str, n_out: int, k: int, 
     the store, and Lanczos on the same K (products sharded): times and the largest difference over both ends."""
     from ..analysis.eigen import single_pass_spectrum
     from ..collect import sketch_hvps
-    from ..store import open_zarr_dataset
+    from ..store import open_sketches
 
     w = WORKLOADS[workload]()
     data, _ = w.split("train", n_examples)
@@ -231,14 +232,15 @@ def single_pass_against_lanczos(workload: str, sketch: str, n_out: int, k: int, 
     cluster, client = _local_cluster(workers)
     with cluster, client:
         t0 = time.perf_counter()
-        ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=n_out, space="sketch", batch_size=batch,
-                         model_settings={"forward": w.forward},
-                         execution={"probes_per_task": max(1, n_out // (4 * workers))})
         path = Path(folder) / f"{workload}-y.zarr"
-        ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+        shutil.rmtree(path, ignore_errors=True)
+        # the resumable store: a block of probes per task, checksummed, Omega regenerated from its seed
+        sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=n_out, space="sketch", batch_size=batch,
+                    store=path, model_settings={"forward": w.forward},
+                    execution={"probes_per_task": max(1, n_out // (4 * workers)), "progress": False})
         t_store = time.perf_counter() - t0
         t0 = time.perf_counter()
-        single = single_pass_spectrum(open_zarr_dataset(path), k=k, oversampling=0)
+        single = single_pass_spectrum(open_sketches(path), k=k, oversampling=0)
         t_single = time.perf_counter() - t0
         lz = hessian_spectrum(w.model_factory, w.loss_fn, data, spec, k=k, solver={"tol": 1e-6}, batch_size=batch,
                               model_settings={"forward": w.forward}, execution={"progress": False, "shards": workers})

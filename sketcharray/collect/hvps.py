@@ -97,6 +97,11 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
                 execution: Execution | dict | None = None) -> xr.Dataset:
     """Sketched Hessian-vector products ``Phi H v_p`` of the mean loss over ``data``.
 
+    Each task generates its own block of directions (or test vectors) from
+    ``(seed, row)``: nothing N-sized travels in the graph unless ``probes``
+    is an array.  A worker thread builds the model and loads the data once
+    and keeps its HVP operator for the next block.
+
     Parameters
     ----------
     model, loss_fn, data, sketch, batch_size : as for :func:`sketch_gradients`
@@ -122,11 +127,6 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
         ``device``, ``probes_per_task`` (one dask task per that many probes,
         each a full pass over ``data``), ``scheduler`` and ``progress`` (for
         a store).
-
-    Each task generates its own block of directions (or test vectors) from
-    ``(seed, row)``: nothing N-sized travels in the graph unless ``probes``
-    is an array.  A worker thread builds the model and loads the data once
-    and keeps its HVP operator for the next block.
 
     Returns
     -------

@@ -71,6 +71,8 @@ def compiled(*arrays) -> bool:
 # ------------------------------------------------------------------ threads
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+#: the names of the pool's threads start with this
+_POOL_PREFIX = "sketcharray-kernels"
 
 
 def cores() -> int:
@@ -86,7 +88,7 @@ def run_ranges(run, bounds) -> None:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="sketcharray")
+            _POOL = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix=_POOL_PREFIX)
     for f in [_POOL.submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
         f.result()
 
@@ -97,10 +99,15 @@ SPLIT_MIN = 1 << 18
 
 
 def split_work(units: int, run, entries: int) -> None:
-    # Run ``run(u0, u1)`` over [0, units): split across the cores from the main thread (the kernels
-    # release the GIL); on one core from any other thread, where dask already runs one chunk per core.
-    main = threading.current_thread() is threading.main_thread()
-    parts = min(cores(), units) if main and entries >= SPLIT_MIN else 1
+    """``run(u0, u1)`` over ``[0, units)``, split over the shared pool's threads (the kernels release the GIL).
+
+    From any thread but the pool's own (a pool thread would wait on its own pool): a dask worker thread
+    sketching its chunk uses every core the pool has, and however many threads call at once, no more than
+    ``cores()`` run kernels.  The split never changes a result: each unit is computed alone.  Below
+    ``SPLIT_MIN`` entries the work runs on the calling thread (a hand-off costs more than it saves).
+    """
+    inside = threading.current_thread().name.startswith(_POOL_PREFIX)
+    parts = min(cores(), units) if not inside and entries >= SPLIT_MIN else 1
     if parts <= 1:
         run(0, units)
         return

@@ -288,3 +288,37 @@ def test_trak_on_our_sketches_agrees_with_trak_as_well_as_trak_agrees_with_itsel
     diff = mine - theirs
     assert diff.mean() >= -3 * diff.std(ddof=1) / np.sqrt(len(diff)), (mine.mean(), theirs.mean())
     assert mine.mean() > 0.15  # far above chance (10 of 500: 0.02)
+
+
+def _cuda_cupy():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    return cupy
+
+
+@pytest.mark.gpu
+def test_cupy_chunks_stay_on_the_device_through_influence_and_top_k(monkeypatch):
+    """Issue 16: a store's CuPy chunks are scored where they live: the lazy Gram and its eigendecomposition
+    run on the device, each chunk's top k is the only thing copied to the host (nothing larger than
+    queries x k comes back per chunk), and the result equals NumPy's."""
+    cupy = _cuda_cupy()
+    from sketcharray.analysis import tda
+
+    ds, grad, valid = make_train(n=300, chunk=50, invalid=(3, 140))
+    qa, q = make_queries()
+    on_device = ds.copy()
+    on_device["grad"] = (("example", "sketch"), ds.grad.data.map_blocks(cupy.asarray))
+    copied = []
+    real = tda._to_host
+    monkeypatch.setattr(tda, "_to_host", lambda x: copied.append(getattr(x, "size", 0)) or real(x))
+    for score in ("dot", "influence"):
+        copied.clear()
+        got = attribute(on_device, qa, score=score, k=4).compute()
+        ref = attribute(ds, qa, score=score, k=4).compute()
+        np.testing.assert_allclose(got.score.values, ref.score.values, rtol=1e-9)
+        assert got.example.values.tolist() == ref.example.values.tolist()
+        assert copied and max(copied) <= qa.sizes["query"] * 8  # queries (5 x 8) or one chunk's top k (5 x 4)

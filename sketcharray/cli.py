@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of gradients: P sketched Hessian-vector products Phi H v of the mean loss")
     p.add_argument("--hvp-space", default="parameters", choices=("parameters", "sketch"),
                    help="with --hvps: random directions v of the parameter space, or v = Phi^T omega for Gaussian "
-                        "omega of the sketch space (stores Y = K Omega and Omega, for 'spectrum --from-hvps')")
+                        "omega of the sketch space (stores Y = K Omega, Omega regenerated from the seed, for 'spectrum "
+                        "--from-hvps')")
     _common(p, sketch=("afjl", 512), scheduler=True)
 
     p = command("attribute", "score training examples against queries from two gradient stores",

@@ -231,3 +231,17 @@ def test_host_array_only_for_plain_host_arrays():
     seen = []
     torch.func.vmap(lambda v: seen.append(backend.host_array(v)) or v)(torch.ones(2, 3))
     assert seen == [None]  # a functorch-wrapped tensor has no storage to share
+
+
+def test_the_kernel_pool_takes_the_share_of_cores_a_scheduler_gives(monkeypatch):
+    """dask's worker processes run with OMP_NUM_THREADS=1 (torch and BLAS take one thread there); the kernels'
+    pool takes the same share, so several single-threaded workers on one machine do not oversubscribe it."""
+    import os
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert backend.cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1000")
+    assert backend.cores() == available
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert backend.cores() == available

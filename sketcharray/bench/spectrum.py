@@ -188,9 +188,11 @@ def performance(workload: str, methods, n_out: int, k: int, n_examples: int, bat
 
 
 def _local_cluster(workers: int):
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    from ..cluster import local_cluster
+
+    cluster = local_cluster(workers)
     return cluster, Client(cluster)
 
 

@@ -6,6 +6,7 @@ import sys
 
 import dask
 
+
 def _active_client():
     """The active ``dask.distributed`` client, or None (never imports distributed: a process that did not
     import it has no client)."""

@@ -23,8 +23,9 @@ from ..provenance import provenance, with_provenance
 from ..settings import Execution, ModelSettings, coerce, moved_options
 from ..torch import select_params, sketch_batch
 from ..torch.grads import batch_labels, to_device
+from ..torch.locks import AUTODIFF
 from .compute import compute_with_progress
-from .sources import (_TORCH_LOCK, DataSource, _device_of, _driver_model, _model_delayed, _model_from, _on_device,
+from .sources import (DataSource, _device_of, _driver_model, _model_delayed, _model_from, _on_device,
                       _to_chunk, function_name, resolve_sketch)
 
 
@@ -35,7 +36,7 @@ def _gradient_task(model_src, loss_fn, data: DataSource, index, start, stop, op,
     model = _on_device(_model_from(model_src), dev)
     paramset = select_params(model, settings.params)
     batch = to_device(data.load(index, start, stop), dev)
-    with _TORCH_LOCK:
+    with AUTODIFF:
         out = sketch_batch(model, loss_fn, batch, paramset, op, mode=settings.mode, forward=settings.forward,
                            per_example=settings.per_example)
     cuda_chunks = dev.type == "cuda" and store_path is None

@@ -27,8 +27,9 @@ from .. import store as st
 from ..settings import Execution, ModelSettings, coerce, moved_options
 from ..sketches import random as rnd
 from ..torch import HVP, SubspaceHessian, as_module, select_params
+from ..torch.locks import AUTODIFF
 from .compute import _active_client, compute_with_progress
-from .sources import (_TORCH_LOCK, DataSource, _device_of, _driver_model, _elsewhere, _model_delayed, _model_from,
+from .sources import (DataSource, _device_of, _driver_model, _elsewhere, _model_delayed, _model_from,
                       _on_device, _to_chunk, function_name, resolve_sketch)
 
 _local = threading.local()
@@ -79,7 +80,7 @@ def _hvp_task(model_src, loss_fn, data: DataSource, block: ProbeBlock, op, setti
     rows = torch.as_tensor(block.rows(op), dtype=ref.dtype, device=ref.device)
     if block.space == "sketch":
         rows = op.adjoint(rows)
-    with _TORCH_LOCK:
+    with AUTODIFF:
         hv = hvp(rows)
     out = op.apply(hv, check_finite=False).float()
     if store_path is None:
@@ -277,7 +278,7 @@ def _shard_product_task(model_src, loss_fn, data: DataSource, shard, n_examples,
     ref = next(iter(hvp.theta.values()))
     probes = op.adjoint(torch.as_tensor(w, dtype=ref.dtype, device=ref.device), check_finite=False)
     seconds = hvp.seconds
-    with _TORCH_LOCK:
+    with AUTODIFF:
         hv = hvp(probes)
     product = op.apply(hv, check_finite=False).detach().to(torch.float64).cpu().numpy()
     return product, hvp.seconds - seconds, hvp.mode

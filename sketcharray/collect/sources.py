@@ -18,16 +18,9 @@ from torch import nn
 
 from ..sketches import SketchOperator, make_sketch
 from ..torch import as_module, model_fingerprint
+from ..torch.locks import BUILD
 
 _local = threading.local()
-# Building or moving a model sets ``param.data``, which torch refuses while
-# any thread is inside a torch.func transform: do it under one lock, once.
-_BUILD_LOCK = threading.Lock()
-# One batch's autodiff at a time per process: torch already uses every core
-# inside it, and concurrent callers make its kernels pick different blockings,
-# so results would vary in the last bits between runs -- and a resumed store
-# must be bit-identical to an uninterrupted one.
-_TORCH_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -158,7 +151,7 @@ def _model_from(source) -> nn.Module:
             key = ("factory-object", id(source))
     model = cache.get(key)
     if model is None:
-        with _BUILD_LOCK:
+        with BUILD:
             # a module source travels as the module: each thread runs a private copy of it
             model = as_module(source.module if isinstance(source, ModuleSource) else source,
                               copy=isinstance(source, ModuleSource))
@@ -190,7 +183,7 @@ def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
     torch.func transform), under the build lock.
     """
     if _elsewhere(model, dev):
-        with _BUILD_LOCK:
+        with BUILD:
             previous = torch.__future__.get_overwrite_module_params_on_conversion()
             torch.__future__.set_overwrite_module_params_on_conversion(True)
             try:

@@ -76,8 +76,15 @@ _POOL_PREFIX = "sketcharray-kernels"
 
 
 def cores() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Threads the compiled kernels may use: the cores this process may run on, or fewer where
+    ``OMP_NUM_THREADS`` says so -- the share a scheduler gives a process (dask's worker processes get 1, as
+    torch and BLAS there do: a pool of all cores in each of several workers would oversubscribe them)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        budget = int(os.environ.get("OMP_NUM_THREADS", "") or n)
+    except ValueError:
+        budget = n
+    return max(1, min(n, budget))
 
 
 def run_ranges(run, bounds) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 
@@ -11,13 +10,9 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from .grads import _Forward, batch_size_of, default_forward, to_device
+from .locks import AUTODIFF
 from .params import ParamSet
 
-# PyTorch's forward-mode AD levels are process-global, not per thread: two
-# threads inside jvp at once corrupt each other's level.  Dask runs tasks in
-# threads, so forward-over-reverse HVPs take this lock (torch already uses
-# every core inside one HVP).
-_FORWARD_AD_LOCK = threading.Lock()
 
 
 class HVP:
@@ -66,7 +61,7 @@ class HVP:
         return f
 
     def _forward_over_reverse(self, f, dirs):
-        with _FORWARD_AD_LOCK:
+        with AUTODIFF:  # forward-mode AD levels are process-global (see torch/locks.py)
             return vmap(lambda v: jvp(grad(f), (self.theta,), (v,))[1])(dirs)
 
     def _reverse_over_reverse(self, f, dirs):

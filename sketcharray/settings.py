@@ -170,11 +170,13 @@ class SolverSettings:
     eigenvectors : bool
         Also return the Ritz vectors (in sketch space).
     memory_budget : int, optional
-        Lanczos: bytes the Krylov basis may take in RAM (default: half the
-        available memory).  A larger basis, ``(max_iter + 1) x D`` entries,
-        stays in the solve's state store (``lanczos(state=...)``, or
+        Bytes the solver's basis may take in RAM (default: half the
+        available memory).  Lanczos: a larger basis, ``(max_iter + 1) x D``
+        entries, stays in the solve's state store (``lanczos(state=...)``, or
         ``hessian_spectrum(store=...)``) and is read back a block of rows at a
         time; without a store it is refused before the solve starts.
+        Randomized: its basis and their images (``2 x D x block (n_iter + 1)``
+        entries) must fit, else it is refused before the first product.
     """
 
     method: str = "lanczos"
@@ -201,8 +203,7 @@ class SolverSettings:
             _positive_int("SolverSettings", name, getattr(self, name), optional=True)
         _positive_int("SolverSettings", "check_every", self.check_every)
         _positive_int("SolverSettings", "memory_budget", self.memory_budget, optional=True)
-        only = {"lanczos": ("max_iter", "check_every", "basis_dtype", "memory_budget"),
-                "randomized": ("n_iter", "block")}
+        only = {"lanczos": ("max_iter", "check_every", "basis_dtype"), "randomized": ("n_iter", "block")}
         for method, names in only.items():
             if method == self.method:
                 continue

@@ -400,6 +400,14 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     saver = None if state is None else _RandomizedState(state, {
         "dim": dim, "k": k, "which": which, "block": p, "n_iter": n_iter, "tol": tol, "seed": seed,
         "operator": identity})
+    # V and KV grow a block of columns per product inside arrays sized for the whole solve (no re-stacking)
+    cap = min(dim, p * (n_iter + 1))
+    need, budget = 2 * dim * cap * 8, _basis_budget(solver)
+    if need > budget:
+        raise MemoryError(f"the randomized solver's basis and its images need up to {need:,} bytes (2 x {dim} x "
+                          f"{cap} float64) but the memory budget is {budget:,} bytes; lower n_iter or block, raise "
+                          "SolverSettings.memory_budget, or use Lanczos with a state store, whose basis can stay on "
+                          "disk")
     saved = None if saver is None else saver.load()
     if saved is not None:
         basis, images, rayleigh, done = saved
@@ -412,10 +420,18 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
             saver.commit(0, basis, images, rayleigh)
     bar = Progress("randomized", n_iter, enabled=progress, unit="blocks")
     result, it = None, done
+    big_v, big_kv = np.empty((dim, cap)), np.empty((dim, cap))
+    cols = 0
+    for block, image in zip(basis, images):
+        big_v[:, cols : cols + block.shape[1]], big_kv[:, cols : cols + block.shape[1]] = block, image
+        cols += block.shape[1]
     for it in range(done + 1, n_iter + 1):
         bar.update(it)
         images.append(np.asarray(matvec(basis[-1].T), dtype=np.float64).T)  # K Q_i: one batched product
-        v, kv = np.hstack(basis), np.hstack(images)
+        width = basis[-1].shape[1]
+        big_v[:, cols : cols + width], big_kv[:, cols : cols + width] = basis[-1], images[-1]
+        cols += width
+        v, kv = big_v[:, :cols], big_kv[:, :cols]
         cross = v.T @ images[-1]  # V^T K Q_i; the rows of Q_i against older blocks follow by symmetry
         n_old = rayleigh.shape[0]
         grown = np.zeros((v.shape[1], v.shape[1]))

@@ -516,3 +516,7 @@ def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path):
         np.testing.assert_array_equal(resumed[end][1], whole[end][1])
     with pytest.raises(ValueError, match=r"another solve: \{'operator': \{'op': 'a'\}\}"):
         randomized(lambda x: x @ a, d, 3, solver=solver, progress=False, state=tmp_path / "s", identity={"op": "b"})
+    # its basis and images (2 x 200 x 54 float64 = 172,800 bytes here) must fit the budget: refused before a product
+    with pytest.raises(MemoryError, match=r"need up to 172,800 bytes .* memory budget is 100,000 bytes"):
+        randomized(lambda x: calls.append(1) or x @ a, d, 3, solver={**solver, "memory_budget": 100_000},
+                   progress=False)

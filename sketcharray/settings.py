@@ -175,8 +175,9 @@ class SolverSettings:
         entries, stays in the solve's state store (``lanczos(state=...)``, or
         ``hessian_spectrum(store=...)``) and is read back a block of rows at a
         time; without a store it is refused before the solve starts.
-        Randomized: its basis and their images (``2 x D x block (n_iter + 1)``
-        entries) must fit, else it is refused before the first product.
+        Randomized: when its basis and their images (``2 x D x block
+        (n_iter + 1)`` entries) do not fit, the blocks stay in the state store
+        and are read back one at a time (refused without a store).
     """
 
     method: str = "lanczos"

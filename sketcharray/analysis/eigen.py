@@ -146,29 +146,39 @@ class _RandomizedState(_SolveState):
     """Randomized block Krylov: arrays ``q{i}`` (the basis blocks), ``kq{i}`` (their images) and
     ``rayleigh`` (V^T K V so far); ``progress`` holds the blocks multiplied."""
 
-    def load(self):
-        """(basis blocks, images, rayleigh, iterations) of the last committed block, or None for no state."""
+    def load(self, blocks: bool = True):
+        """(basis blocks, images, rayleigh, iterations) of the last committed block, or None for no state;
+        without ``blocks`` only the newest basis block (the next to multiply) is read."""
         opened = self._open()
         if opened is None:
             return None
         group, progress = opened
         try:
             it = int(progress["iterations"])
-            basis = [np.array(group[f"q{i}"]) for i in range(it + 1)]
-            images = [np.array(group[f"kq{i}"]) for i in range(it)]
+            basis = [np.array(group[f"q{i}"]) for i in (range(it + 1) if blocks else [it])]
+            images = [np.array(group[f"kq{i}"]) for i in range(it)] if blocks else []
             rayleigh = np.array(group["rayleigh"]) if it else np.zeros((0, 0))
         except (KeyError, OSError) as exc:
             raise self._unreadable(exc) from exc
         return basis, images, rayleigh, it
 
-    def commit(self, it: int, basis: list, images: list, rayleigh) -> None:
-        """Block ``it``'s image, the next basis block and the Rayleigh quotient; the progress last."""
+    def block(self, kind: str, j: int) -> np.ndarray:
+        """Basis block ``j`` (``kind="q"``) or its image (``"kq"``), as committed (checksummed chunks)."""
+        import zarr
+
+        group = getattr(self, "_group", None) or zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        return np.array(group[f"{kind}{j}"])
+
+    def commit(self, it: int, basis, images, rayleigh) -> None:
+        """Block ``it``'s image, the next basis block and the Rayleigh quotient; the progress last.  ``basis`` and
+        ``images`` are indexed by block (lists, or dicts holding at least these blocks)."""
         import zarr
 
         from ..store import chunk_codecs
 
-        mode = "w" if it == 0 else "r+"
-        group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+        if it == 0 or getattr(self, "_group", None) is None:
+            self._group = zarr.open_group(str(self.path), mode="w" if it == 0 else "r+", zarr_format=3)
+        group = self._group
         if it == 0:
             group.attrs["settings"] = self.settings
 
@@ -397,18 +407,18 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     solver = _solver_for("randomized", solver)
     which, tol, seed, n_iter = solver.which, solver.tol, solver.seed, solver.n_iter or 30
     p = min(dim, solver.block or k + 10)
+    cap = min(dim, p * (n_iter + 1))  # the most basis columns the solve can reach
+    need, budget = 2 * dim * cap * 8, _basis_budget(solver)
+    on_disk = need > budget
+    if on_disk and state is None:
+        raise MemoryError(f"the randomized solver's basis and its images need up to {need:,} bytes (2 x {dim} x "
+                          f"{cap} float64) but the memory budget is {budget:,} bytes; give a state folder (state=..., "
+                          "or hessian_spectrum's store=) to keep them on disk, raise SolverSettings.memory_budget, "
+                          "or lower n_iter or block")
     saver = None if state is None else _RandomizedState(state, {
         "dim": dim, "k": k, "which": which, "block": p, "n_iter": n_iter, "tol": tol, "seed": seed,
-        "operator": identity})
-    # V and KV grow a block of columns per product inside arrays sized for the whole solve (no re-stacking)
-    cap = min(dim, p * (n_iter + 1))
-    need, budget = 2 * dim * cap * 8, _basis_budget(solver)
-    if need > budget:
-        raise MemoryError(f"the randomized solver's basis and its images need up to {need:,} bytes (2 x {dim} x "
-                          f"{cap} float64) but the memory budget is {budget:,} bytes; lower n_iter or block, raise "
-                          "SolverSettings.memory_budget, or use Lanczos with a state store, whose basis can stay on "
-                          "disk")
-    saved = None if saver is None else saver.load()
+        "basis": "disk" if on_disk else "memory", "operator": identity})
+    saved = None if saver is None else saver.load(blocks=not on_disk)
     if saved is not None:
         basis, images, rayleigh, done = saved
     else:
@@ -418,23 +428,18 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
         rayleigh = np.zeros((0, 0))  # V^T K V, grown by one block of rows and columns per product
         if saver is not None:
             saver.commit(0, basis, images, rayleigh)
+    # the blocks of V = [Q_0, Q_1, ...] and of KV, a block at a time: from RAM, or (over the memory budget) read
+    # back from the state store, where each is committed once; only the newest ones are then held
+    blocks = _KrylovBlocks(basis, images, saver if on_disk else None, done)
     bar = Progress("randomized", n_iter, enabled=progress, unit="blocks")
     result, it = None, done
-    big_v, big_kv = np.empty((dim, cap)), np.empty((dim, cap))
-    cols = 0
-    for block, image in zip(basis, images):
-        big_v[:, cols : cols + block.shape[1]], big_kv[:, cols : cols + block.shape[1]] = block, image
-        cols += block.shape[1]
     for it in range(done + 1, n_iter + 1):
         bar.update(it)
-        images.append(np.asarray(matvec(basis[-1].T), dtype=np.float64).T)  # K Q_i: one batched product
-        width = basis[-1].shape[1]
-        big_v[:, cols : cols + width], big_kv[:, cols : cols + width] = basis[-1], images[-1]
-        cols += width
-        v, kv = big_v[:, :cols], big_kv[:, :cols]
-        cross = v.T @ images[-1]  # V^T K Q_i; the rows of Q_i against older blocks follow by symmetry
-        n_old = rayleigh.shape[0]
-        grown = np.zeros((v.shape[1], v.shape[1]))
+        image = np.asarray(matvec(blocks.last_q().T), dtype=np.float64).T  # K Q_i: one batched product
+        blocks.add_image(image)
+        cross = blocks.t_dot("q", image)  # V^T K Q_i; the rows of Q_i against older blocks follow by symmetry
+        n_old, cols = rayleigh.shape[0], cross.shape[0]
+        grown = np.zeros((cols, cols))
         grown[:n_old, :n_old] = rayleigh
         grown[:, n_old:] = cross
         grown[n_old:, :n_old] = cross[:n_old].T
@@ -445,28 +450,90 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
         wanted = np.unique(np.concatenate([order[::-1][:kk], order[:kk]]))
         res = np.zeros_like(theta)  # residuals of the wanted Ritz pairs only (_select reads no others)
         sw = s[:, wanted]
-        res[wanted] = np.linalg.norm(kv @ sw - (v @ sw) * theta[wanted], axis=0)
-        ritz = np.zeros((dim, theta.size))
-        ritz[:, wanted] = v @ sw
+        vectors = blocks.dot("q", sw)
+        res[wanted] = np.linalg.norm(blocks.dot("kq", sw) - vectors * theta[wanted], axis=0)
+        ritz = _Columns(vectors, wanted, theta.size)
         result = _select(theta, ritz, res, kk, which)
         scale = np.abs(theta).max()
-        room = dim - v.shape[1]
+        room = dim - cols
         if all(r.max() <= tol * scale for _, _, r in result.values()) or room == 0:
             break
-        z = images[-1]
+        z = image
         for _ in range(2):  # block Gram-Schmidt against the whole basis, twice
-            z = z - v @ (v.T @ z)
+            z = z - blocks.dot("q", blocks.t_dot("q", z))
         q, r = np.linalg.qr(z)
         keep = np.abs(np.diag(r)) > 1e-10 * max(1.0, np.abs(np.diag(r)).max())
         if not keep.any():
             break  # the Krylov space is invariant: Ritz values are exact
-        basis.append(q[:, keep][:, :room])
+        blocks.add_basis(q[:, keep][:, :room])
         if saver is not None:
-            saver.commit(it, basis, images, rayleigh)
+            saver.commit(it, blocks.basis, blocks.images, rayleigh)
     bar.close()
-    out = dict(result)
+    out = {key: (vals, np.asarray(vecs), res) for key, (vals, vecs, res) in result.items()}
     out["iterations"] = it
     return out
+
+
+class _Columns:
+    """Ritz vectors held for the wanted columns only, indexed like the full (dim, n) matrix by ``[:, cols]``."""
+
+    def __init__(self, vectors: np.ndarray, wanted: np.ndarray, n: int):
+        self.vectors, self.where = vectors, {int(c): i for i, c in enumerate(wanted)}
+
+    def __getitem__(self, key):
+        _, cols = key
+        return self.vectors[:, [self.where[int(c)] for c in cols]]
+
+
+class _KrylovBlocks:
+    """The randomized solver's basis blocks Q_j and images K Q_j, in RAM or read back from the state store.
+
+    ``state`` (over the memory budget): blocks already committed are read from it when needed and not kept;
+    only the blocks of the current product (the newest Q, its image, the next Q) are held.
+    """
+
+    def __init__(self, basis: list, images: list, state: "_RandomizedState | None", done: int):
+        self.state = state
+        self.n_q, self.n_kq = (done + 1, done) if state is not None else (len(basis), len(images))
+        self.basis = basis if state is None else {done: basis[-1]} if basis else {done: state.block("q", done)}
+        self.images = images if state is None else {}
+
+    def _get(self, kind: str, j: int) -> np.ndarray:
+        held = self.basis if kind == "q" else self.images
+        if self.state is None or j in held:
+            return held[j]
+        return self.state.block(kind, j)
+
+    def last_q(self) -> np.ndarray:
+        return self._get("q", self.n_q - 1)
+
+    def add_image(self, image) -> None:
+        if self.state is None:
+            self.images.append(image)
+        else:
+            self.images = {self.n_kq: image}
+        self.n_kq += 1
+
+    def add_basis(self, q) -> None:
+        if self.state is None:
+            self.basis.append(q)
+        else:
+            self.basis = {self.n_q - 1: self.basis.get(self.n_q - 1), self.n_q: q}
+        self.n_q += 1
+
+    def t_dot(self, kind: str, z) -> np.ndarray:
+        """``V^T z`` over the blocks multiplied so far (those with an image)."""
+        return np.concatenate([self._get(kind, j).T @ z for j in range(self.n_kq)])
+
+    def dot(self, kind: str, c) -> np.ndarray:
+        """``V c`` (or ``KV c``) summed block by block over the blocks multiplied so far."""
+        out, row = None, 0
+        for j in range(self.n_kq):
+            block = self._get(kind, j)
+            part = block @ c[row : row + block.shape[1]]
+            out = part if out is None else out + part
+            row += block.shape[1]
+        return out
 
 
 SOLVERS = {"lanczos": lanczos, "randomized": randomized}

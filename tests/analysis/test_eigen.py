@@ -488,7 +488,7 @@ def test_a_basis_over_the_memory_budget_stays_in_the_store_and_resumes(tmp_path,
         lanczos(interrupted, d, 3, solver={"tol": 1e-12}, progress=False, state=tmp_path / "run")
 
 
-def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path):
+def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     """Issue 16: the randomized solver commits its blocks, their images and the Rayleigh quotient after each
     block; rerun after an interruption it multiplies only the remaining blocks and gives the same bits."""
     rng = np.random.default_rng(2)
@@ -516,7 +516,24 @@ def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path):
         np.testing.assert_array_equal(resumed[end][1], whole[end][1])
     with pytest.raises(ValueError, match=r"another solve: \{'operator': \{'op': 'a'\}\}"):
         randomized(lambda x: x @ a, d, 3, solver=solver, progress=False, state=tmp_path / "s", identity={"op": "b"})
-    # its basis and images (2 x 200 x 54 float64 = 172,800 bytes here) must fit the budget: refused before a product
+    # over the memory budget (its basis and images: 2 x 200 x 54 float64 = 172,800 bytes here) the blocks stay in
+    # the state store, read back one at a time: the same eigenvalues (float64 sums in another order), and an
+    # interrupted solve resumes bit for bit; without a store it is refused before a product
+    tight = {**solver, "memory_budget": 100_000}
     with pytest.raises(MemoryError, match=r"need up to 172,800 bytes .* memory budget is 100,000 bytes"):
-        randomized(lambda x: calls.append(1) or x @ a, d, 3, solver={**solver, "memory_budget": 100_000},
-                   progress=False)
+        randomized(lambda x: x @ a, d, 3, solver=tight, progress=False)
+    from sketcharray.analysis.eigen import _RandomizedState
+
+    reads, real_block = [], _RandomizedState.block
+    monkeypatch.setattr(_RandomizedState, "block", lambda self, kind, j: reads.append(j) or real_block(self, kind, j))
+    disk = randomized(lambda x: x @ a, d, 3, solver=tight, progress=False, state=tmp_path / "disk")
+    assert reads  # older blocks came back from the store, not from memory
+    for end in ("positive", "negative"):
+        np.testing.assert_allclose(disk[end][0], whole[end][0], rtol=1e-10)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        randomized(interrupted, d, 3, solver=tight, progress=False, state=tmp_path / "disk-run")
+    again = randomized(lambda x: x @ a, d, 3, solver=tight, progress=False, state=tmp_path / "disk-run")
+    for end in ("positive", "negative"):
+        np.testing.assert_array_equal(again[end][0], disk[end][0])
+        np.testing.assert_array_equal(again[end][1], disk[end][1])

@@ -406,9 +406,7 @@ def test_a_lanczos_solve_killed_with_sigkill_resumes_to_the_same_numbers(tmp_pat
     resumed = lanczos(lambda x: calls.append(1) or x @ a, a.shape[0], 3, progress=False, state=tmp_path / "state",
                       identity={"operator": "a.npy"}, solver={"tol": 1e-12})
     assert len(calls) == reference["iterations"] - 9
-    for end in ("positive", "negative"):
-        np.testing.assert_array_equal(resumed[end][0], reference[end][0])
-        np.testing.assert_array_equal(resumed[end][1], reference[end][1])
+    _assert_same_pairs(resumed, reference)
     with pytest.raises(ValueError, match=r"another solve: \{'operator': \{'operator': 'a.npy'\}\}.*'b.npy'"):
         lanczos(lambda x: x @ a, a.shape[0], 3, progress=False, state=tmp_path / "state",
                 identity={"operator": "b.npy"}, solver={"tol": 1e-12})
@@ -481,9 +479,7 @@ def test_a_basis_over_the_memory_budget_stays_in_the_store_and_resumes(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         lanczos(interrupted, d, 3, solver=solver, progress=False, state=tmp_path / "run")
     resumed = lanczos(lambda x: x @ a, d, 3, solver=solver, progress=False, state=tmp_path / "run")
-    for end in ("positive", "negative"):
-        np.testing.assert_array_equal(resumed[end][0], disk[end][0])
-        np.testing.assert_array_equal(resumed[end][1], disk[end][1])
+    _assert_same_pairs(resumed, disk)
     with pytest.raises(ValueError, match=r"another solve: \{'basis': 'disk'\}.*\{'basis': 'memory'\}"):
         lanczos(interrupted, d, 3, solver={"tol": 1e-12}, progress=False, state=tmp_path / "run")
 
@@ -511,9 +507,7 @@ def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path, mo
     resumed = randomized(lambda x: calls.append(1) or x @ a, d, 3, solver=solver, progress=False,
                          state=tmp_path / "s", identity={"op": "a"})
     assert len(calls) == whole["iterations"] - 3 and resumed["iterations"] == whole["iterations"]
-    for end in ("positive", "negative"):
-        np.testing.assert_array_equal(resumed[end][0], whole[end][0])
-        np.testing.assert_array_equal(resumed[end][1], whole[end][1])
+    _assert_same_pairs(resumed, whole)
     with pytest.raises(ValueError, match=r"another solve: \{'operator': \{'op': 'a'\}\}"):
         randomized(lambda x: x @ a, d, 3, solver=solver, progress=False, state=tmp_path / "s", identity={"op": "b"})
     # over the memory budget (its basis and images: 2 x 200 x 54 float64 = 172,800 bytes here) the blocks stay in
@@ -534,6 +528,11 @@ def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         randomized(interrupted, d, 3, solver=tight, progress=False, state=tmp_path / "disk-run")
     again = randomized(lambda x: x @ a, d, 3, solver=tight, progress=False, state=tmp_path / "disk-run")
+    _assert_same_pairs(again, disk)
+
+
+def _assert_same_pairs(got: dict, expected: dict) -> None:
+    """The same eigenvalues and Ritz vectors at both ends, bit for bit (a resumed solve against a whole one)."""
     for end in ("positive", "negative"):
-        np.testing.assert_array_equal(again[end][0], disk[end][0])
-        np.testing.assert_array_equal(again[end][1], disk[end][1])
+        np.testing.assert_array_equal(got[end][0], expected[end][0])
+        np.testing.assert_array_equal(got[end][1], expected[end][1])

@@ -688,6 +688,26 @@ def verify_store(path, *, progress: bool = False) -> StoreReport:
     return report
 
 
+def prepare_store(path, skeleton: dict, *, quiet: bool = False, ids=None) -> np.ndarray:
+    """Make ``path`` ready for a run and return the batches it still has to write (call it holding
+    :func:`writer_lock`).
+
+    A new path gets the skeleton (:func:`create_store`, ``skeleton`` its arguments); an existing store must
+    have been made by the same run (:func:`check_compatible` on the skeleton's ``attrs``, and on ``ids``
+    after any repair, when given) and is repaired first (:func:`repair_store`), so damaged batches are
+    pending again.
+    """
+    existing = read_attrs(path)
+    if existing is None:
+        create_store(path, **skeleton)
+    else:
+        check_compatible(path, existing, skeleton["attrs"])
+        repair_store(path, quiet=quiet, **skeleton)
+        if ids is not None:
+            check_compatible(path, existing, skeleton["attrs"], ids=ids)
+    return pending_batches(path)
+
+
 def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:
     """Make a damaged store resumable again; returns the batches flagged for recomputation.
 

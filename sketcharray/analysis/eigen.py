@@ -86,6 +86,18 @@ class _SolveState:
                              "folder, or delete this one to start over")
         return group, progress
 
+    def _opened(self, mode: str = "r"):
+        """The state's Zarr group: the one this solve created or wrote to (kept), else opened with ``mode``
+        (kept when writable)."""
+        group = getattr(self, "_group", None)
+        if group is None:
+            import zarr
+
+            group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+            if mode != "r":
+                self._group = group
+        return group
+
     def _unreadable(self, exc) -> ValueError:
         return ValueError(f"the solver state in {self.path} cannot be read ({type(exc).__name__}: {exc}); delete "
                           "the folder to start the solve over")
@@ -111,31 +123,23 @@ class _LanczosState(_SolveState):
         return basis, alpha, beta, m, int(progress["restarts"]), progress["rng"]
 
     def create(self, dim: int, m_max: int, basis_dtype) -> None:
-        import zarr
-
         from ..store import chunk_codecs
 
-        group = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        self._group = None  # a new state: whatever the folder held goes
+        group = self._opened("w")
         group.create_array("basis", shape=(m_max + 1, dim), chunks=(1, dim), dtype=basis_dtype,
                            compressors=chunk_codecs(compressed=False), fill_value=0)
         for name in ("alpha", "beta"):
             group.create_array(name, shape=(m_max,), chunks=(m_max,), dtype=np.float64,
                                compressors=chunk_codecs(compressed=False), fill_value=0)
         group.attrs["settings"] = self.settings
-        self._group = group
 
     def rows(self, a: int, b: int) -> np.ndarray:
         """Rows ``a:b`` of the stored basis (checksummed chunks: a damaged one is an error, not a wrong basis)."""
-        import zarr
-
-        group = getattr(self, "_group", None) or zarr.open_group(str(self.path), mode="r", zarr_format=3)
-        return np.array(group["basis"][a:b])
+        return np.array(self._opened()["basis"][a:b])
 
     def commit(self, row: int, vector, alpha, beta, m: int, restarts: int, rng) -> None:
-        import zarr
-
-        group = getattr(self, "_group", None) or zarr.open_group(str(self.path), mode="r+", zarr_format=3)
-        self._group = group
+        group = self._opened("r+")
         group["basis"][row] = vector
         group["alpha"][:] = alpha
         group["beta"][:] = beta
@@ -164,21 +168,16 @@ class _RandomizedState(_SolveState):
 
     def block(self, kind: str, j: int) -> np.ndarray:
         """Basis block ``j`` (``kind="q"``) or its image (``"kq"``), as committed (checksummed chunks)."""
-        import zarr
-
-        group = getattr(self, "_group", None) or zarr.open_group(str(self.path), mode="r", zarr_format=3)
-        return np.array(group[f"{kind}{j}"])
+        return np.array(self._opened()[f"{kind}{j}"])
 
     def commit(self, it: int, basis, images, rayleigh) -> None:
         """Block ``it``'s image, the next basis block and the Rayleigh quotient; the progress last.  ``basis`` and
         ``images`` are indexed by block (lists, or dicts holding at least these blocks)."""
-        import zarr
-
         from ..store import chunk_codecs
 
-        if it == 0 or getattr(self, "_group", None) is None:
-            self._group = zarr.open_group(str(self.path), mode="w" if it == 0 else "r+", zarr_format=3)
-        group = self._group
+        if it == 0:  # a new state: whatever the folder held goes
+            self._group = None
+        group = self._opened("w" if it == 0 else "r+")
         if it == 0:
             group.attrs["settings"] = self.settings
 
@@ -197,8 +196,6 @@ class _RandomizedState(_SolveState):
 
 class _MemoryBasis:
     """The Krylov basis V ((m_max + 1) x dim) as one array in RAM."""
-
-    on_disk = False
 
     def __init__(self, rows: int, dim: int, dtype):
         self.a = np.zeros((rows, dim), dtype=dtype)
@@ -228,8 +225,6 @@ class _MemoryBasis:
 class _DiskBasis(_MemoryBasis):
     """The Krylov basis as the solve's Zarr state holds it (a row per product), read back ``block`` rows at a
     time: the memory a product needs is a few such blocks, whatever the Krylov dimension."""
-
-    on_disk = True
 
     def __init__(self, state: "_LanczosState", dim: int, dtype, block: int):
         self.state, self.dim, self.dtype, self.block = state, dim, np.dtype(dtype), max(1, int(block))
@@ -270,13 +265,21 @@ class _DiskBasis(_MemoryBasis):
         return out
 
 
-def _basis_budget(solver: SolverSettings) -> int:
-    """Bytes the Krylov basis may hold in RAM: ``solver.memory_budget``, else half the available memory."""
+def _basis_on_disk(solver: SolverSettings, state, need: int, what: str, lower: str) -> tuple[bool, int]:
+    """(whether the solver's basis goes to its state store, the memory budget): it does when its ``need`` bytes
+    exceed ``solver.memory_budget`` (default half the available memory), and a solve without a store is then
+    refused before it starts (``what`` describes the basis, ``lower`` the settings that shrink it)."""
     if solver.memory_budget is not None:
-        return int(solver.memory_budget)
-    from ..sketches.base import available_memory
+        budget = int(solver.memory_budget)
+    else:
+        from ..sketches.base import available_memory
 
-    return available_memory() // 2
+        budget = available_memory() // 2
+    if need > budget and state is None:
+        raise MemoryError(f"{what} but the memory budget is {budget:,} bytes; give a state folder (state=..., or "
+                          "hessian_spectrum's store=) to keep it on disk, raise SolverSettings.memory_budget, or "
+                          f"lower {lower}")
+    return need > budget, budget
 
 
 @moved_options(solver=SolverSettings)
@@ -315,12 +318,9 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
     if k > m_max:
         raise ValueError(f"k={k} exceeds the Krylov dimension available ({m_max})")
     rng = np.random.default_rng(seed)
-    need, budget = (m_max + 1) * dim * basis_dtype.itemsize, _basis_budget(solver)
-    on_disk = need > budget
-    if on_disk and state is None:
-        raise MemoryError(f"the Krylov basis needs {need:,} bytes ({m_max + 1} x {dim} {basis_dtype.name}) but the "
-                          f"memory budget is {budget:,} bytes; give a state folder (state=..., or hessian_spectrum's "
-                          "store=) to keep it on disk, raise SolverSettings.memory_budget, or lower max_iter")
+    need = (m_max + 1) * dim * basis_dtype.itemsize
+    on_disk, budget = _basis_on_disk(solver, state, need, f"the Krylov basis needs {need:,} bytes ({m_max + 1} x "
+                                                          f"{dim} {basis_dtype.name})", "max_iter")
     alpha, beta = np.zeros(m_max), np.zeros(m_max)
     m, restarts = 0, 0
     saver = None
@@ -408,13 +408,9 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     which, tol, seed, n_iter = solver.which, solver.tol, solver.seed, solver.n_iter or 30
     p = min(dim, solver.block or k + 10)
     cap = min(dim, p * (n_iter + 1))  # the most basis columns the solve can reach
-    need, budget = 2 * dim * cap * 8, _basis_budget(solver)
-    on_disk = need > budget
-    if on_disk and state is None:
-        raise MemoryError(f"the randomized solver's basis and its images need up to {need:,} bytes (2 x {dim} x "
-                          f"{cap} float64) but the memory budget is {budget:,} bytes; give a state folder (state=..., "
-                          "or hessian_spectrum's store=) to keep them on disk, raise SolverSettings.memory_budget, "
-                          "or lower n_iter or block")
+    need = 2 * dim * cap * 8
+    on_disk, _ = _basis_on_disk(solver, state, need, f"the randomized solver's basis and its images need up to "
+                                                     f"{need:,} bytes (2 x {dim} x {cap} float64)", "n_iter or block")
     saver = None if state is None else _RandomizedState(state, {
         "dim": dim, "k": k, "which": which, "block": p, "n_iter": n_iter, "tol": tol, "seed": seed,
         "basis": "disk" if on_disk else "memory", "operator": identity})
@@ -452,7 +448,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
         sw = s[:, wanted]
         vectors = blocks.dot("q", sw)
         res[wanted] = np.linalg.norm(blocks.dot("kq", sw) - vectors * theta[wanted], axis=0)
-        ritz = _Columns(vectors, wanted, theta.size)
+        ritz = _Columns(vectors, wanted)
         result = _select(theta, ritz, res, kk, which)
         scale = np.abs(theta).max()
         room = dim - cols
@@ -477,7 +473,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
 class _Columns:
     """Ritz vectors held for the wanted columns only, indexed like the full (dim, n) matrix by ``[:, cols]``."""
 
-    def __init__(self, vectors: np.ndarray, wanted: np.ndarray, n: int):
+    def __init__(self, vectors: np.ndarray, wanted: np.ndarray):
         self.vectors, self.where = vectors, {int(c): i for i, c in enumerate(wanted)}
 
     def __getitem__(self, key):

@@ -141,14 +141,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
                     has_label=has_label, label_dtype=labels.cpu().numpy().dtype if has_label else None,
                     storage_dtype=dtype, attrs=attrs)
     with st.writer_lock(store, quiet=not progress):
-        existing = st.read_attrs(store)
-        if existing is None:
-            st.create_store(store, **skeleton)
-        else:
-            st.check_compatible(store, existing, attrs)
-            st.repair_store(store, quiet=not progress, **skeleton)
-            st.check_compatible(store, existing, attrs, ids=ids)
-        todo = st.pending_batches(store)
+        todo = st.prepare_store(store, skeleton, quiet=not progress, ids=ids)
         model_d = _model_delayed(model_src)
         token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
         tasks = [

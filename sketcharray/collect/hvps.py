@@ -197,13 +197,7 @@ def _stored_hvps(store, model_src, loss_fn, source: DataSource, blocks, op, sett
                     ids=list(range(k)), has_label=False, storage_dtype="float32", attrs=attrs)
     progress = execution.progress
     with st.writer_lock(store, quiet=not progress):
-        existing = st.read_attrs(store)
-        if existing is None:
-            st.create_store(store, **skeleton)
-        else:
-            st.check_compatible(store, existing, attrs)
-            st.repair_store(store, quiet=not progress, **skeleton)
-        todo = st.pending_batches(store)
+        todo = st.prepare_store(store, skeleton, quiet=not progress)
         model_d = _model_delayed(model_src)
         token = dask.base.tokenize(op, settings.params, str(store), key)
         tasks = [dask.delayed(_hvp_task, pure=True)(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -120,9 +121,17 @@ class SubspaceTrainer:
         self.base, self.op, self.data, self.loss_fn = base, op, data, loss_fn
         self.training, self.seed, self.device = training, seed, device
         self.params, self.forward = model_settings.params, model_settings.forward or default_forward
-        self.sub = SubspaceModel(copy.deepcopy(base), op, self.params).to(device or "cpu")
-        self.opt = torch.optim.Adam([self.sub.omega], lr=training.lr)
         self.stream = MinibatchStream(data, training.batch_size, seed)
+
+    @cached_property
+    def sub(self) -> SubspaceModel:
+        """The search's reparametrised model (a copy of ``base``), built when the search first needs it: the
+        grid mode only makes check runs, which build their own."""
+        return SubspaceModel(copy.deepcopy(self.base), self.op, self.params).to(self.device or "cpu")
+
+    @cached_property
+    def opt(self) -> torch.optim.Adam:
+        return torch.optim.Adam([self.sub.omega], lr=self.training.lr)
 
     def train(self, d: int, start: int, n: int) -> None:
         self.sub.active = d

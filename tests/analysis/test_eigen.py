@@ -468,14 +468,7 @@ def test_a_basis_over_the_memory_budget_stays_in_the_store_and_resumes(tmp_path,
     with pytest.raises(MemoryError, match="the Krylov basis needs .* bytes .* give a state folder"):
         lanczos(lambda x: x @ a, d, 3, solver=solver, progress=False)
 
-    calls = []
-
-    def interrupted(x):
-        calls.append(1)
-        if len(calls) == 12:
-            raise KeyboardInterrupt
-        return x @ a
-
+    interrupted, calls = _interrupted_at(12, a)
     with pytest.raises(KeyboardInterrupt):
         lanczos(interrupted, d, 3, solver=solver, progress=False, state=tmp_path / "run")
     resumed = lanczos(lambda x: x @ a, d, 3, solver=solver, progress=False, state=tmp_path / "run")
@@ -493,14 +486,7 @@ def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path, mo
     a = (q * np.concatenate([[40.0, 25.0, 9.0], rng.uniform(-1, 1, d - 6), [-2.0, -6.0, -15.0]])) @ q.T
     solver = {"tol": 1e-12, "n_iter": 8, "block": 6}
     whole = randomized(lambda x: x @ a, d, 3, solver=solver, progress=False)
-    calls = []
-
-    def interrupted(x):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return x @ a
-
+    interrupted, calls = _interrupted_at(4, a)
     with pytest.raises(KeyboardInterrupt):
         randomized(interrupted, d, 3, solver=solver, progress=False, state=tmp_path / "s", identity={"op": "a"})
     calls.clear()
@@ -536,3 +522,17 @@ def _assert_same_pairs(got: dict, expected: dict) -> None:
     for end in ("positive", "negative"):
         np.testing.assert_array_equal(got[end][0], expected[end][0])
         np.testing.assert_array_equal(got[end][1], expected[end][1])
+
+
+def _interrupted_at(product: int, a: np.ndarray):
+    """``(matvec, calls)``: ``x @ a`` that raises KeyboardInterrupt at the ``product``-th call (counted in
+    ``calls``, which the caller may clear to count again)."""
+    calls = []
+
+    def matvec(x):
+        calls.append(1)
+        if len(calls) == product:
+            raise KeyboardInterrupt
+        return x @ a
+
+    return matvec, calls

@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="accept queries sketched at other model weights than the training examples (e.g. a "
                         "fine-tuned model against its base); refused otherwise, and recorded when allowed")
-    p.add_argument("--out", default=None, help="write the result (Zarr, or netCDF when it ends in .nc)")
+    p.add_argument("--out", default=None, help="write the result (Zarr, or netCDF when it ends in .nc): a new path, "
+                                               "or an earlier result with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the result --out holds (only a result this command wrote; anything else is refused)")
     _common(p, workload=False)
 
     p = command("spectrum", "top and bottom eigenvalues of the sketched Hessian, over checkpoints",

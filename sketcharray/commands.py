@@ -64,12 +64,12 @@ def sketch(args) -> int:
 
 def attribute(args) -> int:
     from .analysis import attribute as attribute_scores
-    from .store import open_sketches, read_attrs
+    from .outputs import check_result_path, write_result
+    from .store import open_sketches
 
     train, q = open_sketches(args.train), open_sketches(args.queries)
-    if args.out and Path(args.out).exists() and (read_attrs(args.out) is not None or Path(args.out).resolve() in (
-            Path(args.train).resolve(), Path(args.queries).resolve())):
-        raise ValueError(f"--out {args.out} is a sketch store, which the scores would overwrite; choose another path")
+    if args.out:  # before any work: nothing the package did not write is replaced, nothing inside a store
+        check_result_path(args.out, "attribution", overwrite=args.overwrite)
     if args.query:
         missing = [i for i in args.query if i not in set(map(str, q.example.values))]
         if missing:
@@ -88,11 +88,13 @@ def attribute(args) -> int:
                                    message=f"scoring {q.sizes['example']} queries against {train.sizes['example']} "
                                            f"training examples in {len(train.chunks['example'])} chunks")
     if args.out:
-        res.to_netcdf(args.out) if str(args.out).endswith(".nc") else res.to_zarr(args.out, mode="w",
-                                                                                   consolidated=False, zarr_format=3)
+        write_result(res, args.out, "attribution", overwrite=args.overwrite)
+    ranked, index = res.ranked.values, res["index"].values
     rows = [{"query": str(qid), "rank": int(r) + 1, "example": str(res.example.values[i, r]),
              "score": float(res.score.values[i, r])}
-            for i, qid in enumerate(res["query"].values) for r in range(res.sizes["rank"])]
+            for i, qid in enumerate(res["query"].values) for r in range(res.sizes["rank"]) if index[i, r] >= 0]
+    rows += [{"query": str(qid), "rank": "-", "example": "no ranking: the query's sketch is zero or non-finite",
+              "score": float("nan")} for qid in res["query"].values[~ranked]]
     if not args.quiet:
         if "model_mismatch_allowed" in res.attrs:
             print(f"note: model mismatch allowed: {res.attrs['model_mismatch_allowed']}")
@@ -118,11 +120,25 @@ def _checkpoints(values: list[str] | None):
     return out
 
 
+def _plot_path(args):
+    """``--plot``, checked before any work: a PNG path outside every store, new or written by this package."""
+    if args.plot:
+        from .outputs import PLOT_SOFTWARE, check_file
+
+        check_file(args.plot, suffixes=(".png",), marker=PLOT_SOFTWARE.encode(), what="--plot")
+    return args.plot
+
+
 def spectrum(args) -> int:
     from .analysis import hessian_spectrum, spectrum_statistics
     from .analysis.eigen import format_outliers, plot_spectrum_evolution
     from .settings import Execution, ModelSettings, SolverSettings
 
+    _plot_path(args)
+    if args.out:
+        from .outputs import check_folder
+
+        check_folder(args.out)
     if args.from_hvps:
         return _spectrum_from_hvps(args)
     w = _workload(args)
@@ -179,6 +195,11 @@ def intrinsic_dim(args) -> int:
     from .analysis.intrinsic import intrinsic_dimension, plot_intrinsic
     from .settings import Execution, ModelSettings
 
+    _plot_path(args)
+    if args.out:
+        from .outputs import check_folder
+
+        check_folder(args.out)
     w = _workload(args)
     flags = ("d0", "d_max", "steps_per_eval", "min_improvement", "lr", "batch_size")
     search, training = w.intrinsic_settings(**{key: getattr(args, key) for key in flags}, target=args.target,
@@ -314,7 +335,7 @@ def info(args) -> int:
         report = verify_store(args.store, progress=not args.json)
         if args.json:
             print(json.dumps({"path": report.path, "verifiable": report.verifiable, "batches": report.batches,
-                              "checked": report.checked, "ok": report.ok,
+                              "checked": report.checked, "ok": report.ok, "zero_rows": report.zero_rows,
                               "damaged_batches": report.damaged_batches, "damaged_arrays": report.damaged_arrays,
                               "damage": [str(d) for d in report.damage]}, indent=2))
         else:
@@ -335,7 +356,8 @@ def info(args) -> int:
         state = "complete" if data["complete"] else "INCOMPLETE (rerun the same command to resume)"
         print(f"  progress: {data['batches_done']} of {data['batches']} batches, {data['rows_done']} rows; {state}")
         if "valid" in data:
-            print(f"  valid rows: {data['valid']}, invalid (non-finite gradient or loss): {data['invalid']}")
+            print(f"  valid rows (finite gradient and loss): {data['valid']}, invalid: {data['invalid']} (a valid row "
+                  "whose sketch is zero has no cosine score: 'info --verify' counts them)")
     elif data["kind"] == "HVP sketch store":
         print(f"  hvp {data['dims']}; sketch: {data['sketch_spec']}")
         print(f"  N = {data['n_params']:,} parameters; model {data['model_fingerprint']}; probes from seed "

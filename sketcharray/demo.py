@@ -27,6 +27,7 @@ from .analysis.eigen import format_outliers, plot_spectrum_evolution
 from .analysis.intrinsic import intrinsic_dimension, plot_intrinsic
 from .cluster import scheduler as active_scheduler
 from .collect import compute_with_progress, sketch_gradients
+from .outputs import check_folder, save_figure
 from .report import Report, markdown_table
 from .settings import Execution, ModelSettings
 from .workloads import Workload, load_workload
@@ -65,6 +66,10 @@ class _Say:
             print(*lines, sep="\n", flush=True)
 
 
+#: the file that marks a folder as a demo's (rerunning into it resumes; another non-empty folder is refused)
+DEMO_MARKER = ".sketcharray-demo"
+
+
 def run_demo(out=None, *, workload: str = "digits", device: str = "cpu", quick: bool = False,
              scheduler: str = "threads", quiet: bool = False, seed: int = 0, **overrides) -> Path:
     """Run the demo and write its report folder (computes now, with progress).
@@ -97,8 +102,12 @@ def run_demo(out=None, *, workload: str = "digits", device: str = "cpu", quick: 
     Path of ``report.md`` in the folder.
     """
     settings = replace(QUICK if quick else FULL, **overrides)
-    out = Path(out or ("sketcharray-demo-quick" if quick else "sketcharray-demo"))
+    out = check_folder(out or ("sketcharray-demo-quick" if quick else "sketcharray-demo"))
+    if out.is_dir() and any(out.iterdir()) and not ((out / DEMO_MARKER).exists() or (out / "report.json").exists()):
+        raise ValueError(f"--out {out} is a folder that holds other things than a sketcharray demo (no {DEMO_MARKER}); "
+                         "choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
     say = _Say(quiet)
     progress = not quiet
     say(f"building the {workload!r} workload ...")
@@ -174,9 +183,11 @@ def _stream(report, w, out, settings, device, seed, progress, say):
     return train, queries
 
 
-def _pick_queries(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
-    """Up to half misclassified test examples (the interesting ones), the rest spread over the correct ones."""
-    wrong, right = np.flatnonzero(predicted != labels), np.flatnonzero(predicted == labels)
+def _pick_queries(labels: np.ndarray, predicted: np.ndarray, n: int, rankable: np.ndarray) -> np.ndarray:
+    """Up to half misclassified test examples (the interesting ones), the rest spread over the correct ones; only
+    ``rankable`` ones (a zero gradient, e.g. of a perfectly fitted example, has no cosine ranking)."""
+    wrong = np.flatnonzero((predicted != labels) & rankable)
+    right = np.flatnonzero((predicted == labels) & rankable)
     wrong = wrong[: n // 2]
     right = right[np.linspace(0, len(right) - 1, n - len(wrong)).astype(int)] if len(right) else right
     return np.sort(np.concatenate([wrong, right]))[:n]
@@ -184,7 +195,8 @@ def _pick_queries(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarr
 
 def _attribution(report, w, model, out, train, queries, settings, progress, say):
     labels, predicted = w.labels("test"), w.predictions(model, "test")
-    chosen = _pick_queries(labels, predicted, settings.n_queries)
+    rankable = np.asarray(((queries.grad != 0).any("sketch") & queries.valid).values, dtype=bool)
+    chosen = _pick_queries(labels, predicted, settings.n_queries, rankable)
     q = queries.grad.isel(example=chosen)
     top, bottom = compute_with_progress(
         [attribute(train, q, score="cosine", k=settings.k, which=which) for which in ("top", "bottom")],
@@ -260,7 +272,7 @@ def _plot_attribution(path, w, chosen, labels, predicted, top, bottom, position,
                 ax.set_yticks([])
         fig.suptitle("query (label→predicted) | proponents (green) | opponents (red), cosine", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

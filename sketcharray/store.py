@@ -164,7 +164,9 @@ def writer_lock(path, *, quiet: bool = False):
     """
     import filelock
 
-    path = Path(path)
+    # the lock belongs to the store, not to how its path is spelled: a symlink or a relative alias of the same
+    # store takes the same lock
+    path = Path(os.path.realpath(path))
     parent = path.parent
     _check_parent(path)
     parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +205,13 @@ def _read_owner(owner_file: Path) -> dict | None:
 
 # ----------------------------------------------------------------- creation
 def _check_parent(path: Path) -> None:
-    """Refuse a store path below a regular file (``--out file.txt/s.zarr``)."""
+    """Refuse a store path below a regular file (``--out file.txt/s.zarr``) or inside another Zarr store."""
+    from .outputs import enclosing_store
+
+    inside = enclosing_store(path)
+    if inside is not None:
+        raise StoreError(f"cannot create store {path}: it lies inside the Zarr store {inside}, which it would "
+                         "damage; choose a path outside it")
     for parent in Path(path).absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -580,6 +588,8 @@ class StoreReport:
     batches: int = 0
     checked: int = 0
     damage: list[Damage] = field(default_factory=list)
+    #: rows of the verified batches whose sketch is exactly zero: valid, but with no direction (no cosine score)
+    zero_rows: int = 0
 
     @property
     def ok(self) -> bool:
@@ -599,7 +609,9 @@ class StoreReport:
         head = (f"store {self.path}: {self.checked} finished batches of {self.batches} verified, "
                 + ("no damage" if self.ok else f"{len(self.damaged_batches)} damaged batch(es), "
                    f"{len(self.damaged_arrays)} damaged array(s)"))
-        return "\n".join([head, *(f"  {d}" for d in self.damage)])
+        zero = ([f"  {self.zero_rows} row(s) with a zero sketch: no cosine score, and as a query no ranking"]
+                if self.zero_rows else [])
+        return "\n".join([head, *(f"  {d}" for d in self.damage), *zero])
 
 
 def verify_store(path, *, progress: bool = False) -> StoreReport:
@@ -679,9 +691,13 @@ def verify_store(path, *, progress: bool = False) -> StoreReport:
             if name not in arrays:
                 continue
             try:
-                read_rows(path, name, b, start, stop, digests[b, i], arr=arrays[name])
+                rows = read_rows(path, name, b, start, stop, digests[b, i], arr=arrays[name])
             except StoreDamaged as exc:
                 report.damage.append(Damage(name, exc.reason, b, start, stop))
+                continue
+            if name == variable:
+                rows = decode_bfloat16(rows) if attrs["storage_dtype"] == "bfloat16" else rows
+                report.zero_rows += int((rows.reshape(len(rows), -1) == 0).all(axis=1).sum())
         checked += 1
         bar.update(checked)
     bar.close()

@@ -158,7 +158,7 @@ def test_info_reports_an_interrupted_store_and_how_to_resume(tmp_path, capsys):
     assert cli.main(["info", str(store)]) == 0
     out = capsys.readouterr().out
     assert "4 of 5 batches, 40 rows; INCOMPLETE (rerun the same command to resume)" in out
-    assert "valid rows: 40" in out
+    assert "valid rows (finite gradient and loss): 40" in out
 
 
 def test_spectrum_and_intrinsic_dim_on_a_users_own_workload(tmp_path, capsys):
@@ -269,7 +269,7 @@ def test_attribution_across_sketches_or_models_exits_3_unless_allowed(tmp_path, 
     assert cli.main([*args, "--allow-model-mismatch"]) == 0
     assert "note: model mismatch allowed: train model" in capsys.readouterr().out
     assert cli.main(["attribute", stores["train"], stores["test"], "--out", stores["test"]]) == cli.EXIT_INPUT
-    assert "is a sketch store, which the scores would overwrite" in capsys.readouterr().err
+    assert "is a sketch store; it would be replaced" in capsys.readouterr().err
 
 
 def test_a_damaged_store_exits_3_is_listed_by_verify_and_repaired_by_sketch(tmp_path, capsys):

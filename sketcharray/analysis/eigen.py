@@ -19,6 +19,7 @@ the paper's RNEG, R_n and outlier counts.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -26,8 +27,11 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from ..outputs import check_folder, save_figure, write_result
 from ..progress import Progress
 from ..settings import WHICH, Execution, ModelSettings, SolverSettings, coerce, moved_options
+
+logger = logging.getLogger(__name__)
 
 
 def _solver_for(method: str, solver) -> SolverSettings:
@@ -71,14 +75,21 @@ class _SolveState:
         from ..store import check_codecs
 
         if not (self.path / "zarr.json").exists():
+            if self.path.is_file() or (self.path.is_dir() and any(self.path.iterdir())):
+                raise ValueError(f"{self.path} holds something that is not a solver state of sketcharray; it is left "
+                                 "as it is: choose another folder")
             return None
         try:
             check_codecs(self.path)
             group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
             attrs = dict(group.attrs)
-            have, progress = attrs["settings"], attrs["progress"]
+            have = attrs["settings"]
         except (KeyError, OSError, json.JSONDecodeError) as exc:
             raise self._unreadable(exc) from exc
+        if "progress" not in attrs:  # created by a solve killed before its first commit: nothing to resume
+            logger.info("solver state %s holds no committed product; starting the solve over", self.path)
+            return None
+        progress = attrs["progress"]
         if have != self.settings:
             differ = sorted(key for key in set(have) | set(self.settings) if have.get(key) != self.settings.get(key))
             raise ValueError(f"{self.path} holds the state of another solve: {({k: have.get(k) for k in differ})}, "
@@ -97,6 +108,29 @@ class _SolveState:
             if mode != "r":
                 self._group = group
         return group
+
+    def _replace(self, build) -> None:
+        """Write a new state with ``build(group)`` into a temporary sibling, then rename it over ``path`` (the old
+        state, if any, goes only once the new one is whole)."""
+        import shutil
+        import uuid
+
+        import zarr
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.path.parent.glob(f".{self.path.name}.tmp-*"), *self.path.parent.glob(f".{self.path.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a solve killed while it created its state
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            build(zarr.open_group(str(tmp), mode="w", zarr_format=3))
+            old = self.path.with_name(f".{self.path.name}.old-{uuid.uuid4().hex[:8]}")
+            if self.path.exists():
+                self.path.rename(old)
+            tmp.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._group = None
 
     def _unreadable(self, exc) -> ValueError:
         return ValueError(f"the solver state in {self.path} cannot be read ({type(exc).__name__}: {exc}); delete "
@@ -122,17 +156,25 @@ class _LanczosState(_SolveState):
             raise self._unreadable(exc) from exc
         return basis, alpha, beta, m, int(progress["restarts"]), progress["rng"]
 
-    def create(self, dim: int, m_max: int, basis_dtype) -> None:
+    def create(self, dim: int, m_max: int, basis_dtype, vector, rng) -> None:
+        """A new state holding the start vector (the first commit), made whole in a sibling and renamed into
+        place: the folder holds either the previous state or this one, never a state without a product."""
         from ..store import chunk_codecs
 
-        self._group = None  # a new state: whatever the folder held goes
-        group = self._opened("w")
-        group.create_array("basis", shape=(m_max + 1, dim), chunks=(1, dim), dtype=basis_dtype,
-                           compressors=chunk_codecs(compressed=False), fill_value=0)
-        for name in ("alpha", "beta"):
-            group.create_array(name, shape=(m_max,), chunks=(m_max,), dtype=np.float64,
+        def build(group):
+            group.create_array("basis", shape=(m_max + 1, dim), chunks=(1, dim), dtype=basis_dtype,
                                compressors=chunk_codecs(compressed=False), fill_value=0)
-        group.attrs["settings"] = self.settings
+            for name in ("alpha", "beta"):
+                group.create_array(name, shape=(m_max,), chunks=(m_max,), dtype=np.float64,
+                                   compressors=chunk_codecs(compressed=False), fill_value=0)
+            group["basis"][0] = vector
+            group.attrs.update(settings=self.settings, progress=self._progress(0, 0, rng))
+
+        self._replace(build)
+
+    @staticmethod
+    def _progress(m: int, restarts: int, rng) -> dict:
+        return {"m": m, "restarts": restarts, "rng": rng.bit_generator.state}
 
     def rows(self, a: int, b: int) -> np.ndarray:
         """Rows ``a:b`` of the stored basis (checksummed chunks: a damaged one is an error, not a wrong basis)."""
@@ -143,7 +185,7 @@ class _LanczosState(_SolveState):
         group["basis"][row] = vector
         group["alpha"][:] = alpha
         group["beta"][:] = beta
-        group.attrs["progress"] = {"m": m, "restarts": restarts, "rng": rng.bit_generator.state}
+        group.attrs["progress"] = self._progress(m, restarts, rng)
 
 
 class _RandomizedState(_SolveState):
@@ -175,22 +217,23 @@ class _RandomizedState(_SolveState):
         ``images`` are indexed by block (lists, or dicts holding at least these blocks)."""
         from ..store import chunk_codecs
 
-        if it == 0:  # a new state: whatever the folder held goes
-            self._group = None
-        group = self._opened("w" if it == 0 else "r+")
-        if it == 0:
-            group.attrs["settings"] = self.settings
-
-        def put(name, values):
+        def put(group, name, values):
             values = np.ascontiguousarray(values, dtype=np.float64)
             arr = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=np.float64,
                                      compressors=chunk_codecs(compressed=False), overwrite=True)
             arr[...] = values
 
-        if it:
-            put(f"kq{it - 1}", images[it - 1])
-            put("rayleigh", rayleigh)
-        put(f"q{it}", basis[it])
+        if it == 0:  # a new state, made whole before it replaces whatever the folder held
+            def build(group):
+                put(group, "q0", basis[0])
+                group.attrs.update(settings=self.settings, progress={"iterations": 0})
+
+            self._replace(build)
+            return
+        group = self._opened("r+")
+        put(group, f"kq{it - 1}", images[it - 1])
+        put(group, "rayleigh", rayleigh)
+        put(group, f"q{it}", basis[it])
         group.attrs["progress"] = {"iterations": it}
 
 
@@ -331,18 +374,16 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
     # the basis in RAM while it fits the budget, else read back from the solve's state store by blocks of rows
     basis = (_DiskBasis(saver, dim, basis_dtype, budget // (4 * dim * basis_dtype.itemsize)) if on_disk
              else _MemoryBasis(m_max + 1, dim, basis_dtype))
-    if saver is not None:
-        saved = saver.load(rows=not on_disk)
-        if saved is not None:
-            rows, alpha, beta, m, restarts, rng_state = saved
-            basis.load(rows)
-            rng.bit_generator.state = rng_state
-    if m == 0:
+    saved = None if saver is None else saver.load(rows=not on_disk)
+    if saved is not None:  # the generator's state is the one after the start vector and every restart drawn
+        rows, alpha, beta, m, restarts, rng_state = saved
+        basis.load(rows)
+        rng.bit_generator.state = rng_state
+    else:
         v = rng.standard_normal(dim)
         basis.set(0, v / np.linalg.norm(v))
         if saver is not None:
-            saver.create(dim, m_max, basis_dtype)
-            saver.commit(0, basis.row(0), alpha, beta, 0, 0, rng)
+            saver.create(dim, m_max, basis_dtype, basis.row(0), rng)
     bar = Progress("lanczos", m_max, enabled=progress, unit="HVPs")
     result = None
     for j in range(m, m_max):
@@ -420,7 +461,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     else:
         rng = np.random.default_rng(seed)
         q, _ = np.linalg.qr(rng.standard_normal((dim, p)))
-        basis, images, done = [q], [], 0
+        basis, images, done = [np.ascontiguousarray(q)], [], 0
         rayleigh = np.zeros((0, 0))  # V^T K V, grown by one block of rows and columns per product
         if saver is not None:
             saver.commit(0, basis, images, rayleigh)
@@ -431,7 +472,9 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     result, it = None, done
     for it in range(done + 1, n_iter + 1):
         bar.update(it)
-        image = np.asarray(matvec(blocks.last_q().T), dtype=np.float64).T  # K Q_i: one batched product
+        # K Q_i: one batched product; every block is kept C-ordered, as the state store gives it back, since
+        # BLAS sums in another order for another memory layout (a resumed solve must give the same bits)
+        image = np.ascontiguousarray(np.asarray(matvec(blocks.last_q().T), dtype=np.float64).T)
         blocks.add_image(image)
         cross = blocks.t_dot("q", image)  # V^T K Q_i; the rows of Q_i against older blocks follow by symmetry
         n_old, cols = rayleigh.shape[0], cross.shape[0]
@@ -461,7 +504,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
         keep = np.abs(np.diag(r)) > 1e-10 * max(1.0, np.abs(np.diag(r)).max())
         if not keep.any():
             break  # the Krylov space is invariant: Ritz values are exact
-        blocks.add_basis(q[:, keep][:, :room])
+        blocks.add_basis(np.ascontiguousarray(q[:, keep][:, :room]))
         if saver is not None:
             saver.commit(it, blocks.basis, blocks.images, rayleigh)
     bar.close()
@@ -758,7 +801,7 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: Solve
     # the caller's module is never loaded into or moved: checkpoints go into a copy
     base = as_module(model, copy=True)
     job = _SpectrumJob(base, loss_fn, data, sketch, k, solver, batch_size, model_settings, execution)
-    folder = None if store is None else Path(store)
+    folder = None if store is None else check_folder(store, "store")
     if checkpoints is None:  # the model's own weights, stored as the checkpoint "current"
         out = job.at("current", folder, checkpoint=False)
     else:
@@ -842,10 +885,7 @@ class _SpectrumJob:
             ds = ds.expand_dims(checkpoint=[name])
         if path is not None:
             ds.attrs.update(wanted)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with warnings.catch_warnings():  # zarr's note that fixed-width strings (the names) lack a v3 spec
-                warnings.simplefilter("ignore", category=FutureWarning)
-                ds.to_zarr(str(path), mode="w", consolidated=False, zarr_format=3)
+            write_result(ds, path, "spectrum")
             if resumable:  # the result is stored: the solver's state has served
                 import shutil
 
@@ -927,5 +967,5 @@ def plot_spectrum_evolution(stats: xr.Dataset, path) -> None:
     b.set_title("outliers: R_n > 0.2")
     b.legend(title="checkpoint", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 import xarray as xr
 
+from ..outputs import check_folder, save_figure
 from ..settings import Execution, ModelSettings, SearchSettings, TrainingSettings, coerce, moved_options
 from ..sketches import make_sketch
 from ..torch import as_module, select_params
@@ -214,7 +215,7 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
     # theta_0 first: a search from weights already at the target measures nothing
     theta0 = start_metric(base, eval_fn, device)
     reference = search.reference
-    ref_file = None if store is None else Path(store) / "reference.json"
+    ref_file = None if store is None else check_folder(store, "store") / "reference.json"
     if reference is None and ref_file is not None and ref_file.exists():
         reference = json.loads(ref_file.read_text())["reference"]
     if reference is None:
@@ -396,5 +397,5 @@ def plot_intrinsic(results: dict[str, xr.Dataset], path, *, reference: float | N
     ax.set_ylabel(metric_name)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

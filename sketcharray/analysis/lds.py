@@ -44,15 +44,20 @@ def linear_datamodeling_score(scores, subsets, outputs) -> xr.Dataset:
     Returns
     -------
     xarray.Dataset
-        ``lds`` per query, and attrs ``mean``, ``ci_low``, ``ci_high`` (95%)
-        and ``models``.
+        ``lds`` per query (NaN for a query with no finite score: it has no
+        ranking), and attrs ``mean``, ``ci_low``, ``ci_high`` (95%, over the
+        scored queries) and ``models``.
 
     Raises
     ------
     ValueError
         On mismatched shapes, fewer than 3 models, or non-finite outputs.
     """
-    tau = np.nan_to_num(np.asarray(getattr(scores, "values", scores), dtype=np.float64))
+    tau = np.asarray(getattr(scores, "values", scores), dtype=np.float64)
+    # NaN scores are those of invalid training examples (they count as 0); a query with no finite score at all
+    # (a zero sketch under cosine) has no ranking, so no LDS: NaN, and left out of the mean
+    scored = np.isfinite(tau).any(axis=1) if tau.ndim == 2 else None
+    tau = np.nan_to_num(tau, nan=0.0, posinf=0.0, neginf=0.0)
     s = np.asarray(getattr(subsets, "values", subsets), dtype=bool)
     f = np.asarray(getattr(outputs, "values", outputs), dtype=np.float64)
     if tau.ndim != 2 or s.ndim != 2 or f.ndim != 2:
@@ -73,8 +78,10 @@ def linear_datamodeling_score(scores, subsets, outputs) -> xr.Dataset:
     rf -= rf.mean(axis=1, keepdims=True)
     denom = np.sqrt((rp**2).sum(axis=1) * (rf**2).sum(axis=1))
     lds = np.where(denom > 0, (rp * rf).sum(axis=1) / np.where(denom > 0, denom, 1.0), 0.0)
-    mean = float(lds.mean())
-    half = 1.96 * float(lds.std(ddof=1)) / np.sqrt(n_query) if n_query > 1 else float("nan")
+    lds = np.where(scored, lds, np.nan)
+    n_scored = int(scored.sum())
+    mean = float(lds[scored].mean()) if n_scored else float("nan")
+    half = 1.96 * float(lds[scored].std(ddof=1)) / np.sqrt(n_scored) if n_scored > 1 else float("nan")
     coords = {"query": scores["query"].values} if isinstance(scores, xr.DataArray) and "query" in scores.coords else {}
     return xr.Dataset({"lds": ("query", lds)}, coords=coords,
                       attrs={"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "models": int(s.shape[0])})

@@ -38,6 +38,40 @@ from ..sketches import backend
 SCORES = ("dot", "cosine", "influence", "trak")
 
 
+# ------------------------------------------------------ the one normalisation
+def unit_rows(x, axis: int = -1):
+    """``x / ||x||`` along ``axis`` (the sketch axis), in float32 or wider whatever ``x``'s dtype.
+
+    The norm is taken of ``x / max|x|``, so neither the squares of float16
+    values nor those of tiny float32 ones underflow.  A row whose entries are
+    all zero has no direction: it comes back NaN, as does a row holding a
+    non-finite value.  Cosine scores of such a row are therefore NaN, and it
+    is never ranked (a zero training row is left out of every cosine top-k;
+    a zero query gets no ranking, see :func:`attribute`).  NumPy, CuPy and
+    torch arrays alike.
+    """
+    xp = backend.library(x)
+    x = x.astype(_at_least_float32(x.dtype, xp))
+    m = xp.max(xp.abs(x), axis=axis, keepdims=True)
+    has_direction = m > 0
+    y = x / xp.where(has_direction, m, xp.ones_like(m))
+    n = xp.sqrt(xp.sum(y * y, axis=axis, keepdims=True))
+    return xp.where(has_direction, y / xp.where(has_direction, n, xp.ones_like(n)), xp.full_like(y, float("nan")))
+
+
+def _at_least_float32(dtype, xp=np):
+    """``dtype`` widened to float32 when it is narrower (float16, bfloat16); float64 stays."""
+    wide = xp.float64 if dtype == xp.float64 else xp.float32
+    return wide
+
+
+def _unit_sketch_rows(a: xr.DataArray) -> xr.DataArray:
+    """:func:`unit_rows` over the ``sketch`` dimension of a (lazy) DataArray."""
+    out = xr.apply_ufunc(unit_rows, a, input_core_dims=[["sketch"]], output_core_dims=[["sketch"]],
+                         dask="parallelized", output_dtypes=[_at_least_float32(a.dtype)], keep_attrs=True)
+    return out.transpose(*a.dims)
+
+
 # ----------------------------------------------------------------- inputs
 def _as_train(train) -> tuple[xr.DataArray, xr.DataArray | None]:
     """The gradient sketches (example, sketch[, checkpoint]) and the valid mask of a training set."""
@@ -260,7 +294,7 @@ def _scored_queries(q, score, train, damping, preconditioner):
     attrs = {"score": score}
     lam = None
     if score == "cosine":
-        q = q / np.sqrt((q**2).sum("sketch"))
+        q = _unit_sketch_rows(q)
     elif score == "influence":
         q, lam, extra = _preconditioned(q, train, damping, preconditioner)
         attrs.update(extra)
@@ -276,9 +310,10 @@ def _scored_queries(q, score, train, damping, preconditioner):
 def _prepared(train, queries, score, damping, preconditioner, allow_model_mismatch=False):
     grad, valid, q, notes = _checked(train, queries, score, allow_model_mismatch)
     ok = _valid_mask(grad, valid)
+    if score == "cosine":  # a zero row has no direction: no cosine score, like an invalid one
+        grad = _unit_sketch_rows(grad)
+        ok = ok & np.isfinite(grad).all("sketch")
     g = grad.where(ok, 0.0)
-    if score == "cosine":
-        g = g / np.sqrt((g**2).sum("sketch")).where(ok, 1.0)
     q, lam, attrs = _scored_queries(q, score, train, damping, preconditioner)
     return g, q, ok, lam, {**attrs, **notes}
 
@@ -295,7 +330,9 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
         ``valid``, e.g. from :func:`sketcharray.store.open_sketches`.
     queries : Dataset, DataArray or array
         Query sketches (query or example, sketch[, checkpoint]), same operator.
-    score : {"dot", "cosine", "influence"}
+    score : {"dot", "cosine", "influence", "trak"}
+        ``trak`` needs sketches of the model output's gradients (see the
+        module docstring and :func:`~sketcharray.workloads.classification_margin`).
     k : int, optional
         Return the k highest (``which="top"``: proponents) or lowest
         (``"bottom"``: opponents) scoring valid training examples per query.
@@ -317,9 +354,16 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
 
     Returns
     -------
-    xarray.DataArray (query, example) of scores, lazy; invalid examples NaN.
-    With ``k``: Dataset with ``score`` and ``example`` (query, rank), ranks 1..k best first, lazy;
-    computing it streams the training set chunk by chunk.
+    xarray.DataArray (query, example) of scores, lazy; invalid examples NaN,
+    and for ``cosine`` every score of a row (query or training example)
+    whose sketch is zero NaN: it has no direction (:func:`unit_rows`).
+    With ``k``: Dataset with ``score`` and ``example`` (query, rank), ranks
+    1..k best first, and ``ranked`` (query): False for a query whose sketch
+    is zero or non-finite, which scores every training example alike and so
+    has no ranking (its scores are NaN, its examples ``""`` (or -1 for
+    integer ids) and ``index`` -1); lazy, computing it streams the training
+    set chunk by chunk.  Training rows with a zero sketch are never in a
+    cosine top-k.
 
     Raises
     ------
@@ -377,12 +421,12 @@ def chunk_topk(q, g, valid, weights, offset, k, sign, normalize, row_scale=None)
     """
     xp = backend.library(g)
     q = xp.asarray(q)
+    g = g.astype(_at_least_float32(g.dtype, xp))  # float16/bfloat16 rows scored in float32
+    if normalize:  # the sketch axis is axis 1: (example, sketch[, checkpoint])
+        g = unit_rows(g, axis=1)  # a zero row comes back NaN and is excluded below like a non-finite one
     finite = xp.isfinite(g).reshape(g.shape[0], -1).all(axis=1)
     ok = finite if valid is None else (finite & xp.asarray(valid, dtype=bool))
     g = xp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
-    if normalize:
-        norms = xp.sqrt(xp.sum(g * g, axis=1, keepdims=True))
-        g = g / xp.where(norms > 0, norms, 1.0)
     s = xp.einsum("qd...,ed...->qe...", q, g) if g.ndim == 3 else q @ g.T
     if s.ndim == 3:  # (query, example, checkpoint)
         s = s @ xp.asarray(weights)
@@ -413,6 +457,7 @@ def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_we
     if which not in ("top", "bottom"):
         raise ValueError(f"which must be 'top' or 'bottom'; got {which!r}")
     grad, valid, q, notes = _checked(train, queries, score, allow_model_mismatch)
+    ranked = _rankable(q, score)
     q, lam, attrs = _scored_queries(q, score, train, damping, preconditioner)
     attrs.update(notes, which=which)
     weights = _checkpoint_weights(grad, checkpoint_weights, score)
@@ -422,11 +467,38 @@ def _top_k_batches(train, queries, score, damping, preconditioner, checkpoint_we
     if not isinstance(k, (int, np.integer)) or k < 1 or k > n_valid:
         raise ValueError(f"k must be an int between 1 and the number of valid training examples ({n_valid}); got {k!r}")
     parts = [_top_k(grad, valid, q.isel(query=slice(s, s + query_batch)), weights, k, which, score == "cosine",
-                    row_scale) for s in range(0, q.sizes["query"], query_batch)]
+                    row_scale, ranked.isel(query=slice(s, s + query_batch)))
+             for s in range(0, q.sizes["query"], query_batch)]
     out = parts[0] if len(parts) == 1 else xr.concat(parts, dim="query")
     out = _with_damping(out, lam)
     out.attrs.update(attrs)
     return out
+
+
+def _rankable(q: xr.DataArray, score: str) -> xr.DataArray:
+    """Per query: whether its sketch can rank training examples (lazy).
+
+    A query holding a non-finite value, or whose sketch is zero (a
+    well-fitted example's gradient, or float16 values that underflowed to
+    zero), scores every training example the same (0, or NaN for cosine):
+    its "top k" would be arbitrary, so it gets none.  With checkpoints, a
+    cosine query needs a direction at every checkpoint, the other scores at
+    one at least.
+    """
+    other = [d for d in q.dims if d not in ("query", "sketch")]
+    finite = np.isfinite(q).all(["sketch", *other])
+    nonzero = (q != 0).any("sketch")
+    if other:
+        nonzero = nonzero.all(other) if score == "cosine" else nonzero.any(other)
+    return (finite & nonzero).rename("ranked")
+
+
+def _unranked(merged, ranked):
+    """(scores, indices) of a query batch with the queries that have no ranking blanked: NaN and -1."""
+    scores, index = merged
+    # a rank no valid training row filled (fewer rows with a score than k) is blank too, never a -inf "score"
+    filled = np.asarray(ranked, dtype=bool)[:, None] & np.isfinite(scores)
+    return np.where(filled, scores, np.nan), np.where(filled, index, -1)
 
 
 def _row_blocks(values, chunks):
@@ -436,7 +508,7 @@ def _row_blocks(values, chunks):
     return arr.rechunk((chunks,)).to_delayed().ravel()
 
 
-def _top_k(grad, valid, q, weights, k, which, normalize, row_scale=None):
+def _top_k(grad, valid, q, weights, k, which, normalize, row_scale=None, ranked=None):
     sign = 1.0 if which == "top" else -1.0
     order = ["example", "sketch"] + (["checkpoint"] if "checkpoint" in grad.dims else [])
     garr = grad.transpose(*order).data
@@ -458,13 +530,19 @@ def _top_k(grad, valid, q, weights, k, which, normalize, row_scale=None):
         parts = [dask.delayed(merge_topk, pure=True)(parts[i : i + 8], k) for i in range(0, len(parts), 8)]
     merged = dask.delayed(merge_topk, pure=True)(parts, k)
     n_query = q.sizes["query"]
+    if ranked is None:
+        ranked = xr.ones_like(q["query"], dtype=bool)
+    rank_flags = ranked.data if isinstance(ranked.data, da.Array) else np.asarray(ranked.values)
+    merged = dask.delayed(_unranked, pure=True)(merged, rank_flags)
     scores = da.from_delayed(merged[0], (n_query, k), dtype=np.float64) * sign
     index = da.from_delayed(merged[1], (n_query, k), dtype=np.int64)
     ids = grad["example"].values
-    example = index.map_blocks(lambda i: ids[i], dtype=ids.dtype)
+    missing = -1 if ids.dtype.kind in "iu" else ""  # the id of a rank a query without a ranking does not fill
+    example = index.map_blocks(lambda i: np.where(i >= 0, ids[np.maximum(i, 0)], missing).astype(ids.dtype),
+                               dtype=ids.dtype)
     return xr.Dataset(
         {"score": (("query", "rank"), scores), "example": (("query", "rank"), example),
-         "index": (("query", "rank"), index)},
+         "index": (("query", "rank"), index), "ranked": (("query",), ranked.data)},
         coords={"query": q["query"].values, "rank": np.arange(1, k + 1)},
     )
 

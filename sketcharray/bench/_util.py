@@ -150,7 +150,11 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    path = Path(path)
+    """Write a benchmark's results (marked as sketcharray's: a file that is not is never replaced)."""
+    from ..outputs import RESULT_ATTR, check_file
+
+    path = check_file(path, suffixes=(".json",), marker=b'"benchmark"', what="--json")
+    payload = {RESULT_ATTR: "benchmark", **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))

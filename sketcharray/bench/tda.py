@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..analysis.tda import compare_with_exact, exact_gradient_scores
+from ..outputs import save_figure
 from ..sketches import make_sketch
 from ..torch import per_example_gradients, select_params
 from ..torch.grads import to_device
@@ -104,7 +105,7 @@ def plot(results: list[dict], path: str) -> None:
         ax.set_ylim(min(0.5, ax.get_ylim()[0]), 1.0)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

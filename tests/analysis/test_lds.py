@@ -65,3 +65,14 @@ def test_attribution_scores_predict_retraining_on_digits():
     for scores in (exact, sketched):
         res = linear_datamodeling_score(scores, subsets, outputs)
         assert res.attrs["ci_low"] > zero_line, res.attrs  # measured: 0.3-0.4 on the full benchmark
+
+
+def test_a_query_without_a_finite_score_has_no_lds_and_leaves_the_mean():
+    """Issue 21: a cosine query with a zero sketch scores NaN everywhere; its LDS is NaN, not a tied 0."""
+    rng = np.random.default_rng(2)
+    scores, subsets = rng.standard_normal((5, 40)), rng.random((30, 40)) < 0.5
+    outputs = rng.standard_normal((30, 5))
+    scores[3] = np.nan
+    res = linear_datamodeling_score(scores, subsets, outputs)
+    assert np.isnan(res.lds.values[3]) and np.isfinite(np.delete(res.lds.values, 3)).all()
+    assert res.attrs["mean"] == pytest.approx(np.delete(res.lds.values, 3).mean())

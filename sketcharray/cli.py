@@ -15,8 +15,9 @@ import os
 import sys
 
 from . import __version__
-from . import commands
-from .cluster import describe_schedulers
+
+# commands, the cluster words and everything they load are imported inside main(), where an interrupt (Ctrl-C
+# while torch loads) is caught and answered with exit 130 and one line, never a traceback
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT, EXIT_MEMORY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -35,7 +36,7 @@ BENCHMARKS = {
 WORKLOAD_HELP = ("the model and data: an embedded workload (digits, the default; minilm with the 'workloads' "
                  "extra) or your own as module:factory, a function returning a sketcharray.workloads.Workload; "
                  "the module is imported from the installed packages first and from the current folder only "
-                 "as a fallback (a file there never shadows an installed module)")
+                 "as a fallback, and the current folder serves no other import")
 
 
 def _benchmark_module(name: str):
@@ -65,6 +66,12 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default})"
 
 
+def describe_schedulers() -> str:
+    from .cluster import describe_schedulers as describe
+
+    return describe()
+
+
 def _common(p: argparse.ArgumentParser, *, workload: bool = True, sketch: tuple[str, int] | None = None,
             scheduler: bool = False, batch_size: int | None = 64) -> None:
     """The flags every model-running subcommand shares, spelled the same everywhere."""
@@ -88,6 +95,8 @@ def _common(p: argparse.ArgumentParser, *, workload: bool = True, sketch: tuple[
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import commands
+
     parser = argparse.ArgumentParser(
         prog="sketcharray", formatter_class=_Formatter,
         description="Sketch per-example gradients and Hessian-vector products of PyTorch models, and analyse "
@@ -220,21 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _current_folder_last() -> None:
-    """Let the current folder only complete the import path, never lead it.
-
-    ``python -m`` puts the current folder first on ``sys.path``, so a file
-    named ``sklearn.py`` there would be imported (and run) in place of the
-    installed package.  The folder stays importable, after everything
-    installed, for ``--workload module:factory`` (spawned dask workers
-    inherit the same path).
-    """
-    cwd = os.getcwd()
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != cwd] + [cwd]
-
-
 def main(argv: list[str] | None = None) -> int:
-    _current_folder_last()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a subcommand was parsed: while the package's modules load
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        command = f"sketcharray {words[0]}" if words else "sketcharray"
+        print(f"\n{command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
+    from .localmodules import off_the_path
+
+    off_the_path()  # a file in the current folder never stands in for a module (see localmodules)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":

@@ -86,12 +86,18 @@ def local_cluster(n_workers: int, *, dashboard_address: str = ":0"):
     import dask
     from distributed import LocalCluster
 
+    from .localmodules import CONFIG_KEY, allowed
+
+    # the workers import a --workload module from the current folder as this process does, and nothing else from
+    # there (a preload installs the same finder: sketcharray.localmodules)
+    preload = {"distributed.worker.preload": [*dask.config.get("distributed.worker.preload", default=[]),
+                                              "sketcharray.localmodules"], CONFIG_KEY: allowed()}
     # a nanny writes its variables into this process's environment before it spawns, and children inherit it:
     # a value left by an earlier cluster is dropped while these workers start (a value set before this
     # module loaded, by the user, is kept)
     left = os.environ.pop(_TRIM, None) if _TRIM_AT_START is None else None
     try:
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{_TRIM}": None}):
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{_TRIM}": None, **preload}):
             return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                                 dashboard_address=dashboard_address)
     finally:

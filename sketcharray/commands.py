@@ -135,11 +135,19 @@ def spectrum(args) -> int:
     from .settings import Execution, ModelSettings, SolverSettings
 
     _plot_path(args)
+    if args.plot and args.which == "bottom":
+        raise ValueError("--plot shows RNEG and R_n, which need the top end too: use --which both or top")
     if args.out:
         from .outputs import check_folder
 
         check_folder(args.out)
     if args.from_hvps:
+        ignored = [flag for flag, given in (("--seeds", args.seeds), ("--checkpoint", args.checkpoint),
+                                            ("--workload-checkpoints", args.workload_checkpoints),
+                                            ("--out", args.out), ("--plot", args.plot)) if given]
+        if ignored:
+            raise ValueError(f"--from-hvps computes one spectrum from the stored pass alone; {', '.join(ignored)} "
+                             "would have no effect there: leave it out")
         return _spectrum_from_hvps(args)
     w = _workload(args)
     data, _ = w.split("train", args.examples)
@@ -183,7 +191,7 @@ def spectrum(args) -> int:
                       f"{format_outliers(stats)}")
         print("These are eigenvalues of the sketched Hessian K = Phi H Phi^T; its ends are biased (see "
               "docs/spectrum.md), --seeds gives their spread.")
-    if args.plot and stats is not None and "seed" not in stats.dims:
+    if args.plot:
         plot_spectrum_evolution(stats, args.plot)
         _say(args, f"wrote {Path(args.plot).resolve()}")
     if args.out:

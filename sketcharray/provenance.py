@@ -19,7 +19,10 @@ its base), and the result then records that it was allowed.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import types
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,133 @@ import xarray as xr
 
 #: attrs that say which operator and which parameters made a set of sketches
 SKETCH_KEYS = ("param_names", "param_sizes", "sketch_spec")  # the parameters first: they also change n_in
-PROVENANCE_KEYS = (*SKETCH_KEYS, "model_fingerprint", "checkpoint", "loss_fn")
+PROVENANCE_KEYS = (*SKETCH_KEYS, "model_fingerprint", "checkpoint", "loss_fn", "loss_fn_identity")
+
+
+# ------------------------------------------------------- function identity
+class WeakIdentityWarning(UserWarning):
+    """A function's identity leaves out a value it depends on (see :func:`function_identity`)."""
+
+
+def function_name(fn) -> str:
+    """``module.qualname`` of a function (or a partial's function): the readable half of its provenance."""
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def function_identity(fn) -> tuple[str, list[str]]:
+    """An identity of a function that differs when what it computes differs, and what it could not read.
+
+    Returns ``(identity, unread)``: 16 hex digits of SHA-256 over the
+    function's name, its byte code and constants (nested functions and
+    lambdas included), its defaults, the values of its closure cells and of
+    the plain data globals it names (numbers, strings, tuples of them,
+    arrays, tensors; functions of the same module recursively), and for a
+    ``functools.partial`` the bound arguments and keywords.  So
+    ``partial(loss, smoothing=0.0)`` and ``partial(loss, smoothing=0.5)``,
+    two lambdas of one module, and a function edited between two runs all
+    get different identities.
+
+    What it cannot tell apart, listed in ``unread``: objects whose value it
+    cannot read (an instance whose ``repr`` is its memory address, e.g. a
+    module or tensor-holding object bound into a partial), the behaviour of
+    the library functions a loss calls (their code is not hashed), and
+    mutable state read at call time.  The caller warns when ``unread`` is
+    not empty.
+    """
+    h = hashlib.sha256()
+    unread: list[str] = []
+    h.update(function_name(fn).encode())
+    _feed(h, fn, unread, depth=0, seen=set())
+    return h.hexdigest()[:16], unread
+
+
+def _feed(h, value, unread: list[str], depth: int, seen: set) -> None:
+    """Hash ``value`` into ``h``: by content where it can be read, else by type, noting it in ``unread``."""
+    if depth > 6:
+        h.update(b"<deep>")
+        return
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        h.update(f"{type(value).__name__}:{value!r}".encode())
+    elif isinstance(value, (tuple, list, frozenset, set)):
+        h.update(f"{type(value).__name__}[{len(value)}](".encode())
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        for v in items:
+            _feed(h, v, unread, depth + 1, seen)
+        h.update(b")")
+    elif isinstance(value, dict):
+        h.update(f"dict[{len(value)}](".encode())
+        for k in sorted(value, key=repr):
+            _feed(h, k, unread, depth + 1, seen)
+            _feed(h, value[k], unread, depth + 1, seen)
+        h.update(b")")
+    elif isinstance(value, np.ndarray) or type(value).__module__.split(".")[0] == "torch" and hasattr(value, "numpy"):
+        arr = np.ascontiguousarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        h.update(f"array:{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    elif isinstance(value, functools.partial):
+        h.update(b"partial(")
+        _feed(h, value.func, unread, depth + 1, seen)
+        _feed(h, value.args, unread, depth + 1, seen)
+        _feed(h, value.keywords, unread, depth + 1, seen)
+        h.update(b")")
+    elif isinstance(value, types.FunctionType):
+        if id(value) in seen:  # recursion: named, not followed
+            h.update(function_name(value).encode())
+            return
+        seen.add(id(value))
+        h.update(function_name(value).encode())
+        _feed_code(h, value.__code__)
+        _feed(h, value.__defaults__, unread, depth + 1, seen)
+        _feed(h, value.__kwdefaults__, unread, depth + 1, seen)
+        for name, cell in zip(value.__code__.co_freevars, value.__closure__ or ()):
+            h.update(f"cell:{name}".encode())
+            try:
+                _feed(h, cell.cell_contents, unread, depth + 1, seen)
+            except ValueError:  # an empty cell
+                h.update(b"<empty>")
+        for name in _global_names(value.__code__):
+            if name in value.__globals__:
+                g = value.__globals__[name]
+                if isinstance(g, (types.ModuleType, type)) or callable(g) and not isinstance(g, types.FunctionType):
+                    h.update(f"global:{name}:{getattr(g, '__name__', type(g).__name__)}".encode())
+                elif isinstance(g, types.FunctionType) and g.__module__ != value.__module__:
+                    h.update(f"global:{name}:{function_name(g)}".encode())  # a library's: named, not hashed
+                else:
+                    h.update(f"global:{name}".encode())
+                    _feed(h, g, unread, depth + 1, seen)
+    elif isinstance(value, (types.BuiltinFunctionType, types.ModuleType, type)):
+        h.update(f"{type(value).__name__}:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', getattr(value, '__name__', ''))}".encode())
+    elif isinstance(value, types.MethodType):
+        _feed(h, value.__func__, unread, depth + 1, seen)
+        _feed(h, value.__self__, unread, depth + 1, seen)
+    else:
+        text = repr(value)
+        h.update(f"{type(value).__module__}.{type(value).__qualname__}".encode())
+        if " at 0x" in text or len(text) > 10_000:
+            unread.append(f"{type(value).__qualname__} (no readable value)")
+        else:
+            h.update(text.encode())
+
+
+def _feed_code(h, code) -> None:
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    h.update(repr(code.co_varnames).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed_code(h, const)
+        else:
+            h.update(f"{type(const).__name__}:{const!r}".encode())
+
+
+def _global_names(code) -> list[str]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _global_names(const)
+    return sorted(set(names))
 
 
 def _parsed(value):
@@ -115,6 +244,12 @@ def check_same_sketch(a: dict | None, b: dict | None, *, names: tuple[str, str] 
     if la and lb and la != lb:  # recorded since 0.3: gradients of different functions do not compare
         raise ValueError(f"{names[0]} and {names[1]} are gradients of different functions: {names[0]} of {la}, "
                          f"{names[1]} of {lb}; sketch both with the same loss (or model output) function")
+    ia, ib = a.get("loss_fn_identity"), b.get("loss_fn_identity")
+    if ia and ib and ia != ib:  # recorded since 0.5: the same name, other code or other bound values
+        raise ValueError(f"{names[0]} and {names[1]} are gradients of different functions: both of {la}, but "
+                         f"{names[0]} of the one with identity {ia} and {names[1]} of {ib} (other code, bound "
+                         "arguments or closure values, e.g. another smoothing of a partial); sketch both with the "
+                         "same loss (or model output) function")
     fa, fb = a.get("model_fingerprint"), b.get("model_fingerprint")
     if isinstance(fa, dict) or isinstance(fb, dict):
         ca = sorted(fa) if isinstance(fa, dict) else [str(a.get("checkpoint"))]

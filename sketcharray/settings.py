@@ -103,6 +103,10 @@ class ModelSettings:
             raise ValueError(f"ModelSettings.forward must be callable(model, batch) or None; got {self.forward!r}")
 
 
+#: the scheduler names ``dask.compute(scheduler=...)`` accepts
+DASK_SCHEDULERS = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes", "multiprocessing")
+
+
 @dataclass(frozen=True)
 class Execution:
     """Where and how the work runs.
@@ -115,7 +119,10 @@ class Execution:
     scheduler : optional
         For calls that compute now (``sketch_gradients(store=...)``):
         passed to ``dask.compute`` (default: the active ``dask.distributed``
-        client, else the threaded scheduler).
+        client, else the threaded scheduler): a ``Client`` or one of dask's
+        local scheduler names (:data:`DASK_SCHEDULERS`); checked when made.
+        For a LocalCluster, run the calls inside
+        ``sketcharray.cluster.scheduler("local-cluster")``.
     shards : int, optional
         Hessian work: each product ``K W`` becomes a dask reduction over this
         many shards of the data, on the active scheduler (default: in this
@@ -136,6 +143,14 @@ class Execution:
     def __post_init__(self):
         _positive_int("Execution", "shards", self.shards, optional=True)
         _positive_int("Execution", "probes_per_task", self.probes_per_task)
+        if isinstance(self.scheduler, str) and self.scheduler not in DASK_SCHEDULERS:
+            hint = (" (a LocalCluster is made by a context, not named here: with "
+                    "sketcharray.cluster.scheduler('local-cluster'): ... runs every call inside on it, as the "
+                    "command line's --scheduler local-cluster does)" if self.scheduler == "local-cluster" else
+                    " (a scheduler's address is a distributed.Client: pass Client(address), or make it active "
+                    "with sketcharray.cluster.scheduler(address))" if "://" in self.scheduler else "")
+            raise ValueError(f"Execution.scheduler must be None, a dask.distributed Client or one of dask's local "
+                             f"schedulers {list(DASK_SCHEDULERS)}; got {self.scheduler!r}{hint}")
         if not isinstance(self.progress, bool):
             raise ValueError(f"Execution.progress must be True or False; got {self.progress!r}")
 

@@ -60,14 +60,19 @@ from .provenance import provenance, with_provenance
 
 PROGRESS = "batch_done"
 DIGEST = "batch_digest"
-#: 2: checksummed chunks and per-batch digests; stores without ``store_format`` predate them
-STORE_FORMAT = 2
+#: 2: checksummed chunks and per-batch digests; 3: digests keyed on the store's identity (:func:`digest_key`);
+#: stores without ``store_format`` predate digests
+STORE_FORMAT = 3
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 #: attrs that must agree for a run to resume into an existing store
 IDENTITY_ATTRS = ("param_names", "param_sizes", "model_fingerprint", "sketch_spec", "mode",
                   "n_examples", "batch_size", "storage_dtype", "checkpoint", "variable",
                   # stores of sketched HVPs: the data that define the Hessian, and the probes
-                  "data_fingerprint", "probe_space", "probe_seed", "probes_digest")
+                  "data_fingerprint", "probe_space", "probe_seed", "probes_digest",
+                  # the loss (or model output) differentiated: its name, and since 0.5 its code and bound values
+                  "loss_fn", "loss_fn_identity")
+#: identity attrs a store written by an earlier version may lack: not compared when the store has none
+_SINCE_0_5 = ("loss_fn", "loss_fn_identity")
 
 
 class StoreError(ValueError):
@@ -122,20 +127,40 @@ def _ids_bytes(ids) -> bytes:
     return "\x1f".join(str(i) for i in ids).encode("utf-8")
 
 
-def digest(batch_index: int, part: str, payload: bytes) -> int:
-    """The digest of one part of one batch: 64 bits of SHA-256 over (batch index, part name, bytes)."""
-    h = hashlib.sha256(f"{int(batch_index)}|{part}|".encode())
+#: root attributes left out of a store's identity: the version that wrote it (a resume by a later version is the same
+#: store)
+_NOT_IDENTITY = ("sketcharray_version",)
+
+
+def digest_key(attrs: dict) -> bytes:
+    """The store's identity as digests see it: SHA-256 over its root attributes (the sketch spec, parameters,
+    model fingerprint, loss, data, dtype, ids' count, ...; all but the version), as stored.
+
+    Every digest of a format-3 store includes it, so a chunk copied with its digest from another store, or
+    a root attribute edited to claim another sketch, seed or model, fails verification.  Stores of format 2
+    and earlier have an empty key (their digests are not bound to the store).
+    """
+    if int(attrs.get("store_format", 0) or 0) < 3:
+        return b""
+    identity = {k: v for k, v in attrs.items() if k not in _NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).digest()
+
+
+def digest(batch_index: int, part: str, payload: bytes, key: bytes = b"") -> int:
+    """The digest of one part of one batch: 64 bits of SHA-256 over (store key, batch index, part name, bytes)."""
+    h = hashlib.sha256(key)
+    h.update(f"{int(batch_index)}|{part}|".encode())
     h.update(payload)
     return int.from_bytes(h.digest()[:8], "little") | 1  # never 0, the fill value of an unwritten digest
 
 
-def _rows_digest(batch_index: int, part: str, values: np.ndarray) -> int:
+def _rows_digest(batch_index: int, part: str, values: np.ndarray, key: bytes = b"") -> int:
     values = np.ascontiguousarray(values)
-    return digest(batch_index, part, f"{values.dtype.str}{values.shape}".encode() + values.tobytes())
+    return digest(batch_index, part, f"{values.dtype.str}{values.shape}".encode() + values.tobytes(), key)
 
 
-def _ids_digest(batch_index: int, ids) -> int:
-    return digest(batch_index, "example", _ids_bytes(ids))
+def _ids_digest(batch_index: int, ids, key: bytes = b"") -> int:
+    return digest(batch_index, "example", _ids_bytes(ids), key)
 
 
 # ------------------------------------------------------------------ locking
@@ -301,22 +326,23 @@ def _jsonable(v):
 def write_batch(path, batch_index: int, start: int, stop: int, result: dict[str, np.ndarray], ids) -> None:
     """Write one batch's rows (whole chunks), then its digests, then flag the batch done."""
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    attrs = group.attrs
+    attrs = dict(group.attrs)
     storage_dtype, variable = attrs["storage_dtype"], attrs["variable"]
     parts = json.loads(attrs["digest_parts"]) if "digest_parts" in attrs else None
+    key = digest_key(attrs)
     digests = {}
     for name, values in result.items():
         arr = group[name].with_config({"write_empty_chunks": True})  # a chunk file for every batch
         values = encode(values, storage_dtype) if name == variable else np.asarray(values, dtype=arr.dtype)
         arr[start:stop] = values
-        digests[name] = _rows_digest(batch_index, name, values)
+        digests[name] = _rows_digest(batch_index, name, values, key)
     if parts is not None:
         missing = [p for p in parts[1:] if p not in digests]
         if missing:
             raise ValueError(f"batch {batch_index} must write every variable of the store; missing {missing}")
         if len(ids) != stop - start:
             raise ValueError(f"batch {batch_index} has {stop - start} rows but {len(ids)} ids")
-        digests[parts[0]] = _ids_digest(batch_index, ids)
+        digests[parts[0]] = _ids_digest(batch_index, ids, key)
         row = np.array([digests[p] for p in parts], dtype=np.uint64)
         group[DIGEST].with_config({"write_empty_chunks": True})[batch_index] = row
     group[PROGRESS][batch_index] = 1
@@ -406,10 +432,10 @@ def _chunk_path(path, arr, batch: int) -> Path:
 
 
 def read_rows(path, name: str, batch: int, start: int, stop: int, expected: int | None = None,
-              decode: bool = False, arr=None) -> np.ndarray:
+              decode: bool = False, arr=None, key: bytes = b"") -> np.ndarray:
     """Rows ``start:stop`` (batch ``batch``) of one variable, checked against its checksum and digest.
 
-    ``arr``: the variable's Zarr array when the caller has it open.
+    ``arr``: the variable's Zarr array when the caller has it open; ``key``: the store's :func:`digest_key`.
     Raises :class:`StoreDamaged` naming the variable, the batch and the example range.
     """
     if arr is None:
@@ -419,22 +445,28 @@ def read_rows(path, name: str, batch: int, start: int, stop: int, expected: int 
     except Exception as exc:
         raise StoreDamaged(path, name, f"the chunk is corrupt or truncated ({type(exc).__name__}: {exc})", batch,
                            start, stop) from None
-    if expected is not None and _rows_digest(batch, name, values) != int(expected):
-        missing = not _chunk_path(path, arr, batch).exists()
-        what = ("its chunk file is missing" if missing
-                else "its rows do not match the digest written with the batch (a chunk replaced, swapped or altered)")
-        raise StoreDamaged(path, name, what, batch, start, stop)
+    if expected is not None and _rows_digest(batch, name, values, key) != int(expected):
+        raise StoreDamaged(path, name, _mismatch(path, arr, batch), batch, start, stop)
     return decode_bfloat16(values) if decode else values
 
 
-def _read_block(path, variable, bounds, done, digests, decode, tail, out_dtype, block_id=None):
+def _mismatch(path, arr, batch: int) -> str:
+    """Why a chunk's rows disagree with their digest, as far as the files tell."""
+    if not _chunk_path(path, arr, batch).exists():
+        return "its chunk file is missing"
+    return ("its rows do not match the digest written with the batch (a chunk replaced, swapped, altered or copied "
+            "from another store)")
+
+
+def _read_block(path, variable, bounds, done, digests, decode, tail, out_dtype, key=b"", block_id=None):
     """One stored batch of one variable; a batch not yet written reads as missing (NaN, or False/0)."""
     batch = block_id[0]
     start, stop = bounds[batch]
     if not done[batch]:
         return np.full((stop - start, *tail), np.nan if np.issubdtype(out_dtype, np.floating) else 0,
                        dtype=out_dtype)
-    return read_rows(path, variable, batch, start, stop, None if digests is None else digests[batch], decode)
+    return read_rows(path, variable, batch, start, stop, None if digests is None else digests[batch], decode,
+                     key=key)
 
 
 def _read_whole(path, group, name) -> np.ndarray:
@@ -497,6 +529,7 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
             "rerun the same call to resume, or pass allow_incomplete=True"
         )
     parts = json.loads(attrs["digest_parts"]) if "digest_parts" in attrs else None
+    key = digest_key(attrs)
     digests = None
     if parts is None:
         warnings.warn(f"store {path} was written before sketcharray 0.3 and has no digests: its chunks cannot be "
@@ -505,9 +538,9 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
         digests = _read_whole(path, group, DIGEST)
         for b in np.flatnonzero(done):
             start, stop = bounds[b]
-            if _ids_digest(b, ids[start:stop]) != int(digests[b, 0]):
-                raise StoreDamaged(path, row_dim, "the ids do not match the digest written with the batch", b,
-                                   start, stop)
+            if _ids_digest(b, ids[start:stop], key) != int(digests[b, 0]):
+                raise StoreDamaged(path, row_dim, "the ids do not match the digest written with the batch (the "
+                                   "ids, the digest record or the store's attributes were changed)", b, start, stop)
     token = dask.base.tokenize(str(Path(path).resolve()), os.stat(Path(path, PROGRESS)).st_mtime_ns, verify)
     data_vars = {}
     for name, arr in arrays.items():
@@ -516,7 +549,8 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
         chunks = (tuple(b - a for a, b in bounds),) + tuple((s,) for s in arr.shape[1:])
         dtype = np.float32 if decode else arr.dtype
         data = da.map_blocks(_read_block, path=str(path), variable=name, bounds=bounds, done=tuple(done.tolist()),
-                             digests=col, decode=decode, tail=arr.shape[1:], out_dtype=dtype, dtype=dtype, chunks=chunks,
+                             digests=col, decode=decode, tail=arr.shape[1:], out_dtype=dtype, key=key, dtype=dtype,
+                             chunks=chunks,
                              meta=np.empty((0,) * arr.ndim, dtype=dtype), token=f"read-{name}-{token}")
         dims = tuple(arr.metadata.dimension_names or (row_dim, "sketch")[: arr.ndim])
         data_vars[name] = (dims, data)
@@ -550,6 +584,8 @@ def check_compatible(path, existing: dict, wanted: dict, ids=None) -> None:
     """Raise ValueError naming both values when a store was made by a different run."""
     for key in IDENTITY_ATTRS:
         have, want = existing.get(key), _jsonable(wanted.get(key))
+        if key in _SINCE_0_5 and key not in existing:
+            continue
         if key in wanted and have != want:
             raise ValueError(
                 f"store {path} was written with {key}={have!r}, but this run has {key}={want!r}; "
@@ -633,6 +669,7 @@ def verify_store(path, *, progress: bool = False) -> StoreReport:
     row_dim, variable = attrs.get("row_dim", "example"), attrs["variable"]
     parts = json.loads(attrs["digest_parts"])
     chunk = int(attrs["batch_size"])
+    key = digest_key(attrs)
     n_rows = int(attrs.get("n_examples", 0)) or None
     arrays = {}
     for name in [*parts, PROGRESS, DIGEST, "sketch"]:
@@ -684,20 +721,33 @@ def verify_store(path, *, progress: bool = False) -> StoreReport:
                 report.damage.append(Damage(DIGEST, "the batch is flagged done but has no digest", b, start, stop))
             continue
         report.checked += 1
-        if ids is not None and _ids_digest(b, ids[start:stop]) != int(digests[b, 0]):
-            report.damage.append(Damage(row_dim, "the ids do not match the digest written with the batch", b,
-                                        start, stop))
+        # each part against its digest: None (unreadable: corrupt), True or False
+        matches = {row_dim: None if ids is None else _ids_digest(b, ids[start:stop], key) == int(digests[b, 0])}
+        found = []
         for i, name in enumerate(parts[1:], start=1):
             if name not in arrays:
                 continue
             try:
-                rows = read_rows(path, name, b, start, stop, digests[b, i], arr=arrays[name])
+                rows = read_rows(path, name, b, start, stop, arr=arrays[name])  # the checksum only
             except StoreDamaged as exc:
-                report.damage.append(Damage(name, exc.reason, b, start, stop))
+                found.append(Damage(name, exc.reason, b, start, stop))
                 continue
-            if name == variable:
+            matches[name] = _rows_digest(b, name, rows, key) == int(digests[b, i])
+            if not matches[name]:
+                found.append(Damage(name, _mismatch(path, arrays[name], batch=b), b, start, stop))
+            elif name == variable:
                 rows = decode_bfloat16(rows) if attrs["storage_dtype"] == "bfloat16" else rows
                 report.zero_rows += int((rows.reshape(len(rows), -1) == 0).all(axis=1).sum())
+        if matches[row_dim] is False:
+            found.insert(0, Damage(row_dim, "the ids do not match the digest written with the batch", b, start, stop))
+        if not any(m for m in matches.values()) and any(m is False for m in matches.values()):
+            # nothing of the batch matches its digest record: the record is what was changed (swapped with
+            # another batch's, copied from another store), or the store's root attributes it is keyed on
+            found = [d for d in found if d.reason.startswith("the chunk is corrupt")]
+            found.insert(0, Damage(DIGEST, "the digest record matches neither the batch's ids nor its rows (a digest "
+                                           "swapped, altered or copied from another store, or the store's root "
+                                           "attributes edited)", b, start, stop))
+        report.damage.extend(found)
         checked += 1
         bar.update(checked)
     bar.close()
@@ -746,7 +796,8 @@ def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:
         try:
             _write_skeleton(tmp, **skeleton)
             if row_dim in restore or "sketch" in restore:
-                _check_ids_against_digests(path, skeleton["ids"], attrs)
+                _check_ids_against_digests(path, skeleton["ids"], attrs,
+                                           skip={d.batch for d in report.damage if d.variable == DIGEST})
             for name in restore:
                 if name in (row_dim, "sketch"):  # coordinates: written once at creation, copied whole
                     shutil.rmtree(path / name, ignore_errors=True)
@@ -764,13 +815,16 @@ def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:
             group[PROGRESS][b] = 0
     if not quiet:
         restored = f"restored {', '.join(sorted(restore))} from the run's settings; " if restore else ""
-        print(f"repairing store {path}: {restored}recomputing {len(damaged)} damaged batch(es) {damaged}",
-              flush=True)
+        listed = [str(d) for d in report.damage if d.batch is not None]
+        what = "; ".join(listed[:4]) + (f"; and {len(listed) - 4} more" if len(listed) > 4 else "")
+        print(f"repairing store {path}: {restored}recomputing {len(damaged)} damaged batch(es) {damaged}"
+              + (f" ({what})" if what else ""), flush=True)
     return damaged
 
 
-def _check_ids_against_digests(path, ids, attrs) -> None:
-    """Before restoring a damaged id coordinate from this run's ids: they must be the ids the store was written with."""
+def _check_ids_against_digests(path, ids, attrs, skip=()) -> None:
+    """Before restoring a damaged id coordinate from this run's ids: they must be the ids the store was written with
+    (checked on every finished batch but those in ``skip``, whose digest record is itself damaged)."""
     group = _group(path)
     chunk = int(attrs["batch_size"])
     ids = list(ids)
@@ -779,9 +833,12 @@ def _check_ids_against_digests(path, ids, attrs) -> None:
         done = ~np.isin(np.arange(digests.shape[0]), pending_batches(path))
     except Exception:
         return  # no readable digests: the damaged batches are recomputed whole
+    key = digest_key(attrs)
     for b in np.flatnonzero(done):
+        if b in skip:
+            continue
         start, stop = b * chunk, min(len(ids), (b + 1) * chunk)
-        if digests[b, 0] and _ids_digest(b, ids[start:stop]) != int(digests[b, 0]):
+        if digests[b, 0] and _ids_digest(b, ids[start:stop], key) != int(digests[b, 0]):
             raise ValueError(f"store {path} holds different example ids than this run (batch {b}, examples "
                              f"{start}..{stop - 1}); use a new store path, or the same ids to resume")
 

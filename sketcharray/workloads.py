@@ -197,8 +197,12 @@ def load_workload(spec: str) -> Workload:
         raise ValueError(f"workload {spec!r} is neither an embedded workload ({', '.join(sorted(WORKLOADS))}) "
                          "nor an import path 'module:factory'")
     module_name, _, attr = spec.partition(":")
+    if not module_name or module_name.startswith(".") or not all(p.isidentifier() for p in module_name.split(".")):
+        raise ValueError(f"workload {spec!r}: {module_name!r} is not an absolute module name; give "
+                         "module:factory with the module as you would import it (e.g. mymodel:factory for a "
+                         "mymodel.py in the current folder)")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_workload_module(module_name)
     except ImportError as exc:
         raise ValueError(f"workload {spec!r}: cannot import module {module_name!r} ({exc})") from exc
     factory = getattr(module, attr, None)
@@ -209,6 +213,20 @@ def load_workload(spec: str) -> Workload:
         raise ValueError(f"workload {spec!r}: {attr}() returned {type(w).__name__}, expected a "
                          "sketcharray.workloads.Workload")
     return w
+
+
+def _import_workload_module(module_name: str):
+    """The workload's module: from the installed packages, else from the current folder (on the path only while
+    this module is imported: :mod:`sketcharray.localmodules`)."""
+    from . import localmodules
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.partition(".")[0]
+        if exc.name != top or not localmodules.defines(os.getcwd(), top):
+            raise
+        return localmodules.import_from_folder(module_name, os.getcwd())
 
 
 # ----------------------------------------------------------------- digits

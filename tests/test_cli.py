@@ -339,6 +339,64 @@ def test_the_current_folder_never_shadows_an_installed_module(tmp_path, launcher
     assert not marker.exists()
 
 
+#: optional dependencies some library may try to import; a file of that name in the current folder must never run
+OPTIONAL = ("cupy", "pytz", "xxhash", "pyarrow", "zstandard", "lz4", "numexpr", "cftime", "sparse", "pint", "dill",
+            "bottleneck", "numbagg", "flox", "h5netcdf", "netCDF4", "fsspec", "s3fs", "cytoolz", "crick", "sklearn")
+
+
+def test_the_current_folder_serves_only_the_workload_module(tmp_path):
+    """Issue 21, item 3: with files named after optional dependencies that are not installed, nothing of the
+    current folder runs but the --workload module named (and what it imports while it is imported)."""
+    import importlib.util
+    import os
+    import shutil
+
+    marker = tmp_path / "code-ran"
+    missing = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
+    for name in (*OPTIONAL, "helper"):
+        (tmp_path / f"{name}.py").write_text(SHADOW.format(marker=str(marker)))
+    (tmp_path / "helper.py").write_text("SCALE = 1\n")
+    (tmp_path / "myload.py").write_text("import helper\nfrom tests.workload_fixture import tiny as factory\n")
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent)}
+    script = __import__("pathlib").Path(sys.executable).parent / "sketcharray"
+    script = str(script) if script.exists() else shutil.which("sketcharray")
+    if script is None:
+        pytest.skip("the sketcharray console script is not installed")
+
+    def run(*argv):
+        return subprocess.run([script, *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    done = run("sketch", "--workload", "myload:factory", "--n-out", "8", "--out", "s.zarr", "--quiet")
+    assert done.returncode == 0, done.stderr
+    for argv in (("info", "s.zarr"), ("info", "s.zarr", "--verify"), ("info", "s.zarr", "--json"),
+                 ("attribute", "s.zarr", "s.zarr", "--k", "2", "--score", "cosine", "--out", "r.nc")):
+        done = run(*argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    assert not marker.exists() and len(missing) >= 3, missing
+    done = run("sketch", "--workload", ".myload:factory", "--n-out", "8", "--out", "t.zarr", "--quiet")
+    assert done.returncode == 3 and "is not an absolute module name" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_workload_from_the_current_folder_runs_on_a_local_cluster(tmp_path):
+    """The workers of a LocalCluster import the --workload module by name, as the client does (a preload)."""
+    import os
+    import shutil
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "cupy.py").write_text(SHADOW.format(marker=str(marker)))
+    (tmp_path / "myload.py").write_text("from tests.workload_fixture import tiny as factory\n")
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent)}
+    script = shutil.which("sketcharray", path=str(__import__("pathlib").Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the sketcharray console script is not installed")
+    done = subprocess.run([script, "sketch", "--workload", "myload:factory", "--n-out", "8", "--out", "s.zarr",
+                           "--scheduler", "local-cluster", "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+
+
 def test_a_store_from_another_sketch_is_refused(tmp_path, capsys):
     store = str(tmp_path / "s.zarr")
     args = ["sketch", "--out", store, "--workload", TINY, "--batch-size", "10", "--quiet"]

@@ -15,9 +15,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sketcharray"
 
 #: DESIGN.md: sketches <- torch <- collect/store <- analysis <- cli; nothing imports a higher layer.
 LAYERS = {
-    "sketches": 0, "progress": 0, "settings": 0,
+    "sketches": 0, "progress": 0, "settings": 0, "localmodules": 0,
     "torch": 1,
-    "provenance": 2, "store": 2, "collect": 2, "cluster": 2,
+    "provenance": 2, "store": 2, "collect": 2, "cluster": 2, "outputs": 2,
     "analysis": 3, "workloads": 3,
     "cli": 4, "commands": 4, "bench": 4, "demo": 4, "report": 4,
 }

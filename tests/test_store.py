@@ -172,6 +172,68 @@ def test_a_lost_progress_flag_or_digest_recomputes_that_batch(w, reference, tmp_
     assert sorted(computed) == [1, 3] and verify_store(path).ok
 
 
+@pytest.mark.parametrize("parts", [("grad",), ("grad", "loss", "valid", "label")])
+def test_a_chunk_copied_with_its_digest_from_another_store_is_named(w, reference, tmp_path, monkeypatch, parts):
+    """Issue 21, item 5b: digests are keyed on the store's identity, so a foreign batch brings a foreign digest."""
+    path = tmp_path / "s.zarr"
+    shutil.copytree(reference / "ref.zarr", path)
+    other = reference / "other.zarr"  # another seed and model over the same examples, ids and shapes
+    for name in (*parts, "batch_digest"):
+        shutil.copyfile(chunk_file(other, name, DAMAGED), chunk_file(path, name, DAMAGED))
+    report = verify_store(path)
+    assert report.damaged_batches == [DAMAGED], str(report)
+    assert [d.variable for d in report.damage] == ["batch_digest"] and "copied from another store" in str(report)
+    with pytest.raises(StoreDamaged, match=rf"of batch {DAMAGED}"):
+        open_sketches(path).grad.values
+    computed = count_batches(monkeypatch)
+    write(w, path)
+    assert computed == [DAMAGED] and verify_store(path).ok
+    expected = values(reference / "ref.zarr")
+    for key, got in values(path).items():
+        np.testing.assert_array_equal(got, expected[key])
+
+
+def test_root_attributes_edited_to_claim_another_sketch_fail_verification(w, reference, tmp_path):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(reference / "ref.zarr", path)
+    meta = json.loads((path / "zarr.json").read_text())
+    spec = json.loads(meta["attributes"]["sketch_spec"])
+    meta["attributes"]["sketch_spec"] = json.dumps({**spec, "seed": 1}, sort_keys=True)
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreDamaged, match="the ids do not match the digest"):
+        open_sketches(path)
+    report = verify_store(path)
+    assert report.damaged_batches == [0, 1, 2, 3, 4] and {d.variable for d in report.damage} == {"batch_digest"}
+    # the run that the attributes now claim recomputes every batch, and the store then holds what it claims
+    write(w, path, seed=1)
+    assert verify_store(path).ok
+    fresh = tmp_path / "fresh.zarr"
+    write(w, fresh, seed=1)
+    np.testing.assert_array_equal(values(path)["grad"], values(fresh)["grad"])
+
+
+def test_swapped_digest_records_are_named_and_recomputed_by_resume(w, reference, tmp_path, monkeypatch, capsys):
+    """Issue 21, item 6: a damaged digest record is repaired like any other part, not refused as other ids."""
+    path = tmp_path / "s.zarr"
+    shutil.copytree(reference / "ref.zarr", path)
+    a, b = chunk_file(path, "batch_digest", 1), chunk_file(path, "batch_digest", 3)
+    first, second = a.read_bytes(), b.read_bytes()
+    a.write_bytes(second)
+    b.write_bytes(first)
+    with pytest.raises(StoreDamaged, match="batch 1"):
+        open_sketches(path)
+    report = verify_store(path)
+    assert [(d.variable, d.batch) for d in report.damage] == [("batch_digest", 1), ("batch_digest", 3)]
+    computed = count_batches(monkeypatch)
+    write(w, path, progress=True)
+    assert sorted(computed) == [1, 3] and verify_store(path).ok
+    out = capsys.readouterr().out
+    assert "recomputing 2 damaged batch(es) [1, 3] (batch_digest of batch 1 (examples 10..19): the digest record" in out
+    expected = values(reference / "ref.zarr")
+    for key, got in values(path).items():
+        np.testing.assert_array_equal(got, expected[key])
+
+
 def test_damaged_root_metadata_is_refused_not_overwritten(w, reference, tmp_path):
     path = tmp_path / "s.zarr"
     shutil.copytree(reference / "ref.zarr", path)
@@ -245,6 +307,24 @@ def test_a_second_writer_is_refused_naming_the_holder(w, tmp_path):
         assert open_sketches is not None  # readers take no lock: nothing to wait for
     write(w, path)
     assert not (tmp_path / "s.zarr.writer.json").exists()
+
+
+@pytest.mark.parametrize("alias", ["symlink", "relative", "dotdot"])
+def test_the_lock_belongs_to_the_store_not_to_how_its_path_is_spelled(w, tmp_path, monkeypatch, alias):
+    """Issue 21, item 7: a symlink or another spelling of a half-finished store's path is the same store."""
+    path = tmp_path / "s.zarr"
+    write(w, path)
+    zarr.open_group(str(path), mode="r+")["batch_done"][3] = 0  # half-finished
+    monkeypatch.chdir(tmp_path)
+    other = {"symlink": tmp_path / "link.zarr", "relative": "s.zarr", "dotdot": tmp_path / "sub" / ".." / "s.zarr"}
+    (tmp_path / "sub").mkdir()
+    if alias == "symlink":
+        (tmp_path / "link.zarr").symlink_to(path, target_is_directory=True)
+    with st.writer_lock(path):
+        with pytest.raises(StoreLocked, match=rf"is being written by process {os.getpid()} on "):
+            write(w, other[alias])
+    write(w, other[alias])
+    assert verify_store(path).ok and not st.pending_batches(path).size
 
 
 def test_a_lock_left_by_a_dead_writer_is_taken_over(w, tmp_path, capsys):

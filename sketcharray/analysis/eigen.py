@@ -29,6 +29,7 @@ import xarray as xr
 
 from ..outputs import check_folder, save_figure, write_result
 from ..progress import Progress
+from ..provenance import function_identity
 from ..settings import WHICH, Execution, ModelSettings, SolverSettings, coerce, moved_options
 
 logger = logging.getLogger(__name__)
@@ -853,7 +854,8 @@ class _SpectrumJob:
         op = resolve_sketch(self.sketch, select_params(self.base, params).n)
         return {"method": solver.method, "sketch_spec": str(op.spec), "k": self.k, "which": solver.which,
                 "params": json.dumps(params), "model_fingerprint": model_fingerprint(self.base),
-                "data_fingerprint": self._data_fp, "solver_options": json.dumps(options, sort_keys=True)}
+                "data_fingerprint": self._data_fp, "solver_options": json.dumps(options, sort_keys=True),
+                "loss_fn_identity": function_identity(self.loss_fn)[0]}
 
     def at(self, name: str, folder: Path | None, *, checkpoint: bool) -> xr.Dataset:
         """The spectrum at the weights now in ``base`` (labelled along ``checkpoint`` as ``name`` when
@@ -898,6 +900,8 @@ def _stored_spectrum(path: Path, wanted: dict) -> xr.Dataset:
     from ..store import open_zarr_dataset
 
     saved = open_zarr_dataset(path).load()
+    # a spectrum stored before 0.5 records no loss identity: it is not compared
+    wanted = {key: value for key, value in wanted.items() if key != "loss_fn_identity" or key in saved.attrs}
     have = {key: saved.attrs.get(key) for key in wanted}
     have["k"] = saved.sizes["rank"]
     if have != wanted:
@@ -940,7 +944,8 @@ def format_outliers(stats: xr.Dataset) -> list[str]:
 
 
 def plot_spectrum_evolution(stats: xr.Dataset, path) -> None:
-    """The paper's Figure 2: RNEG over checkpoints, and R_n against n per checkpoint."""
+    """The paper's Figure 2: RNEG over checkpoints, and R_n against n per checkpoint (with a ``seed`` dimension:
+    the mean over the sketches, their spread as error bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -950,13 +955,24 @@ def plot_spectrum_evolution(stats: xr.Dataset, path) -> None:
     if "checkpoint" not in stats.dims:
         stats = stats.expand_dims(checkpoint=["-"])
     labels = [str(c) for c in stats.checkpoint.values]
+    seeded = "seed" in stats.dims  # several sketches: the mean over them, with their spread as error bars
     if "RNEG" in stats:
-        a.plot(labels, stats.RNEG.values, marker="o")
+        if seeded:
+            spread = stats.RNEG.std("seed", ddof=1) if stats.sizes["seed"] > 1 else 0 * stats.RNEG.mean("seed")
+            a.errorbar(labels, stats.RNEG.mean("seed").values, yerr=spread.values, marker="o", capsize=3,
+                       label=f"mean ± spread over {stats.sizes['seed']} sketches")
+            a.legend(fontsize=8)
+        else:
+            a.plot(labels, stats.RNEG.values, marker="o")
     a.set_xlabel("checkpoint")
     a.set_ylabel("RNEG = |lambda_min| / lambda_max")
     a.set_title("negative eigenvalues over training")
     for c, lab in zip(stats.checkpoint.values, labels):
         r = stats.R.sel(checkpoint=c)
+        if seeded:
+            err = r.std("seed", ddof=1).values if stats.sizes["seed"] > 1 else None
+            b.errorbar(r["rank"].values, r.mean("seed").values, yerr=err, marker=".", capsize=2, label=lab)
+            continue
         b.plot(r["rank"].values, r.values, marker=".", label=lab)
     b.axhline(0.2, color="grey", ls=":", lw=0.8)
     from matplotlib.ticker import MaxNLocator

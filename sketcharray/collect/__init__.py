@@ -17,8 +17,8 @@ Split by concern:
 from .compute import compute_with_progress
 from .gradients import sketch_gradients
 from .hvps import ShardedSubspaceHessian, random_probes, random_test_matrix, sketch_hvps, subspace_hessian
-from .sources import DataSource, FactorySource, ModuleSource, function_name, resolve_sketch
+from .sources import DataSource, FactorySource, ModuleSource, function_name, function_provenance, resolve_sketch
 
 __all__ = ["sketch_gradients", "sketch_hvps", "subspace_hessian", "ShardedSubspaceHessian", "random_probes",
            "random_test_matrix", "compute_with_progress", "DataSource", "FactorySource", "ModuleSource",
-           "function_name", "resolve_sketch"]
+           "function_name", "function_provenance", "resolve_sketch"]

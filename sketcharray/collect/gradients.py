@@ -26,7 +26,7 @@ from ..torch.grads import batch_labels, to_device
 from ..torch.locks import AUTODIFF
 from .compute import compute_with_progress
 from .sources import (DataSource, _device_of, _driver_model, _model_delayed, _model_from, _on_device,
-                      _to_chunk, function_name, resolve_sketch)
+                      _to_chunk, function_provenance, resolve_sketch)
 
 
 def _gradient_task(model_src, loss_fn, data: DataSource, index, start, stop, op, settings: ModelSettings, device,
@@ -35,7 +35,7 @@ def _gradient_task(model_src, loss_fn, data: DataSource, index, start, stop, op,
     dev = _device_of(device)
     model = _on_device(_model_from(model_src), dev)
     paramset = select_params(model, settings.params)
-    batch = to_device(data.load(index, start, stop), dev)
+    batch = to_device(data.load(index, start, stop), dev, model)
     with AUTODIFF:
         out = sketch_batch(model, loss_fn, batch, paramset, op, mode=settings.mode, forward=settings.forward,
                            per_example=settings.per_example)
@@ -129,7 +129,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
         "sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": fingerprint,
         "mode": mode, "n_examples": n, "batch_size": chunk, "storage_dtype": dtype,
         "checkpoint": checkpoint, "variable": "grad", "sketcharray_version": __version__,
-        "loss_fn": function_name(loss_fn),
+        **function_provenance(loss_fn),
     }
     task_args = (loss_fn, source)
 

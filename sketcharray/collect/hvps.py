@@ -29,8 +29,9 @@ from ..sketches import random as rnd
 from ..torch import HVP, SubspaceHessian, as_module, select_params
 from ..torch.locks import AUTODIFF
 from .compute import _active_client, compute_with_progress
+from ..provenance import function_identity
 from .sources import (DataSource, _device_of, _driver_model, _elsewhere, _model_delayed, _model_from,
-                      _on_device, _to_chunk, function_name, resolve_sketch)
+                      _on_device, _to_chunk, function_provenance, resolve_sketch)
 
 _local = threading.local()
 
@@ -66,7 +67,8 @@ def _operator_key(source: DataSource, shard, n_examples: int, settings: ModelSet
                   fingerprint: str) -> str:
     """What a worker keeps an HVP operator under: the shard of the data, the settings and the weights."""
     return dask.base.tokenize(source, shard, n_examples, settings.params, settings.hvp_mode, str(device),
-                              function_name(loss_fn), settings.forward and function_name(settings.forward), fingerprint)
+                              function_identity(loss_fn)[0], settings.forward and function_identity(settings.forward)[0],
+                              fingerprint)
 
 
 def _hvp_task(model_src, loss_fn, data: DataSource, block: ProbeBlock, op, settings: ModelSettings, device, key,
@@ -162,7 +164,7 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
     bounds = source.bounds
     key = _operator_key(source, tuple(range(len(bounds))), bounds[-1][1], settings, device, loss_fn, fingerprint)
     attrs = {"sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": fingerprint, "probe_seed": int(seed),
-             "probe_space": space, "sketcharray_version": __version__}
+             "probe_space": space, "sketcharray_version": __version__, **function_provenance(loss_fn)}
     if store is not None:
         return _stored_hvps(store, model_src, loss_fn, source, blocks, op, settings, execution, key, attrs, given)
     model_d = _model_delayed(model_src)

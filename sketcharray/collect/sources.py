@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ import dask
 import torch
 from torch import nn
 
+from ..provenance import WeakIdentityWarning, function_identity, function_name
 from ..sketches import SketchOperator, make_sketch
 from ..torch import as_module, model_fingerprint
 from ..torch.locks import BUILD
@@ -71,11 +73,15 @@ class DataSource:
         return torch.utils.data.default_collate(items)
 
 
-def function_name(fn) -> str:
-    """``module.qualname`` of a function (or a partial's function), recorded as provenance."""
-    while hasattr(fn, "func"):  # functools.partial
-        fn = fn.func
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+def function_provenance(fn, role: str = "loss_fn") -> dict[str, str]:
+    """``{role: module.qualname, role_identity: hash}`` for a store's attrs, warning when the identity is weak
+    (:func:`~sketcharray.provenance.function_identity`)."""
+    identity, unread = function_identity(fn)
+    if unread:
+        warnings.warn(f"{role} {function_name(fn)}: its provenance cannot read {', '.join(sorted(set(unread)))}; two "
+                      "such functions that differ only there are not told apart when sketches meet",
+                      WeakIdentityWarning, stacklevel=3)
+    return {role: function_name(fn), f"{role}_identity": identity}
 
 
 def resolve_sketch(sketch, n_params: int) -> SketchOperator:

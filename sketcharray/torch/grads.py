@@ -54,8 +54,31 @@ def _map(batch, fn):
     return fn(batch)
 
 
-def to_device(batch, device):
-    return _map(batch, lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)
+def to_device(batch, device, model=None):
+    """``batch`` on ``device``; with ``model``, its floating-point tensors in the model's floating dtype.
+
+    Data often come as float64 (NumPy's default) for a float32 model; the
+    forward would fail on the mismatch (``mat1 and mat2 must have the same
+    dtype``), so inputs take the model's precision, as training would.  The
+    data's fingerprint is taken of the data as given, before this.  Integer
+    tensors (labels, token ids, masks) are left as they are.
+    """
+    dtype = None if model is None else model_float_dtype(model)
+
+    def move(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    return _map(batch, move)
+
+
+def model_float_dtype(model):
+    """The floating dtype of the model's parameters (None when it has none, or several)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def data_fingerprint(batches) -> str:

@@ -43,7 +43,7 @@ class HVP:
         self.loss_fn = loss_fn
         self.paramset = paramset
         self.device = device
-        self.batches = [to_device(b, device) if device is not None else b for b in batches]
+        self.batches = [to_device(b, device, model) for b in batches]
         # the mean is over n_examples (default: these batches'); a shard of the data passes the whole count,
         # so the shards' products sum to the Hessian of the mean over all of them
         self.n_examples = sum(batch_size_of(b) for b in self.batches) if n_examples is None else int(n_examples)

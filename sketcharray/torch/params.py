@@ -112,10 +112,16 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def load_weights(path) -> dict:
     """A ``torch.save``d state_dict, loaded with ``weights_only=True`` (tensors and plain containers, no code)."""
+    import warnings
+    import zipfile
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for a file that is not (only) weights, RuntimeError for a bad zip
-        raise ValueError(f"checkpoint {path} cannot be loaded as weights only ({type(exc).__name__}): checkpoints "
+        kind = "" if zipfile.is_zipfile(path) else " (it is not a torch.save archive: a raw pickle or another file)"
+        raise ValueError(f"checkpoint {path} cannot be loaded as weights only ({type(exc).__name__}){kind}: checkpoints "
                          "are read with torch.load(weights_only=True), which refuses anything but tensors and "
                          "plain containers (nothing in them can run code); save model.state_dict()") from None
     if not isinstance(state, dict):

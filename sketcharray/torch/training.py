@@ -42,7 +42,7 @@ def train_steps(module, opt, stream: MinibatchStream, start: int, n: int, loss_f
     """Steps ``start .. start + n - 1`` of the stream: one optimizer step on the mean loss of each minibatch."""
     module.train(False)
     for i in range(start, start + n):
-        batch = to_device(stream.batch(i), device)
+        batch = to_device(stream.batch(i), device, module)
         opt.zero_grad()
         loss_fn(forward(module, batch), batch).mean().backward()
         opt.step()

@@ -536,3 +536,30 @@ def _interrupted_at(product: int, a: np.ndarray):
         return x @ a
 
     return matvec, calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver, kills", [("lanczos", [(0, "SIGKILL"), (3, "SIGKILL"), (1, "2 x SIGINT")]),
+                                           ("randomized", [(1, "SIGKILL")])])
+def test_spectrum_out_killed_through_the_cli_resumes_bit_identically(tmp_path, solver, kills):
+    """Issue 21, item 4, the small variant of ``sketcharray bench resume`` (20 random kill points there): the CLI
+    killed as its state is created, after some products (SIGKILL) and by two SIGINTs, then rerun."""
+    import argparse
+
+    from sketcharray.bench.resume import _command, _result, kill_trial
+
+    args = argparse.Namespace(workload="tests.workload_fixture:tiny", n_out=16, k=2, examples=48, batch_size=16,
+                              solver=solver)
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run(_command(args, tmp_path / "whole"), env=env).returncode == 0
+    reference = _result(tmp_path / "whole")
+    rng = np.random.default_rng(0)
+    for i, (target, how) in enumerate(kills):
+        trial = kill_trial(args, tmp_path / f"t{i}", rng, reference["iterations"], target=target, how=how)
+        assert trial["resumed"] == 0, trial
+        np.testing.assert_array_equal(trial["eigenvalue"], reference["eigenvalue"])
+        np.testing.assert_array_equal(trial["residual"], reference["residual"])

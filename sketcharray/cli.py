@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="eigenvalues at each end")
     p.add_argument("--which", default="both", choices=("both", "top", "bottom"))
     p.add_argument("--solver", default="lanczos", choices=("lanczos", "randomized"))
+    p.add_argument("--max-iter", type=int, default=None, metavar="N",
+                   help="the solver's budget: Lanczos products (default: until every wanted eigenpair converges, at "
+                        "most min(D, 1000)), or randomized blocks (default 30); eigenpairs it leaves unconverged "
+                        "are marked NO")
     p.add_argument("--examples", type=int, default=None, help="H of the mean loss over the first N examples")
     p.add_argument("--checkpoint", nargs="+", metavar="NAME=PATH", default=None,
                    help="torch.save'd state_dicts to evaluate at")
@@ -230,7 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_once(signum, frame):
+    """The first Ctrl-C interrupts; later ones are ignored while the interrupted work unwinds (closing files,
+    releasing the store's lock), so a second Ctrl-C cannot cut that short and turn the exit into a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
+            signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt_once)
     try:
         return _main(argv)
     except KeyboardInterrupt:  # before a subcommand was parsed: while the package's modules load

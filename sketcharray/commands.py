@@ -163,7 +163,9 @@ def spectrum(args) -> int:
         shards = None if client is None else max(1, sum(client.nthreads().values()))
         res = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": args.method, "n_out": args.n_out,
                                                                   "seed": args.seed},
-                               k=args.k, solver=SolverSettings(method=args.solver, which=args.which),
+                               k=args.k, solver=SolverSettings(method=args.solver, which=args.which, **(
+                                   {} if args.max_iter is None else
+                                   {"max_iter" if args.solver == "lanczos" else "n_iter": args.max_iter})),
                                checkpoints=checkpoints, seeds=args.seeds, store=args.out, batch_size=args.batch_size,
                                model_settings=ModelSettings(params=args.params, forward=w.forward),
                                execution=Execution(device=args.device, progress=not args.quiet, shards=shards))
@@ -174,14 +176,27 @@ def spectrum(args) -> int:
         ev = ev.expand_dims(checkpoint=["-"]) if "checkpoint" not in ev.dims else ev
         spread = (res.eigenvalue_spread.expand_dims(checkpoint=["-"]) if "checkpoint" not in res.dims
                   else res.eigenvalue_spread) if seeded else None
+        conv = res.converged.all("seed") if seeded else res.converged
+        conv = conv.expand_dims(checkpoint=["-"]) if "checkpoint" not in conv.dims else conv
         rows = [{"checkpoint": str(c), "sign": str(s), "rank": int(r),
                  "eigenvalue": float(ev.sel(checkpoint=c, sign=s, rank=r)),
-                 **({"spread": float(spread.sel(checkpoint=c, sign=s, rank=r))} if seeded else {})}
-                for c in ev.checkpoint.values for s in ev.sign.values for r in ev["rank"].values]
+                 **({"spread": float(spread.sel(checkpoint=c, sign=s, rank=r))} if seeded else {}),
+                 "converged": "yes" if bool(conv.sel(checkpoint=c, sign=s, rank=r)) else "NO"}
+                for c in ev.checkpoint.values for s in ev.sign.values for r in ev["rank"].values
+                if np.isfinite(float(ev.sel(checkpoint=c, sign=s, rank=r)))]
         columns = [("checkpoint", "checkpoint"), ("sign", "end"), ("rank", "rank"),
                    ("eigenvalue", f"eigenvalue of K (mean of {res.sizes['seed']} sketches)" if seeded
-                    else "eigenvalue of K")] + ([("spread", "spread (std over sketches)")] if seeded else [])
+                    else "eigenvalue of K")] + ([("spread", "spread (std over sketches)")] if seeded else []) + [
+                   ("converged", "converged")]
         print(markdown_table(rows, columns))
+        short = sorted({f"{s} end: {int(np.isfinite(ev.sel(sign=s)).sum('rank').min())} of {args.k}"
+                        for s in ev.sign.values if not bool(np.isfinite(ev.sel(sign=s)).all())})
+        if short:
+            print(f"K has fewer eigenvalues of that sign than asked ({'; '.join(short)}): the "
+                  "ends hold values of their own sign only")
+        if not bool(conv.all()):
+            print("NOT CONVERGED: the rows marked NO stopped at the solver's budget (--max-iter) with a Ritz residual "
+                  "above the tolerance; their values are approximate")
         if stats is not None and "RNEG" in stats:
             if "RNEG_mean" in stats:
                 print(f"RNEG: {np.round(np.atleast_1d(stats.RNEG_mean.values), 4).tolist()} ± "

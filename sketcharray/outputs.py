@@ -48,7 +48,8 @@ def enclosing_store(path) -> Path | None:
     return None
 
 
-def _refuse_inside_store(path, what: str) -> None:
+def refuse_inside_store(path, what: str) -> None:
+    """Refuse ``path`` (named in messages after ``what``) when it lies inside a Zarr store or below a file."""
     store = enclosing_store(path)
     if store is not None:
         raise OutputError(f"{what} {path} lies inside the Zarr store {store}; writing there would replace part of "
@@ -65,8 +66,10 @@ def result_kind(path) -> str | None:
     path = Path(path)
     try:
         if path.is_dir():
-            doc = json.loads((path / "zarr.json").read_text())
-            return (doc.get("attributes") or {}).get(RESULT_ATTR)
+            attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
+            if RESULT_ATTR not in attrs and {"sketch_spec", "iterations", "hvps"} <= set(attrs):
+                return "spectrum"  # stored by sketcharray < 0.5, before results were marked
+            return attrs.get(RESULT_ATTR)
         if path.is_file() and path.suffix == ".nc":
             import xarray as xr
 
@@ -81,7 +84,7 @@ def check_result_path(path, kind: str, *, overwrite: bool = False, what: str = "
     """Refuse ``path`` as the place of a new result of ``kind`` unless it is free, or (with ``overwrite``) a
     result of this package.  Call it before the work that produces the result."""
     path = Path(path)
-    _refuse_inside_store(path, what)
+    refuse_inside_store(path, what)
     if not path.exists() and not path.is_symlink():
         return path
     if path.is_dir() and not any(path.iterdir()):
@@ -158,7 +161,7 @@ def check_folder(path, what: str = "--out") -> Path:
     """A folder that a run fills and resumes (spectra, searches, the demo): not inside a store, not a file; what
     it holds is kept (the run adds its own entries and never removes others)."""
     path = Path(path)
-    _refuse_inside_store(path, what)
+    refuse_inside_store(path, what)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file; expected a folder (new, or one this command wrote before)")
     if (path / "zarr.json").is_file():
@@ -171,7 +174,7 @@ def check_file(path, *, suffixes: tuple[str, ...], marker: bytes, what: str) -> 
     """A file the package writes whole and may replace (a plot, a benchmark's JSON): refused inside a store, and
     when it exists but does not hold ``marker`` (it was not written by this package)."""
     path = Path(path)
-    _refuse_inside_store(path, what)
+    refuse_inside_store(path, what)
     if path.suffix.lower() not in suffixes:
         raise OutputError(f"{what} {path}: expected a file name ending in {' or '.join(suffixes)}")
     if path.exists():

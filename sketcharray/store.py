@@ -231,17 +231,12 @@ def _read_owner(owner_file: Path) -> dict | None:
 # ----------------------------------------------------------------- creation
 def _check_parent(path: Path) -> None:
     """Refuse a store path below a regular file (``--out file.txt/s.zarr``) or inside another Zarr store."""
-    from .outputs import enclosing_store
+    from .outputs import OutputError, refuse_inside_store
 
-    inside = enclosing_store(path)
-    if inside is not None:
-        raise StoreError(f"cannot create store {path}: it lies inside the Zarr store {inside}, which it would "
-                         "damage; choose a path outside it")
-    for parent in Path(path).absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise StoreError(f"cannot create store {path}: {parent} is a file, not a folder")
-            return
+    try:
+        refuse_inside_store(path, "cannot create store")
+    except OutputError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def _write_skeleton(path, *, variable: str, row_dim: str, n_rows: int, n_out: int, chunk: int, ids,

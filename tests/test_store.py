@@ -60,6 +60,13 @@ def values(path):
     return {name: ds[name].values for name in ("grad", "loss", "valid", "label")}
 
 
+def assert_same_values(path, expected_path):
+    """Every variable of the store at ``path`` equal, bit for bit, to the one at ``expected_path``."""
+    expected = values(expected_path)
+    for key, got in values(path).items():
+        np.testing.assert_array_equal(got, expected[key])
+
+
 def chunk_file(path, name, batch):
     arr = zarr.open_group(str(path), mode="r")[name]
     return path / name / arr.metadata.encode_chunk_key((batch,) + (0,) * (arr.ndim - 1))
@@ -124,9 +131,7 @@ def test_a_damaged_chunk_is_named_listed_and_repaired_exactly(w, reference, tmp_
     write(w, path)
     assert computed == [DAMAGED]
     assert verify_store(path).ok
-    expected = values(reference / "ref.zarr")
-    for key, got in values(path).items():
-        np.testing.assert_array_equal(got, expected[key])
+    assert_same_values(path, reference / "ref.zarr")
 
 
 def test_damaged_ids_are_detected_and_restored_from_the_same_run(w, reference, tmp_path):
@@ -154,9 +159,7 @@ def test_missing_array_metadata_is_named_and_restored(w, reference, tmp_path, na
     assert name in verify_store(path).damaged_arrays
     write(w, path)
     assert verify_store(path).ok
-    expected = values(reference / "ref.zarr")
-    for key, got in values(path).items():
-        np.testing.assert_array_equal(got, expected[key])
+    assert_same_values(path, reference / "ref.zarr")
 
 
 def test_a_lost_progress_flag_or_digest_recomputes_that_batch(w, reference, tmp_path, monkeypatch):
@@ -188,9 +191,7 @@ def test_a_chunk_copied_with_its_digest_from_another_store_is_named(w, reference
     computed = count_batches(monkeypatch)
     write(w, path)
     assert computed == [DAMAGED] and verify_store(path).ok
-    expected = values(reference / "ref.zarr")
-    for key, got in values(path).items():
-        np.testing.assert_array_equal(got, expected[key])
+    assert_same_values(path, reference / "ref.zarr")
 
 
 def test_root_attributes_edited_to_claim_another_sketch_fail_verification(w, reference, tmp_path):
@@ -229,9 +230,7 @@ def test_swapped_digest_records_are_named_and_recomputed_by_resume(w, reference,
     assert sorted(computed) == [1, 3] and verify_store(path).ok
     out = capsys.readouterr().out
     assert "recomputing 2 damaged batch(es) [1, 3] (batch_digest of batch 1 (examples 10..19): the digest record" in out
-    expected = values(reference / "ref.zarr")
-    for key, got in values(path).items():
-        np.testing.assert_array_equal(got, expected[key])
+    assert_same_values(path, reference / "ref.zarr")
 
 
 def test_damaged_root_metadata_is_refused_not_overwritten(w, reference, tmp_path):

@@ -46,14 +46,52 @@ def _solver_for(method: str, solver) -> SolverSettings:
     return solver
 
 
-def _select(vals, vecs, res, k, which):
+class ConvergenceWarning(UserWarning):
+    """A solver stopped at its budget before every wanted Ritz pair met its tolerance."""
+
+
+#: Lanczos without ``max_iter``: at most this many products (and at most D, where Lanczos is exact)
+LANCZOS_BUDGET = 1000
+
+
+def _wanted(vals, k: int, which: str) -> np.ndarray:
+    """Indices of the Ritz values a solve waits for: the k largest and/or the k smallest, whatever their sign
+    (the bottom end must converge before it can say that K has no negative eigenvalue)."""
     order = np.argsort(vals)
-    top, bottom = order[::-1][:k], order[:k]
+    ends = ([order[::-1][:k]] if which in ("both", "top") else []) + ([order[:k]] if which in ("both", "bottom")
+                                                                       else [])
+    return np.unique(np.concatenate(ends))
+
+
+def _select(vals, vecs, res, k, which, zero: float = 0.0):
+    """The top end (positive Ritz values, largest first) and the bottom end (negative ones, most negative first),
+    up to k each: a Ritz value of the other sign, or within ``zero`` of 0 (where the solve cannot tell its sign),
+    is never put at an end, so an end may hold fewer than k."""
+    order = np.argsort(vals)
     out = {}
     if which in ("both", "top"):
+        top = order[::-1][:k]
+        top = top[vals[top] > zero]
         out["positive"] = (vals[top], vecs[:, top], res[top])
     if which in ("both", "bottom"):
+        bottom = order[:k]
+        bottom = bottom[vals[bottom] < -zero]
         out["negative"] = (vals[bottom], vecs[:, bottom], res[bottom])
+    return out
+
+
+def _finish(out: dict, tolerance: float, pending: int, solver: str, budget: str) -> dict:
+    """Add each end's per-pair ``converged`` flags (residual <= ``tolerance``), ``all_converged`` (every wanted
+    pair, of either sign, converged: only then does an end with fewer than k values mean that K has no more of
+    that sign), and warn when ``pending`` wanted pairs have not converged."""
+    out["converged"] = {key: np.asarray(out[key][2] <= tolerance) for key in ("positive", "negative") if key in out}
+    out["tolerance"] = float(tolerance)
+    out["all_converged"] = pending == 0
+    if pending:
+        warnings.warn(f"{solver} stopped at its budget ({budget}) with {pending} wanted Ritz pair(s) not converged "
+                      f"(residual above {tolerance:.3g}, tol x the largest |eigenvalue|); the eigenvalues flagged "
+                      "converged=False are approximate, and an end may miss values of its sign: raise the budget",
+                      ConvergenceWarning, stacklevel=3)
     return out
 
 
@@ -313,17 +351,20 @@ def _basis_on_disk(solver: SolverSettings, state, need: int, what: str, lower: s
     """(whether the solver's basis goes to its state store, the memory budget): it does when its ``need`` bytes
     exceed ``solver.memory_budget`` (default half the available memory), and a solve without a store is then
     refused before it starts (``what`` describes the basis, ``lower`` the settings that shrink it)."""
-    if solver.memory_budget is not None:
-        budget = int(solver.memory_budget)
-    else:
-        from ..sketches.base import available_memory
-
-        budget = available_memory() // 2
+    budget = _memory_budget(solver)
     if need > budget and state is None:
         raise MemoryError(f"{what} but the memory budget is {budget:,} bytes; give a state folder (state=..., or "
                           "hessian_spectrum's store=) to keep it on disk, raise SolverSettings.memory_budget, or "
                           f"lower {lower}")
     return need > budget, budget
+
+
+def _memory_budget(solver: SolverSettings) -> int:
+    if solver.memory_budget is not None:
+        return int(solver.memory_budget)
+    from ..sketches.base import available_memory
+
+    return available_memory() // 2
 
 
 @moved_options(solver=SolverSettings)
@@ -358,7 +399,7 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
     solver = _solver_for("lanczos", solver)
     which, tol, seed, check_every = solver.which, solver.tol, solver.seed, solver.check_every
     basis_dtype = np.dtype(solver.basis_dtype)
-    m_max = min(dim, solver.max_iter or max(4 * k + 20, 60))
+    m_max = min(dim, solver.max_iter or _lanczos_budget(solver, state, dim, k, basis_dtype))
     if k > m_max:
         raise ValueError(f"k={k} exceeds the Krylov dimension available ({m_max})")
     rng = np.random.default_rng(seed)
@@ -404,9 +445,10 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
             t = np.diag(alpha[:m]) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
             theta, s = np.linalg.eigh(t)
             res = np.abs(beta[m - 1] * s[-1, :])
-            result = _select(theta, s, res, k, which)
             scale = np.abs(theta).max()
-            if not invariant and all(r.max() <= tol * scale for _, _, r in result.values()):
+            result = _select(theta, s, res, k, which, zero=tol * scale)
+            # every wanted pair at both ends, whatever its sign, within tol of the largest |eigenvalue|
+            if not invariant and np.all(res[_wanted(theta, k, which)] <= tol * scale):
                 break
         if m == m_max:
             break
@@ -422,7 +464,26 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
     out = {key: (vals, basis.combine(m, s), res) for key, (vals, s, res) in result.items()}
     out["iterations"] = m
     out["restarts"] = restarts
-    return out
+    tolerance = tol * scale
+    if m == dim:  # the Krylov space is the whole space: the Ritz pairs are K's, up to rounding
+        tolerance = max(tolerance, float(res.max(initial=0.0)))
+    pending = int((res[_wanted(theta, k, which)] > tolerance).sum())
+    budget = f"max_iter={m_max}" if solver.max_iter else f"{m_max} products, the default budget"
+    return _finish(out, tolerance, pending, "lanczos", budget)
+
+
+def _lanczos_budget(solver: SolverSettings, state, dim: int, k: int, basis_dtype) -> int:
+    """The default Krylov dimension: until every wanted pair converges, at most min(D, LANCZOS_BUDGET) products,
+    and no more than the memory budget holds when there is no state store to keep the basis in."""
+    m = min(dim, max(LANCZOS_BUDGET, 4 * k + 20))
+    if state is None:
+        budget = _memory_budget(solver)
+        fits = budget // (dim * basis_dtype.itemsize) - 1
+        if fits < m:
+            logger.info("lanczos: the default budget of %d products is cut to %d, what %s bytes of memory hold", m,
+                        max(fits, 4 * k + 20), budget)
+            m = max(fits, min(dim, 4 * k + 20))
+    return m
 
 
 @moved_options(solver=SolverSettings)
@@ -470,7 +531,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     # back from the state store, where each is committed once; only the newest ones are then held
     blocks = _KrylovBlocks(basis, images, saver if on_disk else None, done)
     bar = Progress("randomized", n_iter, enabled=progress, unit="blocks")
-    result, it = None, done
+    result, it, exact = None, done, False
     for it in range(done + 1, n_iter + 1):
         bar.update(it)
         # K Q_i: one batched product; every block is kept C-ordered, as the state store gives it back, since
@@ -493,10 +554,11 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
         vectors = blocks.dot("q", sw)
         res[wanted] = np.linalg.norm(blocks.dot("kq", sw) - vectors * theta[wanted], axis=0)
         ritz = _Columns(vectors, wanted)
-        result = _select(theta, ritz, res, kk, which)
         scale = np.abs(theta).max()
+        result = _select(theta, ritz, res, kk, which, zero=tol * scale)
         room = dim - cols
-        if all(r.max() <= tol * scale for _, _, r in result.values()) or room == 0:
+        exact = room == 0  # the basis spans the space: the Ritz pairs are K's
+        if np.all(res[_wanted(theta, kk, which)] <= tol * scale) or exact:
             break
         z = image
         for _ in range(2):  # block Gram-Schmidt against the whole basis, twice
@@ -504,6 +566,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
         q, r = np.linalg.qr(z)
         keep = np.abs(np.diag(r)) > 1e-10 * max(1.0, np.abs(np.diag(r)).max())
         if not keep.any():
+            exact = True
             break  # the Krylov space is invariant: Ritz values are exact
         blocks.add_basis(np.ascontiguousarray(q[:, keep][:, :room]))
         if saver is not None:
@@ -511,7 +574,9 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     bar.close()
     out = {key: (vals, np.asarray(vecs), res) for key, (vals, vecs, res) in result.items()}
     out["iterations"] = it
-    return out
+    tolerance = max(tol * scale, float(res.max(initial=0.0))) if exact else tol * scale
+    pending = int((res[_wanted(theta, kk, which)] > tolerance).sum())
+    return _finish(out, tolerance, pending, "randomized", f"n_iter={n_iter} blocks of {p}")
 
 
 class _Columns:
@@ -579,8 +644,22 @@ class _KrylovBlocks:
 SOLVERS = {"lanczos": lanczos, "randomized": randomized}
 
 
+#: a single-pass eigenvalue is flagged unreliable when its error estimate exceeds this fraction of its magnitude
+SINGLE_PASS_FLAG = 0.1
+
+SINGLE_PASS_NOTE = (
+    "single pass (Halko, Martinsson & Tropp 2011, 5.5): K is approximated by Q B Q^T from one stored pass Y = K "
+    "Omega, with Q spanning the top of Y's range; it is exact when rank K <= probes - oversampling and otherwise "
+    "misses the part of K the probes did not capture, which can move the small ends (the negative eigenvalues) by "
+    "more than their size, even flip their sign. error_estimate is max_j ||(K - K_h) omega_j|| over probes held out "
+    "of a fit K_h on the others (HMT 4.3): by Weyl's inequality each eigenvalue of K_h is within ||K - K_h|| <= "
+    "that (about ||K - K_h||_F) of K's; the reported eigenvalues use every probe, so the estimate is conservative. "
+    "reliable is False where it exceeds 0.1 of the eigenvalue's magnitude: use Lanczos there. ")
+
+
 def single_pass_spectrum(hvps: xr.Dataset, k: int = 10, *, which: str = "both", oversampling: int | None = None,
-                         rows: int = 1 << 14) -> xr.Dataset:
+                         rows: int = 1 << 14, held_out: int | None = None,
+                         flag_fraction: float = SINGLE_PASS_FLAG) -> xr.Dataset:
     """Extreme eigenvalues of ``K = Phi H Phi^T`` from one stored pass ``Y = K Omega``, out of core.
 
     Halko, Martinsson & Tropp, "Finding structure with randomness" (SIAM
@@ -609,6 +688,13 @@ def single_pass_spectrum(hvps: xr.Dataset, k: int = 10, *, which: str = "both", 
         Sketch rows per block: ``Y`` is orthogonalised by a tall-skinny QR
         over blocks of (rows x l) and ``Q^T Omega`` summed over the same
         blocks, so no more than a few such blocks are held at once.
+    held_out : int, optional
+        Probes held out of a second fit to estimate its error (default
+        ``min(10, max(2, l // 8))``, fewer when the probes are too few;
+        0: no estimate).  The eigenvalues themselves use every probe.
+    flag_fraction : float
+        An eigenvalue whose error estimate exceeds this fraction of its own
+        magnitude is flagged ``reliable=False``.
 
     Conditions
     ----------
@@ -623,10 +709,17 @@ def single_pass_spectrum(hvps: xr.Dataset, k: int = 10, *, which: str = "both", 
     is 0 in the exact case and measures the part of K the probes missed: a
     value that is not small says to take more probes, or to use Lanczos.
 
+    When to trust it: when ``rank K <= l - p`` (exact), and otherwise for
+    the eigenvalues whose ``error_estimate`` is small next to them
+    (``reliable``): typically the top end, rarely the small negative end.
+
     Returns
     -------
     xarray.Dataset like :func:`hessian_spectrum`'s (``eigenvalue`` by sign
-    and rank), without residuals (they would need another pass).
+    and rank), without residuals (they would need another pass), with
+    ``error_estimate`` (the held-out estimate of ``||K - K_h||``, for every
+    eigenvalue: Weyl's bound) and ``reliable`` (sign, rank); the ``note``
+    attr says what the single pass approximates.
     """
     import dask
     import dask.array as da
@@ -650,6 +743,9 @@ def single_pass_spectrum(hvps: xr.Dataset, k: int = 10, *, which: str = "both", 
     rank = n_probes - p
     if not 0 <= p < n_probes:
         raise ValueError(f"oversampling must be between 0 and {n_probes - 1} (probes - 1); got {oversampling!r}")
+    h = min(10, max(2, n_probes // 8), rank - 1) if held_out is None else int(held_out)
+    if not 0 <= h < rank:
+        raise ValueError(f"held_out must be between 0 and {rank - 1} (probes - oversampling - 1); got {held_out!r}")
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= rank:
         raise ValueError(f"k must be an int between 1 and the probes less the oversampling "
                          f"({n_probes} - {p} = {rank}); got {k!r}")
@@ -662,19 +758,37 @@ def single_pass_spectrum(hvps: xr.Dataset, k: int = 10, *, which: str = "both", 
     y, omega = tall("hvp"), tall("omega")
     q, r = da.linalg.tsqr(y)  # Y = Q R: Q^T Y = R, and Y's top left singular vectors are Q U
     q_omega, r = dask.compute(q.T @ omega, r)
-    u = np.linalg.svd(r)[0][:, :rank]
-    qty, qto = u.T @ r, u.T @ q_omega  # (r x l) each
-    b_t, *_ = np.linalg.lstsq(qto.T, qty.T, rcond=None)  # B (Q^T Omega) = Q^T Y, in least squares
-    b = 0.5 * (b_t.T + b_t)
-    fit = np.linalg.norm(b @ qto - qty) / max(np.linalg.norm(qty), np.finfo(float).tiny)
+    # everything below is in the coordinates of q (l x l): Y = q r, and q^T Omega = q_omega
+    b, fit = _single_pass_fit(r, q_omega, np.arange(n_probes), rank)
     theta = np.linalg.eigvalsh(b)
+    error = np.nan
+    if h:  # the same fit without the last h probes, tested on them: ||(K - K_h) omega_j||, in q's coordinates
+        fit_cols, test_cols = np.arange(n_probes - h), np.arange(n_probes - h, n_probes)
+        b_h, _, u_h = _single_pass_fit(r, q_omega, fit_cols, rank - h, basis=True)
+        predicted = u_h @ (b_h @ (u_h.T @ q_omega[:, test_cols]))
+        error = float(np.linalg.norm(r[:, test_cols] - predicted, axis=0).max())
     nan = np.full(theta.size, np.nan)
     out = _spectrum_dataset(_select(theta, np.zeros((0, theta.size)), nan, k, which), k, eigenvectors=False)
+    out["error_estimate"] = xr.full_like(out.eigenvalue, error).where(np.isfinite(out.eigenvalue))
+    out["reliable"] = (out.error_estimate <= flag_fraction * np.abs(out.eigenvalue)) | ~np.isfinite(out.eigenvalue)
     out.attrs.update(method="single-pass (Halko, Martinsson & Tropp 2011, 5.5)", probes=int(n_probes),
-                     oversampling=p, relative_fit=float(fit), note=SKETCHED_NOTE,
+                     oversampling=p, relative_fit=float(fit), held_out=h, error_estimate=error,
+                     flag_fraction=float(flag_fraction), note=SINGLE_PASS_NOTE + SKETCHED_NOTE,
                      **{key: hvps.attrs[key] for key in ("sketch_spec", "model_fingerprint", "probe_seed")
                         if key in hvps.attrs})
     return out
+
+
+def _single_pass_fit(r, q_omega, cols, rank: int, basis: bool = False):
+    """B (rank x rank) from the probes ``cols``: Q = the top ``rank`` left singular vectors of Y[:, cols] (as
+    ``u`` in q's coordinates), B (Q^T Omega) = Q^T Y in least squares, symmetrised.  Returns (B, relative fit)
+    and, with ``basis``, ``u`` too."""
+    u = np.linalg.svd(r[:, cols])[0][:, :rank]
+    qty, qto = u.T @ r[:, cols], u.T @ q_omega[:, cols]  # (rank x len(cols)) each
+    b_t, *_ = np.linalg.lstsq(qto.T, qty.T, rcond=None)
+    b = 0.5 * (b_t.T + b_t)
+    fit = np.linalg.norm(b @ qto - qty) / max(np.linalg.norm(qty), np.finfo(float).tiny)
+    return (b, fit, u) if basis else (b, fit)
 
 
 #: sketch dimension up to which the solver's own dense algebra runs on one BLAS thread
@@ -699,14 +813,29 @@ def _one_blas_thread(dim: int):
     return threadpool_limits(limits=1, user_api="blas")
 
 
+def _padded(values, k: int, fill) -> np.ndarray:
+    """``values`` along its first axis, filled up to ``k`` rows with ``fill``."""
+    values = np.asarray(values)
+    out = np.full((k, *values.shape[1:]), fill, dtype=np.result_type(values.dtype, type(fill)))
+    out[: len(values)] = values
+    return out
+
+
 def _spectrum_dataset(result: dict, k: int, eigenvectors: bool) -> xr.Dataset:
+    """The solver's ends as (sign, rank) arrays; an end with fewer than k values of its sign is NaN beyond them."""
     signs = [s for s in ("positive", "negative") if s in result]
-    vals = np.stack([result[s][0] for s in signs])
-    res = np.stack([result[s][2] for s in signs])
+    vals = np.stack([_padded(result[s][0], k, np.nan) for s in signs])
+    res = np.stack([_padded(result[s][2], k, np.nan) for s in signs])
     data = {"eigenvalue": (("sign", "rank"), vals), "residual": (("sign", "rank"), res)}
+    if "converged" in result:
+        data["converged"] = (("sign", "rank"), np.stack([_padded(result["converged"][s], k, True) for s in signs]))
     if eigenvectors:
-        data["eigenvector"] = (("sign", "rank", "sketch"), np.stack([result[s][1].T for s in signs]))
-    return xr.Dataset(data, coords={"sign": signs, "rank": np.arange(1, k + 1)})
+        data["eigenvector"] = (("sign", "rank", "sketch"),
+                               np.stack([_padded(np.asarray(result[s][1]).T, k, np.nan) for s in signs]))
+    ds = xr.Dataset(data, coords={"sign": signs, "rank": np.arange(1, k + 1)})
+    if "tolerance" in result:
+        ds.attrs.update(tolerance=result["tolerance"], all_converged=int(bool(result["all_converged"])))
+    return ds
 
 
 #: what every spectrum result says about itself
@@ -855,7 +984,7 @@ class _SpectrumJob:
         return {"method": solver.method, "sketch_spec": str(op.spec), "k": self.k, "which": solver.which,
                 "params": json.dumps(params), "model_fingerprint": model_fingerprint(self.base),
                 "data_fingerprint": self._data_fp, "solver_options": json.dumps(options, sort_keys=True),
-                "loss_fn_identity": function_identity(self.loss_fn)[0]}
+                "loss_fn_identity": function_identity(self.loss_fn)[0], "solver_rule": SOLVER_RULE}
 
     def at(self, name: str, folder: Path | None, *, checkpoint: bool) -> xr.Dataset:
         """The spectrum at the weights now in ``base`` (labelled along ``checkpoint`` as ``name`` when
@@ -865,7 +994,9 @@ class _SpectrumJob:
         path = None if folder is None else folder / f"checkpoint-{name}.zarr"
         wanted = None if path is None else self.identity()
         if path is not None and path.exists():
-            return _stored_spectrum(path, wanted)
+            saved = _stored_spectrum(path, wanted)
+            if saved is not None:
+                return saved
         from ..collect import subspace_hessian
 
         K = subspace_hessian(self.base, self.loss_fn, self.data, self.sketch, batch_size=self.batch_size,
@@ -887,7 +1018,7 @@ class _SpectrumJob:
             ds = ds.expand_dims(checkpoint=[name])
         if path is not None:
             ds.attrs.update(wanted)
-            write_result(ds, path, "spectrum")
+            write_result(ds, path, "spectrum", overwrite=True)  # a stale result of an earlier solver rule goes
             if resumable:  # the result is stored: the solver's state has served
                 import shutil
 
@@ -895,11 +1026,24 @@ class _SpectrumJob:
         return ds
 
 
-def _stored_spectrum(path: Path, wanted: dict) -> xr.Dataset:
-    """A spectrum stored at ``path``, refused (naming the difference) unless it was made as ``wanted`` says."""
+#: how a stored spectrum was solved: 2 (sketcharray 0.5) runs until every wanted pair at both ends converges and
+#: keeps each end to its sign; a spectrum stored by an earlier rule is solved again, not reused
+SOLVER_RULE = 2
+
+
+def _stored_spectrum(path: Path, wanted: dict) -> xr.Dataset | None:
+    """A spectrum stored at ``path``, refused (naming the difference) unless it was made as ``wanted`` says;
+    None for one stored by an earlier solver rule (it is recomputed)."""
+    from ..outputs import result_kind
     from ..store import open_zarr_dataset
 
     saved = open_zarr_dataset(path).load()
+    if saved.attrs.get("solver_rule") != SOLVER_RULE:
+        if result_kind(path) != "spectrum":
+            raise ValueError(f"{path} is not a spectrum this package stored; it is left as it is: use another "
+                             "store folder")
+        logger.info("%s was solved by an earlier rule (a fixed budget); solving again", path)
+        return None
     # a spectrum stored before 0.5 records no loss identity: it is not compared
     wanted = {key: value for key, value in wanted.items() if key != "loss_fn_identity" or key in saved.attrs}
     have = {key: saved.attrs.get(key) for key in wanted}
@@ -916,6 +1060,10 @@ def spectrum_statistics(spectrum: xr.Dataset, outlier_ratio: float = 0.2) -> xr.
     """The paper's statistics: RNEG = |lambda_min| / lambda_max, R_n = lambda_n / lambda_1,
     and the number of outliers (positive eigenvalues with R_n > ``outlier_ratio``, lambda_1 included).
 
+    lambda_min is the most negative eigenvalue of K; where K has no negative
+    eigenvalue (its negative end is empty: NaN), ``lambda_min`` is NaN and
+    RNEG is 0, never a positive eigenvalue's ratio.
+
     With k eigenvalues computed, a count of k means *at least* k: the
     ``outliers_at_least`` flag says so, and :func:`format_outliers` prints
     it as ">= k".
@@ -926,9 +1074,12 @@ def spectrum_statistics(spectrum: xr.Dataset, outlier_ratio: float = 0.2) -> xr.
     out["outliers"] = (out.R > outlier_ratio).sum("rank")
     out["outliers_at_least"] = out["outliers"] == top.sizes["rank"]
     if "negative" in spectrum.sign.values:
+        # the negative end holds negative eigenvalues only: NaN at rank 1 when K has none, and then RNEG is 0
         lam_min = spectrum.eigenvalue.sel(sign="negative", rank=1)
         out["lambda_min"] = lam_min
-        out["RNEG"] = np.abs(lam_min) / lam1
+        out["RNEG"] = xr.where(np.isfinite(lam_min), np.abs(lam_min) / lam1, 0.0)
+        out["RNEG"].attrs["note"] = ("|lambda_min| / lambda_max over the negative eigenvalues of K; 0 where K has "
+                                     "none (lambda_min is then NaN: no negative eigenvalue)")
     if "seed" in out.dims and out.sizes["seed"] > 1:  # per seed, then mean and spread over the sketches
         for name in [v for v in ("lambda_max", "lambda_min", "RNEG") if v in out]:
             out[f"{name}_mean"] = out[name].mean("seed")

@@ -73,7 +73,8 @@ def kill_trial(args, folder: Path, rng: np.random.Generator, products: int, targ
     if target is None:
         target = int(rng.integers(-1, products))  # -1: before the state exists; 0: as it is created
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(_command(args, folder), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(args, folder), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         done = _committed(folder)
@@ -90,12 +91,14 @@ def kill_trial(args, folder: Path, rng: np.random.Generator, products: int, targ
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
     code = proc.wait()
+    killed_said = (proc.stderr.read().strip().splitlines() or [""])[-1]
     at = _committed(folder)
     resumed = subprocess.run(_command(args, folder), env=env, capture_output=True, text=True)
+    trial = {"how": how, "target": target, "killed_after": at, "exit": code, "said": killed_said,
+             "resumed": resumed.returncode}
     if resumed.returncode != 0:
-        return {"how": how, "target": target, "killed_after": at, "exit": code, "resumed": resumed.returncode,
-                "error": resumed.stderr.strip().splitlines()[-1:] or [""]}
-    return {"how": how, "target": target, "killed_after": at, "exit": code, "resumed": 0, **_result(folder)}
+        return {**trial, "error": resumed.stderr.strip().splitlines()[-1:] or [""]}
+    return {**trial, **_result(folder)}
 
 
 def main(argv=None, args=None) -> int:
@@ -117,14 +120,18 @@ def main(argv=None, args=None) -> int:
             same = (trial.get("resumed") == 0
                     and np.array_equal(trial["eigenvalue"], reference["eigenvalue"])
                     and np.array_equal(trial["residual"], reference["residual"]))
+            # a killed run ends by the signal (SIGKILL) or with exit 130 and one line (Ctrl-C), nothing else
+            clean = (trial["exit"] == -signal.SIGKILL if trial["how"] == "SIGKILL" else
+                     trial["exit"] == 130 and "interrupted; rerun" in trial["said"])
             rows.append({"trial": i, "signal": trial["how"], "killed after": trial["killed_after"],
-                         "exit": trial["exit"], "resumed": trial["resumed"], "bit-identical": same,
+                         "exit": trial["exit"], "clean": clean, "resumed": trial["resumed"], "bit-identical": same,
                          **({"error": trial["error"][0]} if "error" in trial else {})})
             shutil.rmtree(root / f"trial-{i}", ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(format_table(rows, [("trial", "trial"), ("signal", "signal"), ("killed after", "products committed"),
-                              ("exit", "exit of the killed run"), ("resumed", "exit of the rerun"),
+                              ("exit", "exit of the killed run"), ("clean", "clean exit"),
+                              ("resumed", "exit of the rerun"),
                               ("bit-identical", "bit-identical")]))
     same = sum(r["bit-identical"] for r in rows)
     print(f"\n{same} of {len(rows)} interrupted runs resumed to the reference's eigenvalues and residuals bit for bit "
@@ -132,4 +139,4 @@ def main(argv=None, args=None) -> int:
     write_json(args.json, {"benchmark": "resume", "solver": args.solver, "rows": rows, "identical": same,
                            "trials": len(rows), "reference_eigenvalues": reference["eigenvalue"].tolist()})
     print(f"wrote {args.json}")
-    return 0 if same == len(rows) else 1
+    return 0 if same == len(rows) and all(r["clean"] for r in rows) else 1

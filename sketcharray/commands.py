@@ -321,9 +321,21 @@ def _spectrum_from_hvps(args) -> int:
                          "'sketch --hvps P --hvp-space sketch')")
     res = single_pass_spectrum(hvps, k=args.k, which=args.which, oversampling=args.oversampling)
     if not args.quiet:
-        print(markdown_table([{"sign": str(s), "rank": int(r), "eigenvalue": float(res.eigenvalue.sel(sign=s, rank=r))}
-                              for s in res.sign.values for r in res["rank"].values],
-                             [("sign", "end"), ("rank", "rank"), ("eigenvalue", "eigenvalue of K")]))
+        rows = [{"sign": str(s), "rank": int(r), "eigenvalue": float(cell.eigenvalue),
+                 "error": float(cell.error_estimate), "reliable": "yes" if bool(cell.reliable) else "NO"}
+                for s in res.sign.values for r in res["rank"].values for cell in [res.sel(sign=s, rank=r)]
+                if np.isfinite(float(cell.eigenvalue))]
+        print(markdown_table(rows, [("sign", "end"), ("rank", "rank"), ("eigenvalue", "eigenvalue of K"),
+                                    ("error", "error estimate"), ("reliable", "reliable")]))
+        for s in res.sign.values:
+            if not bool(np.isfinite(res.eigenvalue.sel(sign=s)).all()):
+                sure = bool(res.reliable.sel(sign=s).where(~np.isfinite(res.eigenvalue.sel(sign=s)), True).all())
+                print(f"the {s} end has fewer than {args.k} eigenvalues: "
+                      + ("K has no more of that sign" if sure else "UNRELIABLE: the single pass cannot tell whether "
+                         "K has more of that sign (its error estimate is larger than the gap to zero): use Lanczos"))
+        if not bool(res.reliable.all()):
+            print(f"rows marked NO have an error estimate above {res.attrs['flag_fraction']:g} of their value: "
+                  "the single pass cannot be trusted there (take more probes, or use the Lanczos solver)")
         p = res.attrs["oversampling"]
         check = ("no oversampling, so no check of the fit (exact only when the probes span K's range, e.g. as "
                  "many probes as D)" if p == 0 else

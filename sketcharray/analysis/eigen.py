@@ -761,22 +761,60 @@ def single_pass_spectrum(hvps: xr.Dataset, k: int = 10, *, which: str = "both", 
     # everything below is in the coordinates of q (l x l): Y = q r, and q^T Omega = q_omega
     b, fit = _single_pass_fit(r, q_omega, np.arange(n_probes), rank)
     theta = np.linalg.eigvalsh(b)
-    error = np.nan
-    if h:  # the same fit without the last h probes, tested on them: ||(K - K_h) omega_j||, in q's coordinates
-        fit_cols, test_cols = np.arange(n_probes - h), np.arange(n_probes - h, n_probes)
-        b_h, _, u_h = _single_pass_fit(r, q_omega, fit_cols, rank - h, basis=True)
-        predicted = u_h @ (b_h @ (u_h.T @ q_omega[:, test_cols]))
-        error = float(np.linalg.norm(r[:, test_cols] - predicted, axis=0).max())
     nan = np.full(theta.size, np.nan)
-    out = _spectrum_dataset(_select(theta, np.zeros((0, theta.size)), nan, k, which), k, eigenvectors=False)
-    out["error_estimate"] = xr.full_like(out.eigenvalue, error).where(np.isfinite(out.eigenvalue))
-    out["reliable"] = (out.error_estimate <= flag_fraction * np.abs(out.eigenvalue)) | ~np.isfinite(out.eigenvalue)
+    zero = 1e-6 * float(np.abs(theta).max(initial=0.0))  # as Lanczos's default tol: no sign below it
+    out = _spectrum_dataset(_select(theta, np.zeros((0, theta.size)), nan, k, which, zero=zero), k,
+                            eigenvectors=False)
+    error = np.nan
+    if h:
+        bounds, error, theta_h = _held_out_residuals(r, q_omega, n_probes, h, rank)
+        # each reported eigenvalue takes the bound of the held-out fit's eigenvalue at the same place of its end
+        per_end = _select(theta_h, np.zeros((0, theta_h.size)), bounds, k, which, zero=zero)
+        out["error_estimate"] = out.eigenvalue.copy(data=np.stack([_padded(per_end[s_][2], k, np.nan)[: k]
+                                                                   for s_ in out.sign.values]))
+        out["error_estimate"] = out.error_estimate.where(np.isfinite(out.eigenvalue))
+        # an empty place at an end claims that K has no more eigenvalues of that sign: by Weyl, sure only when the
+        # first of K_h's eigenvalues past that end's lies further from zero, on the other side, than the fit's error
+        flipped = {"positive": -theta_h[::-1], "negative": theta_h}  # ascending, the end's own sign negative
+        past = {s_: v[np.searchsorted(v, -zero)] if np.searchsorted(v, -zero) < v.size else np.inf
+                for s_, v in flipped.items()}
+        empty_ok = xr.DataArray([error <= max(0.0, past[s_]) + zero for s_ in out.sign.values], dims="sign")
+        out["reliable"] = xr.where(np.isfinite(out.eigenvalue),
+                                   out.error_estimate <= flag_fraction * np.abs(out.eigenvalue), empty_ok)
+    else:
+        out["error_estimate"] = xr.full_like(out.eigenvalue, np.nan)
+        out["reliable"] = xr.full_like(out.eigenvalue, False, dtype=bool)
     out.attrs.update(method="single-pass (Halko, Martinsson & Tropp 2011, 5.5)", probes=int(n_probes),
                      oversampling=p, relative_fit=float(fit), held_out=h, error_estimate=error,
                      flag_fraction=float(flag_fraction), note=SINGLE_PASS_NOTE + SKETCHED_NOTE,
                      **{key: hvps.attrs[key] for key in ("sketch_spec", "model_fingerprint", "probe_seed")
                         if key in hvps.attrs})
     return out
+
+
+#: z of the 1% lower tail of the standard normal, for the Wilson-Hilferty chi-square quantile
+_Z_01 = -2.3263
+
+
+def _held_out_residuals(r, q_omega, n_probes: int, h: int, rank: int):
+    """The single pass refit without the last ``h`` probes (K_h, rank ``rank - h``), tested on them.
+
+    For a Ritz pair (theta_i, v_i) of K_h, ``K v_i - theta_i v_i = (K - K_h) v_i``, and for a Gaussian probe
+    omega held out of the fit, ``E[(v_i^T (K - K_h) omega)^2] = ||(K - K_h) v_i||^2``: the mean of the h squares
+    estimates the squared residual, a chi-square with h degrees of freedom in units of it.  Returned per Ritz
+    value of K_h (ascending): the residual estimate scaled to the 99% upper bound of that chi-square
+    (sqrt(h / chi2_{h, 0.01}), Wilson-Hilferty), so K has an eigenvalue within it of theta_i with probability
+    about 0.99; and ``max_j ||(K - K_h) omega_j||`` (about ||K - K_h||_F >= ||K - K_h||_2: Weyl's bound for claims
+    about the whole spectrum, such as "no negative eigenvalue").  All in the coordinates of q (Y = q r).
+    """
+    fit_cols, test_cols = np.arange(n_probes - h), np.arange(n_probes - h, n_probes)
+    b_h, _, u_h = _single_pass_fit(r, q_omega, fit_cols, rank - h, basis=True)
+    miss = r[:, test_cols] - u_h @ (b_h @ (u_h.T @ q_omega[:, test_cols]))  # (K - K_h) omega_j, j held out
+    theta_h, w = np.linalg.eigh(b_h)
+    projections = (u_h @ w).T @ miss  # v_i^T (K - K_h) omega_j: (pairs x h)
+    chi2_low = h * (1 - 2 / (9 * h) + _Z_01 * np.sqrt(2 / (9 * h))) ** 3
+    bounds = np.sqrt(np.mean(projections**2, axis=1)) * np.sqrt(h / max(chi2_low, 1e-12))
+    return bounds, float(np.linalg.norm(miss, axis=0).max()), theta_h
 
 
 def _single_pass_fit(r, q_omega, cols, rank: int, basis: bool = False):

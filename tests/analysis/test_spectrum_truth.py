@@ -79,3 +79,50 @@ def test_a_budget_too_small_is_flagged_and_warned(problem):
         ds = hessian_spectrum(model, cross_entropy_per_example, batches, op, k=K_EIG,
                               solver={"max_iter": 60}, execution={"progress": False})
     assert not bool(ds.converged.sel(sign="negative").all()) and ds.attrs["all_converged"] == 0
+
+
+def _single_pass(exact_k: np.ndarray, probes: int, seed: int = 0):
+    import xarray as xr
+
+    from sketcharray.analysis import single_pass_spectrum
+    from sketcharray.sketches.random import random_test_matrix
+
+    omega = random_test_matrix(exact_k.shape[0], probes, seed)  # (probe, sketch), as sketch_hvps draws them
+    hvps = xr.Dataset({"hvp": (("probe", "sketch"), omega @ exact_k), "omega": (("probe", "sketch"), omega)},
+                      attrs={"probe_space": "sketch", "probe_seed": seed})
+    return single_pass_spectrum(hvps, k=3)
+
+
+@pytest.mark.parametrize("probes", [128, 256])
+def test_single_pass_error_estimates_cover_the_error_and_flag_a_missed_end(probes):
+    """Issue 22, item 3: with fewer probes than rank K the single pass misses the small negative end (K has two
+    negative eigenvalues; it reports none, or even a positive lambda_min) while relative_fit stays small.  Each
+    reported eigenvalue's error estimate must cover its actual error (the estimate is a 99% bound on its Ritz
+    residual, and K has an eigenvalue within the residual of it), and the missed end must be flagged."""
+    model, batches, op, _ = _trained(100)
+    h, ps = exact_hessian(model, batches)
+    phi = op.apply(np.eye(ps.n)).T
+    k_dense = phi @ h.numpy() @ phi.T
+    exact = np.linalg.eigvalsh(k_dense)
+    res = _single_pass(k_dense, probes)
+    top = res.eigenvalue.sel(sign="positive").values
+    err = res.error_estimate.sel(sign="positive").values
+    assert np.all(np.abs(top - exact[::-1][:3]) <= err), (top, exact[::-1][:3], err)
+    assert bool(res.reliable.sel(sign="positive").all())  # the top end is right, and said to be
+    assert res.attrs["relative_fit"] < 0.01  # the old check saw nothing wrong
+    negative = res.eigenvalue.sel(sign="negative").values
+    assert np.isfinite(negative).sum() < 2 and exact[1] < 0  # K's two negative eigenvalues are not both found
+    assert not bool(res.reliable.sel(sign="negative").any())  # and the missed end says so
+    assert "single pass" in res.attrs["note"] and "error_estimate" in res.attrs["note"]
+
+
+def test_an_exact_single_pass_is_reliable_at_both_ends():
+    """rank K <= probes - oversampling - held out: the fits are exact, the estimates 0 and every place reliable."""
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    values = np.concatenate([[3.0, 2.0, 1.5], rng.uniform(0.1, 1.0, 9), [-0.05, -0.2]])
+    k_dense = (q[:, :14] * values) @ q[:, :14].T
+    res = _single_pass(k_dense, 40)
+    np.testing.assert_allclose(res.eigenvalue.sel(sign="positive").values, [3.0, 2.0, 1.5], rtol=1e-9)
+    np.testing.assert_allclose(res.eigenvalue.sel(sign="negative").values[:2], [-0.2, -0.05], rtol=1e-9)
+    assert float(res.error_estimate.max()) < 1e-9 and bool(res.reliable.all())

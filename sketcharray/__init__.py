@@ -72,11 +72,19 @@ _FRONT_DOOR = {
                      "classification_margin"], ".workloads"),
 }
 
+#: the subpackages and modules reachable as attributes (``sa.analysis.tda``), imported on first use
+_SUBMODULES = ("analysis", "collect", "sketches", "store", "provenance", "settings", "workloads", "outputs",
+               "cluster", "torch")
+
 __all__ = ["__version__", *_FRONT_DOOR]
 
 
 def __getattr__(name: str):
-    """PEP 562: load a front-door name from its module on first use."""
+    """PEP 562: load a front-door name (or a subpackage) on first use."""
+    if name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+        globals()[name] = value
+        return value
     module = _FRONT_DOOR.get(name)
     if module is None:
         raise AttributeError(f"module 'sketcharray' has no attribute {name!r}")
@@ -86,4 +94,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_FRONT_DOOR))
+    return sorted(set(globals()) | set(_FRONT_DOOR) | set(_SUBMODULES))

@@ -86,3 +86,11 @@ def test_front_door_functions_have_short_signatures():
             widths[name] = sum(p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)
     assert max(widths.values()) <= 12, {k: v for k, v in widths.items() if v > 12}
     assert sum(v > 10 for v in widths.values()) <= 3, widths
+
+
+def test_subpackages_are_attributes_of_the_package():
+    """Issue 22, item 5: ``sa.analysis`` (and the other subpackages) reachable as attributes, loaded on use."""
+    import sketcharray as sa
+
+    assert sa.analysis.tda.attribute is sa.attribute
+    assert "analysis" in dir(sa)

@@ -953,7 +953,11 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: Solve
     (``seconds``, ``hvp_seconds``, ``other_seconds``: the solve), and
     ``setup_seconds``, building the sketch's random state once before it.
     These are eigenvalues of K, not of H: the ``note`` attr says how they
-    relate (the ends are biased outward).
+    relate (measured against an exact Hessian; docs/spectrum.md has the
+    numbers).  ``converged`` (sign, rank) flags each eigenpair whose Ritz
+    residual met ``tol``; an end holds eigenvalues of its sign only (NaN
+    beyond the last), so the negative end is all NaN where K has no
+    negative eigenvalue.
     """
     solver = coerce(solver, SolverSettings, "solver")
     model_settings = coerce(model_settings, ModelSettings, "model_settings")

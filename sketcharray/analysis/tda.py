@@ -11,7 +11,11 @@ Scores of a query sketch q against training sketches Phi g_i:
   ``loss_fn=classification_margin``): q^T (G^T G + lambda I)^{-1} Phi g_i, the
   inverse divided by its mean absolute entry, averaged over checkpoints, times
   the average over checkpoints of the reweighting 1 - p_i = sigmoid(-f_i)
-  read from the stored values (lambda = 0 by default, as in TRAK);
+  read from the stored values (lambda = 0 by default, as in TRAK).  The
+  ``traker`` package projects with an unnormalised Gaussian and divides
+  gradients by sqrt(N) (N parameters): its features are sqrt(D/N) times
+  these norm-keeping sketches, so where G^T G is well conditioned its
+  scores are these times D/N (docs/tda.md: measured);
 * ``influence``: q^T (F + lambda I)^{-1} Phi g_i with F the Gauss-Newton /
   Fisher estimate from the training sketches (their D x D Gram divided by
   the number of valid examples; one F per checkpoint when there are
@@ -551,14 +555,24 @@ def _top_k(grad, valid, q, weights, k, which, normalize, row_scale=None, ranked=
 def compare_with_exact(sketched: xr.DataArray, exact: xr.DataArray, *, k: int = 10) -> xr.Dataset:
     """Pearson and Spearman correlation and top-k overlap of sketched vs exact scores.
 
-    Both (query, example) score matrices (computed); returns a Dataset with
-    overall ``pearson`` and ``spearman`` and per-query ``topk_overlap``
-    (fraction of the exact top-k found in the sketched top-k).
+    Both (query, example) score matrices (computed): DataArrays with those
+    dims, or NumPy arrays of that shape (rows queries, columns training
+    examples); returns a Dataset with overall ``pearson`` and ``spearman``
+    and per-query ``topk_overlap`` (fraction of the exact top-k found in the
+    sketched top-k).  Needs scipy (the ``test`` extra).
     """
     from scipy import stats
 
-    s = np.asarray(sketched.transpose("query", "example").values, dtype=np.float64)
-    e = np.asarray(exact.transpose("query", "example").values, dtype=np.float64)
+    def matrix(scores, name):
+        if isinstance(scores, xr.DataArray):
+            return np.asarray(scores.transpose("query", "example").values, dtype=np.float64)
+        arr = np.asarray(scores, dtype=np.float64)
+        if arr.ndim != 2:
+            raise ValueError(f"{name} scores must be (query, example): a DataArray with those dims or a 2-D array; "
+                             f"got shape {arr.shape}")
+        return arr
+
+    s, e = matrix(sketched, "sketched"), matrix(exact, "exact")
     if s.shape != e.shape:
         raise ValueError(f"sketched scores {s.shape} and exact scores {e.shape} differ in shape")
     ok = np.isfinite(s) & np.isfinite(e)
@@ -571,7 +585,7 @@ def compare_with_exact(sketched: xr.DataArray, exact: xr.DataArray, *, k: int = 
     return xr.Dataset(
         {"pearson": float(stats.pearsonr(s[ok], e[ok])[0]), "spearman": float(stats.spearmanr(s[ok], e[ok])[0]),
          "topk_overlap": ("query", np.array(overlap))},
-        coords={"query": sketched["query"].values},
+        coords={"query": sketched["query"].values if isinstance(sketched, xr.DataArray) else np.arange(len(s))},
         attrs={"k": k, "pairs": int(ok.sum())},
     )
 

@@ -290,6 +290,7 @@ def test_trak_on_our_sketches_agrees_with_trak_as_well_as_trak_agrees_with_itsel
     assert mine.mean() > 0.15  # far above chance (10 of 500: 0.02)
 
 
+
 def _cuda_cupy():
     cupy = pytest.importorskip("cupy")
     try:
@@ -322,3 +323,17 @@ def test_cupy_chunks_stay_on_the_device_through_influence_and_top_k(monkeypatch)
         np.testing.assert_allclose(got.score.values, ref.score.values, rtol=1e-9)
         assert got.example.values.tolist() == ref.example.values.tolist()
         assert copied and max(copied) <= qa.sizes["query"] * 8  # queries (5 x 8) or one chunk's top k (5 x 4)
+
+
+def test_compare_with_exact_takes_numpy_arrays():
+    """Issue 22, item 5: NumPy (query, example) matrices are accepted, with the same numbers as DataArrays."""
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal((4, 30))
+    sketched = exact + 0.1 * rng.standard_normal((4, 30))
+    got = compare_with_exact(sketched, exact, k=5)
+    labeled = compare_with_exact(xr.DataArray(sketched, dims=("query", "example")),
+                                 xr.DataArray(exact, dims=("query", "example")), k=5)
+    assert float(got.pearson) == pytest.approx(float(labeled.pearson)) > 0.9
+    np.testing.assert_array_equal(got.topk_overlap.values, labeled.topk_overlap.values)
+    with pytest.raises(ValueError, match=r"must be \(query, example\)"):
+        compare_with_exact(sketched[0], exact[0])

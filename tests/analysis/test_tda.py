@@ -333,7 +333,7 @@ def test_compare_with_exact_takes_numpy_arrays():
     got = compare_with_exact(sketched, exact, k=5)
     labeled = compare_with_exact(xr.DataArray(sketched, dims=("query", "example")),
                                  xr.DataArray(exact, dims=("query", "example")), k=5)
-    assert float(got.pearson) == pytest.approx(float(labeled.pearson)) > 0.9
+    assert float(got.pearson) == pytest.approx(float(labeled.pearson)) and float(got.pearson) > 0.9
     np.testing.assert_array_equal(got.topk_overlap.values, labeled.topk_overlap.values)
     with pytest.raises(ValueError, match=r"must be \(query, example\)"):
         compare_with_exact(sketched[0], exact[0])

@@ -63,22 +63,34 @@ class SearchState:
     done: bool = False
     d_star: int | None = None
     theta0: float | None = None  # the metric at theta_0, evaluated before any training
+    best: float = -math.inf  # the best metric so far (at this d or a smaller one: the subspaces are nested)
+    halvings: int = 0  # learning-rate halvings at this d (PlateauRule)
 
 
 def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], float], *, target_metric: float,
                     search: SearchSettings, training: TrainingSettings, state: SearchState | None = None,
-                    on_eval: Callable[[SearchState], None] | None = None, progress: bool = True) -> SearchState:
-    """The paper's search, independent of what is trained.
+                    on_eval: Callable[[SearchState], None] | None = None, progress: bool = True,
+                    control=None) -> SearchState:
+    """The paper's search, independent of what is trained, with every D trained to convergence.
 
     ``train(d, n)`` trains n steps at dimension d (continuing); ``evaluate()``
     returns the metric.  ``search``: ``d0`` and ``d_max`` (which must be
-    given); ``training``: ``steps_per_eval``, ``min_improvement`` and
-    ``max_steps``.  The metric at the start (theta_0) is evaluated first
-    and is the "last" metric of the improvement rule.  Returns the final
-    state (``d_star`` set when the target was reached).  Raises
+    given); ``training``: ``steps_per_eval``, ``min_improvement``, ``lr``
+    and ``max_steps``.  The metric at the start (theta_0) is evaluated
+    first.  At each d, training runs to the convergence rule of the check
+    runs (:class:`~sketcharray.torch.training.PlateauRule`: the learning
+    rate halved at each plateau, d doubled after the last halving);
+    ``control`` (``keep_best()``, ``back_to_best()``, ``set_lr(lr)``, e.g. a
+    :class:`~sketcharray.torch.training.SubspaceTrainer`) keeps the best
+    weights, puts them back before d doubles (the subspaces are nested, so
+    the metric at 2d starts at the best of d: it never falls as d grows) and
+    sets the rate; without it only the doubling logic runs.  Returns the
+    final state (``d_star`` set when the target was reached).  Raises
     :class:`SearchExhausted` past ``d_max`` or ``max_steps``, and
     :class:`StartMeetsTarget` when theta_0 already reaches the target.
     """
+    from ..torch.training import PlateauRule
+
     d0, d_max = search.d0, search.d_max
     if d_max is None:
         raise ValueError("doubling_search needs SearchSettings.d_max (intrinsic_dimension computes it from the "
@@ -86,7 +98,7 @@ def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], fl
     steps_per_eval, min_improvement, max_steps = training.steps_per_eval, training.min_improvement, training.max_steps
     state = state or SearchState(d=d0)
     if state.theta0 is None and state.step == 0:
-        state.theta0 = state.last = float(evaluate())
+        state.theta0 = state.last = state.best = float(evaluate())
         if progress:
             print(f"  theta_0: metric={state.theta0:.4f} (target {target_metric:.4f})", flush=True)
         if state.theta0 >= target_metric:
@@ -96,6 +108,8 @@ def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], fl
                 "Start from weights below the target: a Workload's search_start (a factory of the model the "
                 "search starts from, e.g. the pre-trained model before fine-tuning or a fresh head), or pass "
                 "such a model to intrinsic_dimension")
+    if control is not None and state.step == 0:
+        control.keep_best()  # theta_0: the weights to fall back to
     while not state.done:
         train(state.d, steps_per_eval)
         state.step += steps_per_eval
@@ -103,9 +117,17 @@ def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], fl
         state.trajectory.append((state.d, state.step, tau))
         if progress:
             print(f"  d={state.d:<7} step={state.step:<7} metric={tau:.4f} (target {target_metric:.4f})", flush=True)
+        rule = PlateauRule(min_improvement, best=state.best, halvings=state.halvings)
+        action = rule.update(tau)
+        state.best, state.halvings = rule.best, rule.halvings
+        if control is not None and rule.new_best:
+            control.keep_best()
         if tau >= target_metric:
             state.done, state.d_star = True, state.d
-        elif tau - state.last < min_improvement:
+        elif action == "halve" and control is not None:
+            control.set_lr(training.lr / 2**state.halvings)
+        elif action == "converged" or control is None and action == "halve":
+            # converged at this d (without control: the plateau rule of the doubling alone)
             if state.d * 2 > d_max:
                 state.last = tau
                 if on_eval:
@@ -113,6 +135,10 @@ def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], fl
                 raise SearchExhausted(f"target {target_metric:.4f} not reached up to d_max={d_max} "
                                       f"(best metric {max(t[2] for t in state.trajectory):.4f})")
             state.d *= 2
+            state.halvings = 0
+            if control is not None:
+                control.back_to_best()
+                control.set_lr(training.lr)
         state.last = tau
         if max_steps is not None and state.step >= max_steps and not state.done:
             raise SearchExhausted(f"target not reached within max_steps={max_steps}")
@@ -251,7 +277,7 @@ def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSe
     settings = {"method": method, "options": sketch_options, "n_params": trainer.op.n_in, "d0": search.d0,
                 "d_max": search.d_max, "steps_per_eval": training.steps_per_eval,
                 "min_improvement": training.min_improvement, "lr": training.lr, "batch_size": training.batch_size,
-                "target_metric": goal}
+                "target_metric": goal, "rule": SEARCH_RULE}
     loaded = _load(folder, trainer, settings)
     state = loaded or SearchState(d=search.d0)
     if progress:
@@ -262,7 +288,7 @@ def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSe
         try:
             doubling_search(lambda d, n: trainer.train(d, state.step, n), lambda: trainer.evaluate(eval_fn),
                             target_metric=goal, search=search, training=training, state=state, progress=progress,
-                            on_eval=lambda st: _save(folder, st, trainer, settings))
+                            on_eval=lambda st: _save(folder, st, trainer, settings), control=trainer)
         except SearchExhausted as exc:
             error = str(exc)
     refined, check_metric = state.d_star, np.nan
@@ -278,6 +304,11 @@ def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSe
     return seed, state, refined, (check_metric, at_refined), error
 
 
+#: 2 (sketcharray 0.5): every D trained to the check runs' convergence rule; a search saved by another rule is
+#: refused on resume (its settings differ)
+SEARCH_RULE = 2
+
+
 def _save(folder: Path | None, state: SearchState, trainer: SubspaceTrainer, settings: dict) -> None:
     if folder is None:
         return
@@ -287,8 +318,8 @@ def _save(folder: Path | None, state: SearchState, trainer: SubspaceTrainer, set
         np.savez(f, **arrays)
     (folder / "weights.npz.tmp").replace(folder / "weights.npz")
     payload = {"d": state.d, "step": state.step, "last": state.last, "trajectory": state.trajectory,
-               "done": state.done, "d_star": state.d_star, "theta0": state.theta0, "settings": settings,
-               "optimizer": groups}
+               "done": state.done, "d_star": state.d_star, "theta0": state.theta0, "best": state.best,
+               "halvings": state.halvings, "settings": settings, "optimizer": groups}
     (folder / "state.json.tmp").write_text(json.dumps(payload))
     (folder / "state.json.tmp").replace(folder / "state.json")
 

@@ -23,6 +23,29 @@ from .subspace import SubspaceModel
 DECAYS = 6
 
 
+class PlateauRule:
+    """When training has converged: the one rule of the check runs, the grid and every D of the search.
+
+    After each evaluation ``update(tau)`` says ``"improved"`` (tau beat the
+    best by ``min_improvement / 10``), ``"halve"`` (it did not: halve the
+    learning rate) or ``"converged"`` (it did not, for the ``DECAYS + 1``-th
+    time).  ``new_best`` is True when tau is the best so far, by any margin:
+    the weights worth keeping.
+    """
+
+    def __init__(self, min_improvement: float, best: float = -math.inf, halvings: int = 0):
+        self.tol, self.best, self.halvings, self.new_best = min_improvement / 10, best, halvings, False
+
+    def update(self, tau: float) -> str:
+        self.new_best = tau > self.best
+        if tau > self.best + self.tol:
+            self.best = tau
+            return "improved"
+        self.best = max(self.best, tau)
+        self.halvings += 1
+        return "converged" if self.halvings > DECAYS else "halve"
+
+
 class MinibatchStream:
     """A deterministic stream of shuffled minibatches: batch i depends only on (seed, i)."""
 
@@ -70,22 +93,17 @@ def train_to_convergence(module, trainable, data, loss_fn, eval_fn, *, training:
     0.1-0.2 short.
     """
     opt = torch.optim.Adam(trainable, lr=training.lr)
-    stream, step, best, decays = MinibatchStream(data, training.batch_size, seed), 0, -math.inf, 0
-    tol = training.min_improvement / 10
+    stream, step, rule = MinibatchStream(data, training.batch_size, seed), 0, PlateauRule(training.min_improvement)
     while step < training.max_steps:
         train_steps(module, opt, stream, step, training.steps_per_eval, loss_fn, forward or default_forward, device)
         step += training.steps_per_eval
-        tau = evaluate(module, eval_fn)
-        if tau > best + tol:
-            best = tau
-            continue
-        best = max(best, tau)
-        decays += 1
-        if decays > DECAYS:
+        action = rule.update(evaluate(module, eval_fn))
+        if action == "converged":
             break
-        for group in opt.param_groups:
-            group["lr"] /= 2
-    return best
+        if action == "halve":
+            for group in opt.param_groups:
+                group["lr"] /= 2
+    return rule.best
 
 
 def full_finetune_metric(model, loss_fn, data, eval_fn, *, training: TrainingSettings, seed: int = 0, forward=None,
@@ -137,6 +155,24 @@ class SubspaceTrainer:
         self.sub.active = d
         train_steps(self.sub, self.opt, self.stream, start, n, self.loss_fn, self.forward, self.device)
 
+    # what the search's convergence rule does between evaluations (see PlateauRule)
+    def keep_best(self) -> None:
+        """Remember omega as the best weights so far."""
+        self.best_omega = self.sub.omega.detach().clone()
+
+    def back_to_best(self) -> None:
+        """Put the best weights back (the start of the next D: nested subspaces hold them)."""
+        if getattr(self, "best_omega", None) is not None:
+            with torch.no_grad():
+                self.sub.omega.copy_(self.best_omega)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
     def evaluate(self, eval_fn) -> float:
         return evaluate(self.sub, eval_fn)
 
@@ -148,6 +184,8 @@ class SubspaceTrainer:
                                          else np.asarray(value))
                   for pid, entries in state_dict["state"].items() for key, value in entries.items()}
         arrays["omega"] = self.sub.omega.detach().cpu().numpy()
+        if getattr(self, "best_omega", None) is not None:
+            arrays["best_omega"] = self.best_omega.cpu().numpy()
         return arrays, json.loads(json.dumps(state_dict["param_groups"]))
 
     def restore(self, arrays: dict[str, np.ndarray], groups: list) -> None:
@@ -155,6 +193,8 @@ class SubspaceTrainer:
         arrays = dict(arrays)
         with torch.no_grad():
             self.sub.omega.copy_(torch.from_numpy(arrays.pop("omega")))
+        best = arrays.pop("best_omega", None)
+        self.best_omega = None if best is None else torch.from_numpy(np.array(best)).to(self.sub.omega.device)
         state: dict = {}
         for name, value in arrays.items():
             _, pid, key = name.split("/", 2)

@@ -262,7 +262,15 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     from .localmodules import off_the_path
 
+    saved = list(sys.path)
     off_the_path()  # a file in the current folder never stands in for a module (see localmodules)
+    try:
+        return _run(argv)
+    finally:  # called from Python (a test, a notebook): the caller's path as it was
+        sys.path[:] = saved
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":

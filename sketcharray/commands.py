@@ -158,7 +158,12 @@ def spectrum(args) -> int:
         checkpoints = w.checkpoints()
     from .cluster import scheduler
 
-    with scheduler(args.scheduler, quiet=args.quiet) as client:
+    import warnings
+
+    from .analysis.eigen import ConvergenceWarning
+
+    with scheduler(args.scheduler, quiet=args.quiet) as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the table marks the rows it concerns
         # on a cluster each product K W is a reduction over one shard of the data per worker thread
         shards = None if client is None else max(1, sum(client.nthreads().values()))
         res = hessian_spectrum(w.model_factory, w.loss_fn, data, {"method": args.method, "n_out": args.n_out,
@@ -191,10 +196,14 @@ def spectrum(args) -> int:
         print(markdown_table(rows, columns))
         short = sorted({f"{s} end: {int(np.isfinite(ev.sel(sign=s)).sum('rank').min())} of {args.k}"
                         for s in ev.sign.values if not bool(np.isfinite(ev.sel(sign=s)).all())})
-        if short:
+        complete = bool(res.all_converged.all())
+        if short and complete:
             print(f"K has fewer eigenvalues of that sign than asked ({'; '.join(short)}): the "
                   "ends hold values of their own sign only")
-        if not bool(conv.all()):
+        elif short:
+            print(f"fewer eigenvalues of that sign found than asked ({'; '.join(short)}), but the solve did not "
+                  "converge: K may have more")
+        if not bool(conv.all()) or not complete:
             print("NOT CONVERGED: the rows marked NO stopped at the solver's budget (--max-iter) with a Ritz residual "
                   "above the tolerance; their values are approximate")
         if stats is not None and "RNEG" in stats:

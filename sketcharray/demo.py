@@ -295,7 +295,8 @@ def _spectrum(report, w, out, settings, device, seed, progress, say):
         row = {"checkpoint": str(c), "lambda_max": float(s.lambda_max),
                "lambda_min": lam_min if np.isfinite(lam_min) else "none (no negative eigenvalue)",
                "RNEG": float(s.RNEG), "outliers": format_outliers(s)[0],
-               "converged": "yes" if bool(spec.converged.sel(checkpoint=c).all()) else "NO (budget reached)"}
+               "converged": "yes" if bool(spec.converged.sel(checkpoint=c).all())
+               and bool(spec.all_converged.sel(checkpoint=c)) else "NO (budget reached)"}
         row.update({f"R{int(n)}": float(s.R.sel(rank=n)) for n in s["rank"].values[1:]})
         rows.append(row)
     columns = [("checkpoint", "checkpoint"), ("lambda_max", "λ_max"), ("lambda_min", "λ_min"), ("RNEG", "RNEG"),

@@ -419,7 +419,6 @@ def test_interrupt_exits_130_and_says_how_to_resume(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(commands, "info", interrupted)
-    monkeypatch.setattr(cli.commands, "info", interrupted)
     assert cli.main(["info", "x"]) == cli.EXIT_INTERRUPTED
     assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
 

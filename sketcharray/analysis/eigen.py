@@ -870,9 +870,11 @@ def _spectrum_dataset(result: dict, k: int, eigenvectors: bool) -> xr.Dataset:
     if eigenvectors:
         data["eigenvector"] = (("sign", "rank", "sketch"),
                                np.stack([_padded(np.asarray(result[s][1]).T, k, np.nan) for s in signs]))
+    if "all_converged" in result:  # every wanted pair, of either sign: only then is a short end K's own
+        data["all_converged"] = ((), bool(result["all_converged"]))
     ds = xr.Dataset(data, coords={"sign": signs, "rank": np.arange(1, k + 1)})
     if "tolerance" in result:
-        ds.attrs.update(tolerance=result["tolerance"], all_converged=int(bool(result["all_converged"])))
+        ds.attrs.update(tolerance=result["tolerance"])
     return ds
 
 

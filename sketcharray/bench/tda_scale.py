@@ -97,15 +97,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--memory-limit-gb", type=float, default=4.0, help="address-space cap of the runs")
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--dir", default="bench-out/tda-scale", help="where the synthetic stores go (deleted after)")
+    p.add_argument("--dir", default="bench-out/tda-scale", help="where the synthetic stores go (in a folder of their "
+                                                                 "own, deleted after; nothing else there is touched)")
     p.add_argument("--json", default="bench-out/bench-tda-scale.json")
     return p
 
 
 def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
-    base = Path(args.dir)
-    base.mkdir(parents=True, exist_ok=True)
+    from ..outputs import refuse_inside_store
+
+    refuse_inside_store(Path(args.dir) / "x", "--dir")
+    # a folder of this run's own inside --dir: only it is deleted afterwards, never what --dir held before
+    base = Path(args.dir) / f"sketcharray-tda-scale-{os.getpid()}-{time.time_ns()}"
+    base.mkdir(parents=True)
     free = shutil.disk_usage(base).free
     gb = args.gb
     if gb * 1e9 * 1.25 > free:

@@ -26,7 +26,7 @@ from ..workloads import load_workload
 from ._util import format_table, write_json
 
 
-class _Linear(torch.nn.Module):
+class LinearModel(torch.nn.Module):
     """theta -> x theta: linear regression, the model of the least-squares toys."""
 
     def __init__(self, n: int):
@@ -68,7 +68,7 @@ def unaligned_toy(n_params: int = 4096, n: int = 2048, k: int = 8, method: str =
         coef = np.linalg.lstsq(a, y, rcond=None)[0]
         least_squares[d] = float(1 - np.sum((a @ coef - y) ** 2) / np.sum((y - y.mean()) ** 2))
         d *= 2
-    return _Linear(n_params), torch.utils.data.TensorDataset(xt, yt), r2, least_squares
+    return LinearModel(n_params), torch.utils.data.TensorDataset(xt, yt), r2, least_squares
 
 
 def best_per_d(res, seed: int = 0) -> dict[int, float]:

@@ -184,17 +184,8 @@ def test_a_search_folder_holds_no_pickle_and_a_crafted_one_runs_nothing(tmp_path
 
 
 # ----------------------------------------------- a least-squares yardstick
-class _Linear(torch.nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.theta = torch.nn.Parameter(torch.zeros(n))
-
-    def forward(self, x):
-        return x @ self.theta
-
-
-def _square_loss(out, batch):
-    return (out - batch[1]) ** 2
+from sketcharray.bench.intrinsic import LinearModel as _Linear  # noqa: E402 - the toys' model, shared with the bench
+from sketcharray.bench.intrinsic import square_loss as _square_loss  # noqa: E402
 
 
 def least_squares_toy(method, seed, *, n_params=4096, k=16, n=512, d0=16):

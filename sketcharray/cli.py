@@ -234,29 +234,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: set by the first Ctrl-C of a run: whatever fails after it (a library's cleanup cut short) is the interrupt's doing
+_INTERRUPTED = []
+
+
 def _interrupt_once(signum, frame):
     """The first Ctrl-C interrupts; later ones are ignored while the interrupted work unwinds (closing files,
     releasing the store's lock), so a second Ctrl-C cannot cut that short and turn the exit into a traceback."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _INTERRUPTED.append(True)
     raise KeyboardInterrupt
+
+
+def _interrupted(argv) -> int:
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    command = f"sketcharray {words[0]}" if words else "sketcharray"
+    print(f"\n{command}: interrupted; rerun the same command to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    previous = None
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
             signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt_once)
+        previous = signal.signal(signal.SIGINT, _interrupt_once)
+    _INTERRUPTED.clear()
     try:
-        return _main(argv)
+        code = _main(argv)
+        return _interrupted(argv) if _INTERRUPTED and code not in (EXIT_OK, EXIT_INTERRUPTED) else code
     except KeyboardInterrupt:  # before a subcommand was parsed: while the package's modules load
-        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
-        command = f"sketcharray {words[0]}" if words else "sketcharray"
-        print(f"\n{command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(argv)
+    except Exception:
+        if _INTERRUPTED:  # an error raised while the interrupt unwound the work: the interrupt is the news
+            return _interrupted(argv)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _main(argv: list[str] | None) -> int:

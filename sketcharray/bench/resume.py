@@ -117,14 +117,16 @@ def main(argv=None, args=None) -> int:
         rows = []
         for i in range(args.kills):
             trial = kill_trial(args, root / f"trial-{i}", rng, reference["iterations"])
+            # NaN marks an end's places K has no eigenvalue for: equal to NaN here
             same = (trial.get("resumed") == 0
-                    and np.array_equal(trial["eigenvalue"], reference["eigenvalue"])
-                    and np.array_equal(trial["residual"], reference["residual"]))
+                    and np.array_equal(trial["eigenvalue"], reference["eigenvalue"], equal_nan=True)
+                    and np.array_equal(trial["residual"], reference["residual"], equal_nan=True))
             # a killed run ends by the signal (SIGKILL) or with exit 130 and one line (Ctrl-C), nothing else
             clean = (trial["exit"] == -signal.SIGKILL if trial["how"] == "SIGKILL" else
                      trial["exit"] == 130 and "interrupted; rerun" in trial["said"])
             rows.append({"trial": i, "signal": trial["how"], "killed after": trial["killed_after"],
-                         "exit": trial["exit"], "clean": clean, "resumed": trial["resumed"], "bit-identical": same,
+                         "exit": trial["exit"], "clean": clean, "said": trial["said"], "resumed": trial["resumed"],
+                         "bit-identical": same,
                          **({"error": trial["error"][0]} if "error" in trial else {})})
             shutil.rmtree(root / f"trial-{i}", ignore_errors=True)
     finally:

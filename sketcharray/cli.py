@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             return _interrupted(argv)
         raise
     finally:
-        if previous is not None:
+        # put the caller's handler back (main called from Python); after a real Ctrl-C the process is on its way
+        # out, and a second Ctrl-C stays ignored through the interpreter's shutdown too
+        if previous is not None and not _INTERRUPTED:
             signal.signal(signal.SIGINT, previous)
 
 

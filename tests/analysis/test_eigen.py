@@ -562,5 +562,8 @@ def test_spectrum_out_killed_through_the_cli_resumes_bit_identically(tmp_path, s
     for i, (target, how) in enumerate(kills):
         trial = kill_trial(args, tmp_path / f"t{i}", rng, reference["iterations"], target=target, how=how)
         assert trial["resumed"] == 0, trial
+        if trial["exit"] != 0:  # (a run may finish before its kill lands) killed by the signal, or one line and 130
+            assert trial["exit"] == (-9 if how == "SIGKILL" else 130), trial
+            assert how == "SIGKILL" or trial["said"].endswith("interrupted; rerun the same command to resume")
         np.testing.assert_array_equal(trial["eigenvalue"], reference["eigenvalue"])
         np.testing.assert_array_equal(trial["residual"], reference["residual"])

@@ -79,7 +79,7 @@ class ModelSettings:
     mode : {"explicit", "implicit"}
         Gradient sketches: explicit computes per-example gradients, then
         ``Phi g``; implicit computes ``grad_omega L(theta + Phi^T omega)`` at
-        0 (the same numbers; SPEC, "Explicit and implicit sketching").
+        0 (the same numbers; docs/concepts.md).
     per_example : {"auto", "vmap", "loop"}
         How per-example gradients are computed: ``torch.func``'s vmap, one
         example at a time, or vmap falling back to the loop for a model vmap
@@ -241,16 +241,16 @@ class TrainingSettings:
     Parameters
     ----------
     lr : float
-        Adam's learning rate (SPEC: 1e-4 on a language model; 1e-2 suits
+        Adam's learning rate (the paper: 1e-4 on a language model; 1e-2 suits
         small models).
     batch_size : int
         Examples per minibatch.
     steps_per_eval : int
-        Training steps between evaluations of the metric (SPEC's c = 2000
+        Training steps between evaluations of the metric (the paper's c = 2000
         on a language model).
     min_improvement : float
         The plateau rule: a gain of the metric below this since the last
-        evaluation counts as no improvement (SPEC's delta = 0.1 on accuracy).
+        evaluation counts as no improvement (the paper's delta = 0.1 on accuracy).
     max_steps : int
         The most training steps of one run.
     """
@@ -273,7 +273,7 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """The intrinsic-dimension search (SPEC, "Intrinsic dimension").
+    """The intrinsic-dimension search (docs/intrinsic.md).
 
     Parameters
     ----------

@@ -547,7 +547,7 @@ def minilm(steps: int = 100, seed: int = 0, max_length: int = 16) -> Workload:
         info={"test_accuracy": acc, "n_params": sum(p.numel() for p in model.parameters()), "steps": steps,
               "texts": [texts[i] for i in order]},
         describe=functools.partial(_minilm_text, tuple(texts[i] for i in order), n_train),
-        # fine-tuning the packaged encoder with a new head (SPEC: Adam, small learning rate for the full model)
+        # fine-tuning the packaged encoder with a new head (the paper: Adam, a small rate for the full model)
         search_start=functools.partial(fresh_minilm_model, len(TOPICS)),
         search_settings=dict(d0=8, d_max=1 << 16, steps_per_eval=10, min_improvement=0.01, lr=1e-2,
                              reference_lr=1e-4, batch_size=16),

@@ -53,7 +53,7 @@ def test_apply_is_linear_and_rowwise(case, rng):
 
 @pytest.mark.parametrize("case", METHOD_CASES, ids=case_id)
 def test_explicit_matrix_has_the_spec_structure(case):
-    """Phi Phi^T from the explicit matrix, against what SPEC's formula implies."""
+    """Phi Phi^T from the explicit matrix, against what the formula in docs/sketches.md implies."""
     method, opts = case
     n, d = (576 if method == "qk" else 512), 32  # 576 = 24 x 24: QK's blocks without padding
     op = make_sketch(method, n, d, seed=11, **opts)
@@ -265,8 +265,8 @@ def test_butterfly_path_matches_the_kronecker_products(case, rng, monkeypatch):
 def test_affd_is_its_definition_with_the_row_permutation_moved(n_in, n_out, block, rng, monkeypatch):
     """AFFD runs H^{pi2} G P H as (H^{pi2} P)(P^T G P) H, so the FWHT needs no gather: the same matrix.
 
-    Built here from SPEC eq. 6 with the drawn permutations (rows of H1's factors, columns of H2's),
-    on the host (compiled FWHT, with H2's first contraction fused into the FWHT's last pass when the
+    Built here from the paper's eq. 6 (docs/sketches.md) with the drawn permutations (rows of H1's factors,
+    columns of H2's), on the host (compiled FWHT, with H2's first contraction fused into the FWHT's last pass when the
     lowest group is small) and through torch (the factors' products)."""
     from sketcharray.sketches import random as rnd
     from sketcharray.sketches import transforms as tf

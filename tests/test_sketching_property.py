@@ -1,4 +1,4 @@
-"""SPEC facts 2 and 3: the sketching property, its variance, and Theorem 3.1.
+"""The facts docs/sketches.md states: the sketching property, its variance, and Theorem 3.1.
 
 For a fixed unit x and S independent operators (seeds), r_s = ||Phi_s x||^2.
 Each test compares the sample mean of r with 1 and the sample variance with
@@ -95,7 +95,7 @@ def variance_bounds(method: str, name: str, x: np.ndarray, d: int, op) -> tuple[
         return 2 / d, 2 * (3 - 2 * s4) / d
     if method == "afjl":
         # (N/D) sum_{i<D} g_i^2 u_i^2: at least 2/D (Jensen); at most 8/D for
-        # Gaussian-like u (SPEC: "up to 8/D"; E g^4 E u^4 - 1 = 8 per term).
+        # Gaussian-like u (the paper: "up to 8/D"; E g^4 E u^4 - 1 = 8 per term).
         # A one-hot x has |u_i| = 1/sqrt(N) exactly: 2/D.
         return (2 / d, 2 / d) if name == "onehot" else (2 / d, 8 / d)
     if method == "ffd":
@@ -144,7 +144,7 @@ def test_sketching_property_mean_and_variance(method, d):
 
 
 def test_bounds_fall_as_one_over_d():
-    """The bounds the test above enforces scale as 1/D wherever SPEC says they should."""
+    """The bounds the test above enforces scale as 1/D wherever docs/sketches.md says they should."""
     for method in ("dense", "fjl", "affd", "afjl"):
         for name, x in INPUTS.items():
             lo16, up16 = variance_bounds(method, name, x, 16, make_sketch(method, N, 16, seed=0))

@@ -1,4 +1,4 @@
-"""Extreme eigenvalues of the sketched Hessian K = Phi H Phi^T (SPEC, "HVP sketches and the Hessian spectrum").
+"""Extreme eigenvalues of the sketched Hessian K = Phi H Phi^T (docs/spectrum.md).
 
 Two eigen-solvers on a symmetric operator given by a batched ``matvec``
 (``(b, D) -> (b, D)``); both compute now (they iterate) and show progress:

@@ -1,6 +1,6 @@
 """Intrinsic dimension: subspace training theta = theta_0 + Phi^T omega and the doubling search.
 
-SPEC, "Intrinsic dimension": draw one projection of dimension D_max once;
+docs/intrinsic.md: draw one projection of dimension D_max once;
 "dimension d" trains only omega's first d coordinates, so subspaces are
 nested and training continues without restarting when d doubles.  The
 metric at theta_0 is evaluated first (the start of the improvement rule; a
@@ -192,7 +192,7 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
         D* to D*/2 while such a run reaches the target).
     training : TrainingSettings or dict, optional
         ``lr``, ``batch_size``, ``steps_per_eval``, ``min_improvement``,
-        ``max_steps`` (SPEC: delta = 0.1 on accuracy, c = 2000 steps, Adam lr
+        ``max_steps`` (the paper: delta = 0.1 on accuracy, c = 2000 steps, Adam lr
         1e-4 on a language model; the defaults suit small models).
     store : path, optional
         A folder where the search state is saved after every evaluation

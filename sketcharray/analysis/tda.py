@@ -1,4 +1,4 @@
-"""Training data attribution on gradient sketches (SPEC, "Training data attribution").
+"""Training data attribution on gradient sketches (docs/tda.md).
 
 Scores of a query sketch q against training sketches Phi g_i:
 

@@ -1,6 +1,6 @@
 """Intrinsic-dimension reproduction (issue: intrinsic dimension): the paper's Table 10 and FFD vs AFFD/QK.
 
-Runs the doubling search (SPEC) for three seeds with AFFD, and once each with
+Runs the doubling search (docs/intrinsic.md) for three seeds with AFFD, and once each with
 FFD and QK, on an embedded workload: ``digits`` trains the MLP from a fresh
 initialisation (metric: test accuracy); ``minilm`` fine-tunes the pre-trained
 encoder's topic head task from the packaged weights (metric: test accuracy).

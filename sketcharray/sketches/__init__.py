@@ -1,4 +1,4 @@
-"""Sketch operators Phi: R^N -> R^D (SPEC.md, "The sketches").
+"""Sketch operators Phi: R^N -> R^D (docs/sketches.md).
 
 >>> import numpy as np
 >>> from sketcharray.sketches import make_sketch

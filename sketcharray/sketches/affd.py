@@ -31,7 +31,7 @@ class _LookupFree(SketchOperator):
         return Preconditioner(o["precond"], self.n_pad, self.key(name), n_out, permute, o["max_factor"])
 
     def _signs(self, xp, device, dtype):
-        # The "kron" preconditioner is random itself; SPEC drops the sign diagonal with it.
+        # The "kron" preconditioner is random itself; the paper drops the sign diagonal with it.
         if self.opts["precond"] == "kron":
             return None
         return rnd.signs(xp, self.key("B"), self.n_in, dtype=dtype, device=device)
@@ -45,15 +45,15 @@ class _LookupFree(SketchOperator):
 
 
 class AFFD(_LookupFree):
-    """AFFD, SPEC eq. 6: ``Phi x = R_D( sqrt(N/D) H^{pi2} G H^{pi1} B x )``.
+    """AFFD, the paper's eq. 6, docs/sketches.md: ``Phi x = R_D( sqrt(N/D) H^{pi2} G H^{pi1} B x )``.
 
     Right to left: random signs ``B``, the Kronecker Hadamard ``H^{pi1}``
     with each factor's rows permuted, a Gaussian diagonal ``G``, the
     Kronecker Hadamard ``H^{pi2}`` with each factor's columns permuted, and
     ``R_D``, the first D coordinates (a slice).  N is the input length
     padded to a power of two.  ``E||Phi x||^2 = ||x||^2``; the variance of
-    ``||Phi x||^2 / ||x||^2`` falls as 1/D (about 2/D on typical inputs; SPEC
-    fact 2), and Theorem 3.2 bounds the failure probability by
+    ``||Phi x||^2 / ||x||^2`` falls as 1/D (about 2/D on typical inputs;
+    docs/sketches.md), and Theorem 3.2 bounds the failure probability by
     ``exp(-C eps^2 D / log^2 N)``.
 
     State (per backend, built on first use from the seed): ``B`` (N signs),
@@ -71,7 +71,7 @@ class AFFD(_LookupFree):
     permutations), but H1 becomes a plain Hadamard, which the compiled FWHT
     runs without a gather.
 
-    Options: ``precond`` ("hadamard", "fft", "kron"; SPEC's preconditioner
+    Options: ``precond`` ("hadamard", "fft", "kron"; the paper's preconditioner
     option) and ``max_factor`` (the largest Kronecker factor).
 
     Examples
@@ -137,7 +137,8 @@ class AFFD(_LookupFree):
 
 
 class AFJL(_LookupFree):
-    """AFJL, SPEC eq. 7: ``Phi x = R_D( sqrt(N/D) G H^{pi1} B x )``: AFFD without the second transform.
+    """AFJL, the paper's eq. 7 (docs/sketches.md): ``Phi x = R_D( sqrt(N/D) G H^{pi1} B x )``: AFFD without the
+    second transform.
 
     Right to left: random signs ``B``, the row-permuted Kronecker Hadamard,
     the Gaussian diagonal, the first D coordinates.  ``R_D`` commutes with
@@ -145,7 +146,7 @@ class AFJL(_LookupFree):
     the leading rows of its leading factors, so it costs about one pass over
     the input.  ``E||Phi x||^2 = ||x||^2``; the variance of ``||Phi x||^2 /
     ||x||^2`` is up to 8/D (a Gaussian diagonal times the Gaussian-like
-    ``H B x``: a product of two Gaussians; SPEC fact 2).
+    ``H B x``: a product of two Gaussians; docs/sketches.md).
 
     State: ``B`` (N signs), ``G`` (N Gaussians times ``sqrt(N/D)``, the
     first D used; the whole diagonal so the state does not depend on D) and

@@ -64,7 +64,7 @@ def _keep_shared_state(key: tuple, state: dict) -> None:
 
 @dataclass(frozen=True, eq=True)
 class SketchOperator:
-    """A random linear map ``Phi: R^n_in -> R^n_out`` (SPEC.md, "The sketches").
+    """A random linear map ``Phi: R^n_in -> R^n_out`` (docs/sketches.md).
 
     An operator is an immutable value defined by ``(method, n_in, n_out, seed,
     options)``: two operators with the same spec are equal, hash alike and

@@ -12,7 +12,7 @@ OTF_BLOCK_ENTRIES = 1 << 20
 
 
 class Dense(SketchOperator):
-    """Dense JL: ``Phi x = G x / sqrt(D)``, ``G`` in R^{D x N} with i.i.d. N(0, 1) entries (SPEC table).
+    """Dense JL: ``Phi x = G x / sqrt(D)``, ``G`` in R^{D x N} with i.i.d. N(0, 1) entries (docs/sketches.md).
 
     ``E||Phi x||^2 = ||x||^2`` and the variance of ``||Phi x||^2 / ||x||^2``
     is exactly 2/D for every x (a chi-square with D degrees of freedom over

@@ -1,4 +1,4 @@
-"""FFD: the transpose of Fastfood used as a sketch (SPEC eq. 3) -- shown *not* to be one."""
+"""FFD: the transpose of Fastfood as a sketch (the paper's eq. 3, docs/sketches.md): *not* a sketch."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class FFD(SketchOperator):
 
     ``E||Phi x||^2 = ||x||^2`` (sigma = 1 with the orthonormal H), and on
     typical inputs the variance falls as 1/D; on the adversarial input of
-    Theorem 3.1 it stays near 2 whatever D is (SPEC fact 3, tested): FFD is
+    Theorem 3.1 it stays near 2 whatever D is (docs/sketches.md, tested): FFD is
     not a sketch.  Options: ``precond``, ``max_factor``.
 
     Examples
@@ -100,7 +100,7 @@ class FFD(SketchOperator):
 
 
 def theorem_31_input(n_in: int, n_out: int, column: int = 0, xp=None, dtype=None):
-    """SPEC fact 3's input: zero outside the first block, which is column ``column`` of H_D."""
+    """Theorem 3.1's input (docs/sketches.md): zero but the first block, column ``column`` of H_D."""
     import numpy as np
 
     x = np.zeros(n_in)

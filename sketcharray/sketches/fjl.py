@@ -21,14 +21,14 @@ def default_density(n_pad: int) -> float:
 
 
 class FJL(SketchOperator):
-    """``Phi x = G_s H_N B x / sqrt(D)`` (SPEC eq. 2).
+    """``Phi x = G_s H_N B x / sqrt(D)`` (the paper's eq. 2, docs/sketches.md).
 
     ``G_s`` in R^{D x N} has each entry non-zero with probability ``q``,
     non-zeros N(0, 1/q); its non-zeros are stored as (index, value) pairs,
     about ``q D N`` of them -- the state that grows with D and runs out of
-    memory first.  SPEC writes the scale as sqrt(N/D); with the orthonormal
+    memory first.  The paper writes the scale as sqrt(N/D); with the orthonormal
     ``H_N`` used here the factor that gives E||Phi x||^2 = ||x||^2 is
-    1/sqrt(D), which SPEC's normalisation rule requires.
+    1/sqrt(D), which the normalisation docs/sketches.md states requires.
 
     Variance of ``||Phi x||^2 / ||x||^2``: given ``u = H B x``, each output is
     a sum of independent terms ``s_ij u_j`` with ``E s^2 = 1`` and ``E s^4 =

@@ -1,4 +1,4 @@
-"""The preconditioner of FJL, FFD, AFFD and AFJL: a random orthogonal mixing of the input (SPEC "Notation").
+"""The preconditioner of FJL, FFD, AFFD and AFJL: a random orthogonal mixing of the input (docs/sketches.md).
 
 ``precond="hadamard"`` is the Kronecker Hadamard ``H_{b1} x ... x H_{bK}``,
 optionally with each factor's rows (pi_1) or columns (pi_2) permuted;

@@ -1,4 +1,4 @@
-"""QK: a Kronecker product of truncated Haar-orthogonal factors (SPEC eq. 8)."""
+"""QK: a Kronecker product of truncated Haar-orthogonal factors (the paper's eq. 8, docs/sketches.md)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def split_output(n_out: int, blocks: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 class QK(SketchOperator):
-    """QK, SPEC eq. 8: ``Phi x = sqrt(N/D) (Q1 x ... x QK) x``, ``Q_i`` the first D_i rows of a Haar B_i x B_i.
+    """QK, the paper's eq. 8 (docs/sketches.md): ``Phi x = sqrt(N/D) (Q1 x ... x QK) x``, ``Q_i`` the first D_i
+    rows of a Haar B_i x B_i.
 
     ``prod D_i = D`` and ``prod B_i = N`` (the input padded to the product
     of the blocks); no sign diagonal.  ``E||Phi x||^2 = ||x||^2``; the

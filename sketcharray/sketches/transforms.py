@@ -1,4 +1,4 @@
-"""Orthogonal transforms the sketches are composed of (SPEC.md, "Notation").
+"""Orthogonal transforms the sketches are composed of (docs/sketches.md).
 
 * Kronecker products of small dense matrices applied factor by factor to the
   reshaped input (the Kronecker Hadamard ``H_N = H_{b1} x ... x H_{bK}`` and

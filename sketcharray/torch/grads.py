@@ -1,4 +1,4 @@
-"""Per-example gradients and their sketches, explicit and implicit (SPEC, "Explicit and implicit").
+"""Per-example gradients and their sketches, explicit and implicit (docs/concepts.md).
 
 The batch protocol: a batch is a tuple/list of tensors with a leading example
 dimension (``(inputs, labels, ...)``) or a dict of them.  ``forward(model,

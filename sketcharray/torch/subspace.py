@@ -1,4 +1,4 @@
-"""Subspace reparametrisation theta = theta_0 + Phi^T omega (SPEC, "Intrinsic dimension")."""
+"""Subspace reparametrisation theta = theta_0 + Phi^T omega (docs/intrinsic.md)."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -134,6 +135,15 @@ def write_result(ds, path, kind: str | None = None, *, overwrite: bool = False) 
     finally:
         _remove(tmp)
     return path
+
+
+def leftovers(path, *tags: str) -> list[Path]:
+    """The hidden siblings this package names ``.NAME.TAG-[PID-]HEX8`` beside ``path`` (a store's or a state's
+    temporary copy, left by a process killed while it wrote): only names of exactly that form, which nothing but
+    this package makes, so removing them never touches a user's file."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:{'|'.join(map(re.escape, tags))})-(?:\d+-)?[0-9a-f]{{8}}$")
+    return [p for p in path.parent.glob(f".{path.name}.*") if pattern.match(p.name)]
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

@@ -296,7 +296,9 @@ def create_store(path, **skeleton) -> None:
             raise StoreError(f"cannot create store {path}: the folder exists and is not a sketcharray store "
                              "(no zarr.json with a sketch spec); choose another path or remove it")
         path.rmdir()
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a creator that was killed
+    from .outputs import leftovers
+
+    for stale in leftovers(path, "tmp"):  # left by a creator that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -793,7 +795,8 @@ def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:
             if row_dim in restore or "sketch" in restore:
                 _check_ids_against_digests(path, skeleton["ids"], attrs,
                                            skip={d.batch for d in report.damage if d.variable == DIGEST})
-            for name in restore:
+            # only arrays the run's own skeleton has: a name read from the store (row_dim) never leads elsewhere
+            for name in [n for n in restore if (tmp / n / "zarr.json").is_file() and Path(n).name == n]:
                 if name in (row_dim, "sketch"):  # coordinates: written once at creation, copied whole
                     shutil.rmtree(path / name, ignore_errors=True)
                     shutil.copytree(tmp / name, path / name)

@@ -153,3 +153,17 @@ def test_a_solver_state_folder_that_is_not_one_is_left_alone(tmp_path):
     with pytest.raises(ValueError, match="not a solver state of sketcharray"):
         lanczos(lambda x: x @ a, 20, 2, progress=False, state=state)
     assert (state / "notes.txt").read_text() == "mine"
+
+
+def test_only_this_packages_leftovers_are_removed(tmp_path):
+    """A killed creator's temporary sibling goes; a user's file that merely starts with the same name stays."""
+    from sketcharray import store as st
+
+    mine = tmp_path / ".s.zarr.tmp-123-abcdef01"
+    mine.mkdir()
+    users = [tmp_path / ".s.zarr.tmp-notes", tmp_path / ".s.zarr.tmp-123-abcdef01x"]
+    for p in users:
+        p.mkdir()
+    st.create_store(tmp_path / "s.zarr", variable="grad", row_dim="example", n_rows=4, n_out=2, chunk=4,
+                    ids=list(range(4)), has_label=False, attrs={"sketch_spec": {"method": "afjl", "n_out": 2}})
+    assert not mine.exists() and all(p.is_dir() for p in users)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ..outputs import check_folder, save_figure, write_result
+from ..outputs import check_folder, leftovers, save_figure, write_result
 from ..progress import Progress
 from ..provenance import function_identity
 from ..settings import WHICH, Execution, ModelSettings, SolverSettings, coerce, moved_options
@@ -80,10 +80,15 @@ def _select(vals, vecs, res, k, which, zero: float = 0.0):
     return out
 
 
-def _finish(out: dict, tolerance: float, pending: int, solver: str, budget: str) -> dict:
-    """Add each end's per-pair ``converged`` flags (residual <= ``tolerance``), ``all_converged`` (every wanted
-    pair, of either sign, converged: only then does an end with fewer than k values mean that K has no more of
-    that sign), and warn when ``pending`` wanted pairs have not converged."""
+def _finish(out: dict, theta, res, k: int, which: str, tolerance: float, exact: bool, solver: str,
+            budget: str) -> dict:
+    """Add each end's per-pair ``converged`` flags (residual <= ``tolerance``; when the basis spans the space,
+    ``exact``, every pair is K's up to rounding), ``all_converged`` (every wanted pair of ``theta``, of either
+    sign, converged: only then does an end with fewer than k values mean that K has no more of that sign), and
+    warn when a wanted pair has not converged."""
+    if exact:
+        tolerance = max(tolerance, float(res.max(initial=0.0)))
+    pending = int((res[_wanted(theta, k, which)] > tolerance).sum())
     out["converged"] = {key: np.asarray(out[key][2] <= tolerance) for key in ("positive", "negative") if key in out}
     out["tolerance"] = float(tolerance)
     out["all_converged"] = pending == 0
@@ -157,8 +162,8 @@ class _SolveState:
         import zarr
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.path.parent.glob(f".{self.path.name}.tmp-*"), *self.path.parent.glob(f".{self.path.name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a solve killed while it created its state
+        for stale in leftovers(self.path, "tmp", "old"):  # left by a solve killed while it created its state
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             build(zarr.open_group(str(tmp), mode="w", zarr_format=3))
@@ -464,12 +469,8 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
     out = {key: (vals, basis.combine(m, s), res) for key, (vals, s, res) in result.items()}
     out["iterations"] = m
     out["restarts"] = restarts
-    tolerance = tol * scale
-    if m == dim:  # the Krylov space is the whole space: the Ritz pairs are K's, up to rounding
-        tolerance = max(tolerance, float(res.max(initial=0.0)))
-    pending = int((res[_wanted(theta, k, which)] > tolerance).sum())
     budget = f"max_iter={m_max}" if solver.max_iter else f"{m_max} products, the default budget"
-    return _finish(out, tolerance, pending, "lanczos", budget)
+    return _finish(out, theta, res, k, which, tol * scale, m == dim, "lanczos", budget)
 
 
 def _lanczos_budget(solver: SolverSettings, state, dim: int, k: int, basis_dtype) -> int:
@@ -574,9 +575,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     bar.close()
     out = {key: (vals, np.asarray(vecs), res) for key, (vals, vecs, res) in result.items()}
     out["iterations"] = it
-    tolerance = max(tol * scale, float(res.max(initial=0.0))) if exact else tol * scale
-    pending = int((res[_wanted(theta, kk, which)] > tolerance).sum())
-    return _finish(out, tolerance, pending, "randomized", f"n_iter={n_iter} blocks of {p}")
+    return _finish(out, theta, res, kk, which, tol * scale, exact, "randomized", f"n_iter={n_iter} blocks of {p}")
 
 
 class _Columns:

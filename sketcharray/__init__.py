@@ -23,7 +23,7 @@ Settings
 Sketch operators
     make_sketch, sketch_from_spec, SketchOperator, METHODS
 Streaming from PyTorch
-    sketch_gradients, sketch_hvps, subspace_hessian, random_probes, random_test_matrix
+    factored_sketch (per-layer sketches of gradients from one batched backward), sketch_gradients, sketch_hvps, subspace_hessian, random_probes, random_test_matrix
 Stores and provenance
     open_sketches, verify_store, stack_checkpoints, check_same_sketch, StoreDamaged, StoreLocked
 Training data attribution
@@ -59,6 +59,7 @@ _FRONT_DOOR = {
     **dict.fromkeys(["ModelSettings", "Execution", "SolverSettings", "TrainingSettings", "SearchSettings"],
                     ".settings"),
     **dict.fromkeys(["make_sketch", "sketch_from_spec", "SketchOperator", "METHODS"], ".sketches"),
+    "factored_sketch": ".torch.factored",
     **dict.fromkeys(["sketch_gradients", "sketch_hvps", "subspace_hessian", "random_probes", "random_test_matrix"],
                     ".collect"),
     **dict.fromkeys(["open_sketches", "verify_store", "StoreDamaged", "StoreLocked"], ".store"),

@@ -74,7 +74,7 @@ def describe_schedulers() -> str:
 
 
 def _common(p: argparse.ArgumentParser, *, workload: bool = True, sketch: tuple[str, int] | None = None,
-            scheduler: bool = False, batch_size: int | None = 64) -> None:
+            scheduler: bool = False, batch_size: int | None = 64, factored: bool = False) -> None:
     """The flags every model-running subcommand shares, spelled the same everywhere."""
     if workload:
         p.add_argument("--workload", default="digits", metavar="NAME|MODULE:FACTORY", help=WORKLOAD_HELP)
@@ -86,7 +86,8 @@ def _common(p: argparse.ArgumentParser, *, workload: bool = True, sketch: tuple[
                                                                                             "workload's)"))
     if sketch is not None:
         p.add_argument("--method", default=sketch[0],
-                       help="sketch method: dense, dense-otf, fjl, ffd, affd, afjl or qk")
+                       help="sketch method: dense, dense-otf, fjl, ffd, affd, afjl or qk"
+                            + (", or factored (per-layer, gradients only: see --factor)" if factored else ""))
         if sketch[1]:
             p.add_argument("--n-out", type=int, default=sketch[1], metavar="D", help="sketch dimension D")
             p.add_argument("--seed", type=int, default=0, help="seed of the sketch")
@@ -121,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a fraction of the work (for CI and a first look)")
     p.add_argument("--workload", default="digits", metavar="NAME|MODULE:FACTORY", help=WORKLOAD_HELP)
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, ...")
-    p.add_argument("--method", default=None, help="gradient sketch method for TDA (default afjl)")
+    p.add_argument("--method", default=None, help="gradient sketch method for TDA (default afjl; factored: "
+                                                  "per-layer sketches from one batched backward)")
+    p.add_argument("--factor", default=None, choices=("afjl", "qk", "dense"),
+                   help="with --method factored: the family of the per-layer factors (default afjl)")
     p.add_argument("--n-out", type=int, default=None, metavar="D", help="gradient sketch dimension (default 512)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sketch and of the search")
@@ -148,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --hvps: random directions v of the parameter space, or v = Phi^T omega for Gaussian "
                         "omega of the sketch space (stores Y = K Omega, Omega regenerated from the seed, for 'spectrum "
                         "--from-hvps')")
-    _common(p, sketch=("afjl", 512), scheduler=True)
+    _common(p, sketch=("afjl", 512), scheduler=True, factored=True)
+    p.add_argument("--factor", default=None, choices=("afjl", "qk", "dense"),
+                   help="with --method factored: the family of the per-layer factors (default afjl)")
 
     p = command("attribute", "score training examples against queries from two gradient stores",
                 "Top (proponents) or bottom (opponents) K training examples per query, streamed chunk by "

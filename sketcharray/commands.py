@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .report import markdown_table
+from .sketches.registry import describe_spec
 
 
 def _workload(args):
@@ -29,11 +30,20 @@ def _say(args, *lines) -> None:
 def demo(args) -> int:
     from .demo import run_demo
 
-    overrides = {k: v for k, v in (("method", args.method), ("n_out", args.n_out), ("batch_size", args.batch_size))
+    overrides = {k: v for k, v in (("method", args.method), ("n_out", args.n_out), ("batch_size", args.batch_size),
+                                   ("factor", args.factor))
                  if v is not None}
     run_demo(args.out, workload=args.workload, device=args.device, quick=args.quick, scheduler=args.scheduler,
              quiet=args.quiet, seed=args.seed, **overrides)
     return 0
+
+
+def gradient_spec(method: str, n_out: int, seed: int, factor: str | None) -> dict:
+    """The sketch spec of a gradient stream from the command line (``--factor`` only with ``--method factored``)."""
+    if factor is not None and method != "factored":
+        raise ValueError(f"--factor {factor} applies to --method factored only; got --method {method}")
+    spec = {"method": method, "n_out": n_out, "seed": seed}
+    return {**spec, "factor": factor or "afjl"} if method == "factored" else spec
 
 
 def sketch(args) -> int:
@@ -43,7 +53,7 @@ def sketch(args) -> int:
 
     w = _workload(args)
     data, ids = w.split(args.split, args.limit)
-    spec = {"method": args.method, "n_out": args.n_out, "seed": args.seed}
+    spec = gradient_spec(args.method, args.n_out, args.seed, args.factor)
     with scheduler(args.scheduler, quiet=args.quiet):
         if args.hvps:
             ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=args.hvps, seed=args.seed,
@@ -394,7 +404,7 @@ def info(args) -> int:
     print(f"{data['kind']}: {data['path']}")
     if data["kind"] == "sketch store":
         print(f"  {data['variable']} {data['dims']} stored as {data['storage_dtype']}")
-        print(f"  sketch: {data['sketch_spec']}")
+        print(f"  sketch: {describe_spec(data['sketch_spec'])}")
         print(f"  N = {data['n_params']:,} parameters in {data['param_groups']} tensors; model "
               f"{data['model_fingerprint']}; checkpoint {data['checkpoint'] or '-'}; mode {data['mode']}")
         state = "complete" if data["complete"] else "INCOMPLETE (rerun the same command to resume)"
@@ -403,7 +413,7 @@ def info(args) -> int:
             print(f"  valid rows (finite gradient and loss): {data['valid']}, invalid: {data['invalid']} (a valid row "
                   "whose sketch is zero has no cosine score: 'info --verify' counts them)")
     elif data["kind"] == "HVP sketch store":
-        print(f"  hvp {data['dims']}; sketch: {data['sketch_spec']}")
+        print(f"  hvp {data['dims']}; sketch: {describe_spec(data['sketch_spec'])}")
         print(f"  N = {data['n_params']:,} parameters; model {data['model_fingerprint']}; probes from seed "
               f"{data['probe_seed']}; all values finite: {data['finite']}")
     elif data["kind"] == "spectrum folder":

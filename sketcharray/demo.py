@@ -37,7 +37,8 @@ from .workloads import Workload, load_workload
 class DemoSettings:
     """How much the demo computes; :data:`FULL` by default, :data:`QUICK` for CI and smoke tests."""
 
-    method: str = "afjl"  #: gradient sketch for TDA
+    method: str = "afjl"  #: gradient sketch for TDA ("factored": per-layer sketches from one batched backward)
+    factor: str | None = None  #: with method "factored", the family of its factors (default afjl)
     n_out: int = 512  #: D of the gradient sketches
     batch_size: int = 64  #: examples per batch = per Zarr chunk
     n_train: int | None = None  #: training examples streamed (None: all)
@@ -155,7 +156,9 @@ def _workload_section(report: Report, w: Workload, accuracy: float, settings: De
 
 
 def _stream(report, w, out, settings, device, seed, progress, say):
-    spec = {"method": settings.method, "n_out": settings.n_out, "seed": seed}
+    from .commands import gradient_spec
+
+    spec = gradient_spec(settings.method, settings.n_out, seed, settings.factor)
     train_data, train_ids = w.split("train", settings.n_train)
     common = dict(batch_size=settings.batch_size, checkpoint="final", model_settings=ModelSettings(forward=w.forward),
                   execution=Execution(device=device, progress=progress))
@@ -169,8 +172,10 @@ def _stream(report, w, out, settings, device, seed, progress, say):
     say(f"training sketches: {train_store.resolve()} {dict(train.grad.sizes)}, {n_valid} valid",
         f"query sketches:    {query_store.resolve()} {dict(queries.grad.sizes)}")
     report.section("Gradient sketches")
-    report.text(f"Per-example gradients of all {sum(train.attrs['param_sizes']):,} parameters, sketched with "
-                f"`{settings.method}` to D = {settings.n_out} and stored in Zarr (one chunk per batch of "
+    how = (f"sketched layer by layer from one batched backward (factored, `{spec['factor']}` factors; no per-example "
+           "gradient is formed)" if settings.method == "factored" else f"sketched with `{settings.method}`")
+    report.text(f"Per-example gradients of all {sum(train.attrs['param_sizes']):,} parameters, {how} "
+                f"to D = {settings.n_out} and stored in Zarr (one chunk per batch of "
                 f"{settings.batch_size}). Open them lazily with `sketcharray.store.open_sketches(path)`.")
     rows = [{"store": p.name, "examples": ds.sizes["example"], "D": ds.sizes["sketch"],
              "valid": int(ds.valid.sum()), "median norm": float(np.median(n)), "largest norm": float(n.max())}

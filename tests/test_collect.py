@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def test_bad_arguments(work, small):
 
 RESUME_SCRIPT = textwrap.dedent(
     """
-    import os, signal, sys
+    import json, os, signal, sys
     import torch
     from sketcharray.collect import sketch_gradients
     from sketcharray.workloads import digits
@@ -166,16 +167,18 @@ RESUME_SCRIPT = textwrap.dedent(
         tick()
         return w.loss_fn(out, batch)
     x, y = w.train[:300]
-    sketch_gradients(w.model_factory, loss, torch.utils.data.TensorDataset(x, y), {"method": "affd", "n_out": 128},
+    sketch_gradients(w.model_factory, loss, torch.utils.data.TensorDataset(x, y), json.loads(os.environ["SPEC"]),
                      batch_size=25, ids=w.train_ids[:300], store=sys.argv[1], execution={"progress": False})
     """
 )
 
 
-def test_resume_after_sigkill_is_bit_identical(work, tmp_path):
+@pytest.mark.parametrize("spec", [{"method": "affd", "n_out": 128},
+                                  {"method": "factored", "factor": "afjl", "n_out": 128}], ids=["affd", "factored"])
+def test_resume_after_sigkill_is_bit_identical(work, tmp_path, spec):
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "SPEC": json.dumps(spec)}
     store = tmp_path / "r.zarr"
     for kill_at in (4, 3, 6):  # killed three times, at different points, each run resuming the last
         done = subprocess.run([sys.executable, str(script), str(store)], env={**env, "KILL_AT": str(kill_at)})

@@ -110,7 +110,10 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
         raise ValueError(f"dtype must be one of {list(st.STORAGE_DTYPES)}; got {dtype!r}")
     driver_model, model_src, fingerprint = _driver_model(model)
     paramset = select_params(driver_model, params)
-    op = resolve_sketch(sketch, paramset.n)
+    op = resolve_sketch(sketch, paramset.n, model=driver_model, paramset=paramset)
+    if op.method == "factored" and mode == "implicit":
+        raise ValueError("mode='implicit' does not apply to a factored sketch (it is computed from one batched "
+                         "backward, not from per-example gradients); leave mode at its default")
     source = DataSource.from_data(data, batch_size)
     bounds = source.bounds
     n = bounds[-1][1]
@@ -127,7 +130,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
     has_label = isinstance(labels, torch.Tensor)
     attrs = {
         "sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": fingerprint,
-        "mode": mode, "n_examples": n, "batch_size": chunk, "storage_dtype": dtype,
+        "mode": "factored" if op.method == "factored" else mode, "n_examples": n, "batch_size": chunk, "storage_dtype": dtype,
         "checkpoint": checkpoint, "variable": "grad", "sketcharray_version": __version__,
         **function_provenance(loss_fn),
     }

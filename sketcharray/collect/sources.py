@@ -84,8 +84,25 @@ def function_provenance(fn, role: str = "loss_fn") -> dict[str, str]:
     return {role: function_name(fn), f"{role}_identity": identity}
 
 
-def resolve_sketch(sketch, n_params: int) -> SketchOperator:
-    """An operator for N = n_params from an operator, a spec dict, or (method, n_out[, seed])."""
+def resolve_sketch(sketch, n_params: int, *, model: nn.Module | None = None, paramset=None):
+    """An operator for N = n_params from an operator, a spec dict, or (method, n_out[, seed]).
+
+    With ``model`` (and its ``paramset``), a factored spec ``{"method":
+    "factored", "factor": ..., "n_out": D}`` (or a :class:`FactoredSketch`)
+    becomes the factored sketch of that model's selection, its stored
+    ``layout`` checked against the model; without a model (HVPs) it is
+    refused: a Hessian-vector product is not a sum of outer products of one
+    layer's activations and output-gradients, so ``K = Phi H Phi^T`` needs a
+    whole-vector sketch.
+    """
+    method = (sketch.get("method") if isinstance(sketch, dict) else
+              sketch[0] if isinstance(sketch, (tuple, list)) and sketch else getattr(sketch, "method", None))
+    if method == "factored":
+        if model is None:
+            raise ValueError("factored sketches are for gradients only: a Hessian-vector product is not a sum of "
+                             "outer products of one layer's activations and output-gradients, so K = Phi H Phi^T "
+                             "needs a whole-vector sketch (affd, afjl, qk, ...)")
+        return _factored(sketch, n_params, model, paramset)
     if isinstance(sketch, SketchOperator):
         op = sketch
     elif isinstance(sketch, dict):
@@ -99,6 +116,32 @@ def resolve_sketch(sketch, n_params: int) -> SketchOperator:
     if op.n_in != n_params:
         raise ValueError(f"sketch has n_in={op.n_in} but the selected parameters have N={n_params}")
     return op
+
+
+def _factored(sketch, n_params: int, model: nn.Module, paramset):
+    from ..torch.factored import FactoredSketch, factored_sketch
+
+    if isinstance(sketch, FactoredSketch):
+        spec = sketch.spec
+    elif isinstance(sketch, dict):
+        spec = dict(sketch)
+    else:
+        spec = {"method": "factored", "n_out": int(sketch[1]), "seed": int(sketch[2]) if len(sketch) == 3 else 0}
+    unknown = sorted(set(spec) - {"method", "factor", "n_in", "n_out", "seed", "rule", "layout"})
+    if unknown:
+        raise TypeError(f"factored sketch spec got unknown key(s) {unknown}; allowed: factor, n_out, seed "
+                        "(and n_in, rule, layout as a stored spec has them)")
+    if "n_out" not in spec:
+        raise ValueError("a factored sketch spec needs n_out (the total D)")
+    if spec.get("n_in", n_params) != n_params:
+        raise ValueError(f"sketch has n_in={spec['n_in']} but the selected parameters have N={n_params}")
+    from ..torch.factored import SPLIT_RULE
+
+    if spec.get("rule", SPLIT_RULE) != SPLIT_RULE:
+        raise ValueError(f"the spec's layout was made by split rule {spec['rule']!r}; this version of sketcharray "
+                         f"knows {SPLIT_RULE!r}")
+    return factored_sketch(model, spec["n_out"], factor=spec.get("factor", "afjl"), seed=spec.get("seed", 0),
+                           layout=spec.get("layout"), paramset=paramset)
 
 
 @dataclass(frozen=True, eq=False)

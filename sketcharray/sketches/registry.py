@@ -60,8 +60,15 @@ def make_sketch(method: str, n_in: int, n_out: int, *, seed: int = 0, revision: 
     SketchMemoryError
         The operator's state would not fit in the memory available.
     """
+    if method == "factored":
+        raise ValueError(
+            "method 'factored' cannot be built from n_in alone: a factored sketch is split over a model's layers "
+            "(it needs their shapes and how each parameter is used). Pass {'method': 'factored', 'factor': 'afjl', "
+            "'n_out': D} as the sketch of sketch_gradients, or build one with "
+            "sketcharray.torch.factored.factored_sketch(model, D)")
     if method not in METHODS:
-        raise ValueError(f"unknown sketch method {method!r}; expected one of {sorted(METHODS)}")
+        raise ValueError(f"unknown sketch method {method!r}; expected one of {sorted(METHODS)} (or 'factored' "
+                         "for gradients, given a model)")
     cls = METHODS[method]
     for name, value in (("n_in", n_in), ("n_out", n_out), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -95,6 +102,18 @@ def sketch_from_spec(spec: dict[str, Any]) -> SketchOperator:
     """Rebuild an operator from its :attr:`SketchOperator.spec` (e.g. read from a store's attrs)."""
     spec = dict(spec)
     return make_sketch(spec.pop("method"), spec.pop("n_in"), spec.pop("n_out"), seed=spec.pop("seed"), **spec)
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    """A sketch spec in one line; a factored spec (whose layout lists every layer) as its family, D and blocks."""
+    if not isinstance(spec, dict) or spec.get("method") != "factored":
+        return str(spec)
+    layout = spec.get("layout") or {}
+    blocks, small = layout.get("blocks", []), layout.get("small")
+    return (f"factored ({spec.get('factor')} factors, seed {spec.get('seed')}): D = {spec.get('n_out')} over "
+            f"{len(blocks)} weight blocks" + (f" and {small['n_out']} coordinates for {small['n_in']} bias and "
+                                              "normalisation entries" if small else "")
+            + f" (rule {spec.get('rule')})")
 
 
 def _check_options(method: str, opts: dict[str, Any]) -> None:

@@ -178,3 +178,22 @@ def test_a_factored_sketch_pickles_as_its_spec():
     sk = sa.factored_sketch(model, 64, factor="dense")
     back = pickle.loads(pickle.dumps(sk))
     assert isinstance(back, FactoredSketch) and back == sk and back.spec == sk.spec
+
+
+def test_factored_scores_follow_the_exact_ones_and_improve_with_d(w, stores):
+    """Fidelity, small: Pearson r of factored dot scores against exact ones (6,000 train x query pairs).
+    Scores unrelated to the exact ones give |r| <= 4/sqrt(6000) = 0.05 (4 standard errors): the sketch at
+    D = 256 must be above that (one seed varies a lot at this D: 0.47 for this one, about 0.8 for the median
+    of three in the benchmark, docs/benchmarks.md), and 8 times the D must do better (every factor's
+    dimension doubles or more, and the variance falls with each)."""
+    _, train, queries = stores
+    model = w.model()
+    ps = select_params(model)
+    g, _ = per_example_gradients(model, w.loss_fn, w.train[:300], ps)
+    q, _ = per_example_gradients(model, w.loss_fn, w.test[:20], ps)
+    exact = (q.double() @ g.double().T).numpy().ravel()
+    small = attribute(train, queries, score="dot").values.ravel()
+    r_small = np.corrcoef(small, exact)[0, 1]
+    big = sa.factored_sketch(model, 2048, factor="afjl", seed=3)
+    r_big = np.corrcoef((big.apply(q.double()) @ big.apply(g.double()).T).numpy().ravel(), exact)[0, 1]
+    assert r_small > 4 / np.sqrt(exact.size) and r_big > r_small, (r_small, r_big)

@@ -159,3 +159,11 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+def sketch_spec(method: str, n_out: int, seed: int = 0) -> dict:
+    """The spec of a benchmark's method name: a whole-vector method, or ``factored-<factor>`` (afjl, qk, dense)."""
+    if method.startswith("factored"):
+        factor = method.partition("-")[2] or "afjl"
+        return {"method": "factored", "factor": factor, "n_out": n_out, "seed": seed}
+    return {"method": method, "n_out": n_out, "seed": seed}

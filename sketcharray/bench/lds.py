@@ -6,7 +6,8 @@ test examples are what attribution scores must predict (see
 :mod:`sketcharray.analysis.lds`).  The scores come from the fully trained
 model: ``dot``, ``cosine`` and ``influence`` on loss gradients, ``trak`` on
 margin gradients, each from exact gradients (no sketch) and from AFJL,
-AFFD and QK sketches at several D; random scores give the zero line.
+AFFD and QK sketches at several D (or factored per-layer sketches:
+``factored-afjl`` ...); random scores give the zero line.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ._util import format_table, write_json
+from ._util import format_table, sketch_spec, write_json
 
 SCORES = ("dot", "cosine", "influence", "trak")
 
@@ -81,7 +82,8 @@ def score_matrix(train_sets: dict, test_sets: dict, score: str) -> np.ndarray:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="bench_lds", description=__doc__)
     p.add_argument("--models", type=int, default=50, help="retrained models (M >= 50 for the documented table)")
-    p.add_argument("--methods", type=lambda s: s.split(","), default=["afjl", "affd", "qk"])
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["afjl", "affd", "qk"],
+                   help="whole-vector methods, or factored-afjl, factored-qk, factored-dense (per-layer)")
     p.add_argument("--log2d", type=lambda s: [int(v) for v in s.split(",")], default=[8, 10])
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and the sketches")
     p.add_argument("--json", default="bench-out/bench-lds.json")
@@ -105,7 +107,7 @@ def main(argv=None, args=None) -> int:
                           {k: exact_gradients(model, f, w.test, w.test_ids) for k, f in fns.items()})}
     for method in args.methods:
         for ld in args.log2d:
-            spec = {"method": method, "n_out": 1 << ld, "seed": args.seed}
+            spec = sketch_spec(method, 1 << ld, args.seed)
             variants[f"{method} 2^{ld}"] = tuple(
                 {k: sketch_gradients(w.model_factory, f, data, spec, batch_size=250, ids=ids,
                                   execution={"progress": False})

@@ -124,6 +124,144 @@ def end_to_end_ratio(workload: str, method: str, n_out: int, n: int, batch: int,
             "sketch_call_s": call, "ratio": call / step}
 
 
+def _timed_train_step(model, w, data, batch, dev):
+    """A plain batched forward and backward of the mean loss over ``data`` (a dataset, or a list of batches)."""
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        for b in data if isinstance(data, list) else torch.utils.data.DataLoader(data, batch_size=batch):
+            b = to_device(b, dev)
+            w.loss_fn((w.forward or (lambda m, x: m(x[0])))(model, b), b).mean().backward()
+        _sync(dev)
+    return train_step
+
+
+def factored_end_to_end(workload: str, factor: str, n_out: int, n: int, batch: int, device: str,
+                        repeats: int = 3) -> dict:
+    """Factored sketching against a plain batched forward and backward of the same examples, in one process,
+    best of ``repeats``: the call given the built module (the sketch's layout, factors and hooks included),
+    the call given the factory (the model's construction included too), and the whole-vector AFJL call."""
+    w = WORKLOADS[workload]()
+    data = torch.utils.data.Subset(w.train, range(min(n, len(w.train))))
+    dev = torch.device(device)
+    model = w.model().to(dev)
+    common = dict(batch_size=batch, model_settings={"forward": w.forward},
+                  execution={"device": device, "progress": False})
+    spec = {"method": "factored", "factor": factor, "n_out": n_out, "seed": 0}
+
+    def factored_module():
+        sketch_gradients(model, w.loss_fn, data, spec, **common).grad.values
+
+    def factored_factory():
+        sketch_gradients(w.model_factory, w.loss_fn, data, spec, **common).grad.values
+
+    def afjl_module():
+        sketch_gradients(model, w.loss_fn, data, {"method": "afjl", "n_out": n_out, "seed": 0}, **common).grad.values
+
+    step = best_time(_timed_train_step(model, w, data, batch, dev), repeats)
+    mod, fac, whole = (best_time(f, repeats) for f in (factored_module, factored_factory, afjl_module))
+    return {"workload": workload, "factor": factor, "D": n_out, "examples": len(data), "batch": batch,
+            "train_step_s": step, "factored_s": mod, "factored_ratio": mod / step,
+            "factored_with_model_s": fac, "factored_with_model_ratio": fac / step,
+            "afjl_s": whole, "afjl_ratio": whole / step}
+
+
+def peak_rss(workload: str, method: str, n_out: int, n: int, batch: int, device: str) -> int:
+    """Peak resident memory (bytes) of a fresh process that builds the workload and sketches ``n`` examples
+    with ``method`` ("factored-afjl" or a whole-vector method), from the operating system's own count."""
+    import json
+    import subprocess
+
+    code = ("import sys, json; from sketcharray.bench.stream import _sketch_once; "
+            "print(_sketch_once(*json.loads(sys.argv[1])))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([workload, method, n_out, n, batch, device])],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _sketch_once(workload, method, n_out, n, batch, device) -> int:
+    """The peak resident memory above what the process held before the call (sampled every 5 ms)."""
+    import threading
+
+    import psutil
+
+    from ._util import sketch_spec
+
+    w = WORKLOADS[workload]()
+    data = torch.utils.data.Subset(w.train, range(min(n, len(w.train))))
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.005)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        sketch_gradients(w.model_factory, w.loss_fn, data, sketch_spec(method, n_out), batch_size=batch,
+                         model_settings={"forward": w.forward},
+                         execution={"device": device, "progress": False}).grad.values
+    finally:
+        done.set()
+        watcher.join()
+    return peak[0] - base
+
+
+def scaling(widths, n_out: int, batch: int, tokens: int, device: str, methods=("factored-afjl", "afjl")) -> list:
+    """Time per example at k times MiniLM's width (a randomly initialised BERT of MiniLM's depth, 6 layers,
+    hidden 384 k, intermediate 1536 k): factored against whole-vector AFJL, or why a case could not run."""
+    import psutil
+    from transformers import BertConfig, BertModel
+
+    from ..workloads import MiniLMClassifier, cross_entropy_per_example, minilm_forward
+    from ._util import sketch_spec
+
+    rows = []
+    for k in widths:
+        cfg = BertConfig(hidden_size=384 * k, intermediate_size=1536 * k, num_hidden_layers=6,
+                         num_attention_heads=12, vocab_size=30522, attn_implementation="eager")
+        n_params = (30522 + 512 + 2) * cfg.hidden_size + 6 * (4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size
+                                                              * cfg.intermediate_size)
+        free = psutil.virtual_memory().available
+        if 4 * n_params * 1.5 > free:
+            rows.append({"width": k, "N": n_params, "note": f"model needs {4 * n_params / 2**30:.1f} GiB; "
+                         f"{free / 2**30:.1f} GiB free"})
+            continue
+        torch.manual_seed(0)
+        model = MiniLMClassifier(BertModel(cfg), 4).eval().to(device)
+        g = torch.Generator().manual_seed(0)
+        data = [{"input_ids": torch.randint(1000, 30000, (batch, tokens), generator=g),
+                 "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+                 "labels": torch.randint(0, 4, (batch,), generator=g)} for _ in range(2)]
+        row = {"width": k, "N": n_params}
+        for method in methods:
+            per_example = 4 * n_params * batch
+            if not method.startswith("factored") and per_example * 1.3 > psutil.virtual_memory().available:
+                row[method] = f"not run: per-example gradients need {per_example / 2**30:.1f} GiB"
+                continue
+
+            def call():
+                sketch_gradients(model, cross_entropy_per_example, data, sketch_spec(method, n_out),
+                                 model_settings={"forward": minilm_forward},
+                                 execution={"device": device, "progress": False}).grad.values
+            row[method] = 1e3 * best_time(call, 2) / (2 * batch)
+        w_step = best_time(_timed_train_step(model, _Plain(cross_entropy_per_example, minilm_forward), data, batch,
+                                             torch.device(device)), 2)
+        row["train_step_ms_per_example"] = 1e3 * w_step / (2 * batch)
+        rows.append(row)
+        del model
+    return rows
+
+
+class _Plain:
+    """The two fields of a workload a training step needs."""
+
+    def __init__(self, loss_fn, forward):
+        self.loss_fn, self.forward = loss_fn, forward
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="bench_stream", description=__doc__)
     p.add_argument("--device", default="cpu")
@@ -136,12 +274,66 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--e2e-examples", type=int, default=32,
                    help="examples of the end-to-end comparison (lazy sketch_gradients vs a training step)")
     p.add_argument("--e2e-d", type=int, default=1024, help="sketch dimension of the end-to-end comparison")
+    p.add_argument("--factored", action="store_true",
+                   help="the factored per-layer sketches instead: MiniLM end to end against a training step, "
+                        "peak memory against AFJL, and time per example at wider models")
+    p.add_argument("--factors", type=lambda s: s.split(","), default=["afjl", "qk", "dense"])
+    p.add_argument("--factored-examples", type=int, default=80, help="examples of the factored comparison")
+    p.add_argument("--factored-batch", type=int, default=16)
+    p.add_argument("--widths", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16],
+                   help="multiples of MiniLM's width for the scaling table")
     p.add_argument("--json", default="bench-out/bench-stream.json")
     return p
 
 
+def main_factored(args) -> int:
+    """``bench stream --factored``: the targets of factored sketching (docs/benchmarks.md)."""
+    workload = (args.workloads or ["minilm"])[0]
+    d = args.n_out
+    rows = [factored_end_to_end(workload, f, d, args.factored_examples, args.factored_batch, args.device)
+            for f in args.factors]
+    print(f"\nFactored sketches of {workload}, D = {d}, {rows[0]['examples']} examples in batches of "
+          f"{args.factored_batch}, against a plain batched forward and backward of the same examples (best of 3)")
+    print(format_table([{"f": r["factor"], "s": f"{r['train_step_s']:.3f}", "m": f"{r['factored_s']:.3f}",
+                         "mr": f"{r['factored_ratio']:.2f}x", "c": f"{r['factored_with_model_s']:.3f}",
+                         "cr": f"{r['factored_with_model_ratio']:.2f}x", "a": f"{r['afjl_s']:.3f}",
+                         "ar": f"{r['afjl_ratio']:.2f}x"} for r in rows],
+                       [("f", "factor"), ("s", "train step s"), ("m", "factored s"), ("mr", "/ step"),
+                        ("c", "with model construction s"), ("cr", "/ step"), ("a", "whole-vector afjl s"),
+                        ("ar", "/ step")]))
+    rss = {m: peak_rss(workload, m, d, args.factored_examples, args.factored_batch, args.device)
+           for m in ("factored-afjl", "afjl")}
+    print(f"\npeak resident memory added by sketching the same examples (a fresh process each, the workload "
+          f"already loaded): factored-afjl {rss['factored-afjl'] / 2**20:.0f} MiB, whole-vector afjl "
+          f"{rss['afjl'] / 2**20:.0f} MiB (batch x N floats: {args.factored_batch * 4 * 22_713_732 / 2**20:.0f} MiB "
+          "for MiniLM)")
+    scale = scaling(args.widths, d, 8, 16, args.device) if workload == "minilm" else []
+    if scale:
+        print("\nTime per example (ms) at k times MiniLM's width (random BERT, 6 layers, two batches of 8 examples of "
+              "16 tokens; a whole sketch_gradients call, best of 2)")
+        print(format_table([{"k": r["width"], "N": f"{r['N']:,}",
+                             **{m: (r[m] if isinstance(r.get(m), str) else f"{r[m]:.1f}" if m in r else
+                                    r.get("note", "-")) for m in ("factored-afjl", "afjl",
+                                                                  "train_step_ms_per_example")}} for r in scale],
+                           [("k", "width x"), ("N", "N"), ("factored-afjl", "factored afjl"),
+                            ("afjl", "whole-vector afjl"), ("train_step_ms_per_example", "training step")]))
+    targets = [f"target: factored ({r['factor']}) sketch_gradients <= 1.0x a training step: "
+               f"{r['factored_ratio']:.2f}x {'MET' if r['factored_ratio'] <= 1.0 else 'MISSED'} (model construction "
+               f"included: {r['factored_with_model_ratio']:.2f}x)" for r in rows]
+    best = min(r["factored_ratio"] for r in rows)
+    targets += [
+               f"moonshot: <= 0.7x with every parameter covered: {best:.2f}x {'MET' if best <= 0.7 else 'MISSED'}"]
+    print("\n" + "\n".join(targets))
+    write_json(args.json, {"benchmark": "stream-factored", "device": args.device, "rows": rows, "peak_rss": rss,
+                           "scaling": scale, "targets": targets})
+    print(f"\nwrote {args.json}")
+    return 0
+
+
 def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
+    if args.factored:
+        return main_factored(args)
     workloads = args.workloads
     if workloads is None:
         from ..workloads import minilm_available

@@ -27,6 +27,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -43,6 +44,13 @@ SPLIT_RULE = "sqrt-size-pow2"
 #: layer's tokens is one matrix product (MiniLM's largest, the vocabulary's 32 x 30522, is 4 MB); larger
 #: factors are applied as transforms and give an embedding's columns by sketching one-hot rows
 TABLE_LIMIT = 1 << 24
+
+
+#: factor matrices are shared by every sketch of one process (a sketch is rebuilt from its spec for each call and
+#: in each task): the most recent ones are kept up to this many entries in all (256 MB of float32)
+SHARED_TABLE_ENTRIES = 1 << 26
+_tables: dict = {}
+_tables_lock = threading.Lock()
 
 
 class FactoredSketchError(ValueError):
@@ -95,7 +103,8 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
 
 
-def split_budget(blocks: list[tuple[str, int, int]], n_small: int, n_out: int) -> tuple[list[tuple[int, int]], int]:
+def split_budget(blocks: list[tuple[str, int, int]], n_small: int, n_out: int, *,
+                 pow2: bool = False) -> tuple[list[tuple[int, int]], int]:
     """D per block by the rule ``SPLIT_RULE``: ``[(d_rows, d_cols)]`` for the weights and the small vector's share.
 
     Each block's share is ``t_b = D sqrt(n_b) / sum sqrt(n)`` (``n_b`` its
@@ -106,8 +115,12 @@ def split_budget(blocks: list[tuple[str, int, int]], n_small: int, n_out: int) -
     at most its length).  Weights are then doubled, the one furthest below
     its share first, while the rest beyond the small target allows it, and
     further while the small vector could not take the rest; the small vector
-    takes what is left.  The sum is exactly D, or a
-    :class:`FactoredSketchError` names the nearest D that can be split.
+    takes what is left.  When no such split sums to D, the split of the
+    nearest smaller D that has one is kept and the rest goes to one weight
+    whose side ``d_cols`` then need not be a power of two (the most balanced
+    such choice); with ``pow2`` (qk factors, whose output size must factor
+    over their blocks) that is refused, naming the nearest D that splits.
+    The sum is exactly D.
     """
     if not blocks:
         raise FactoredSketchError("a factored sketch needs at least one weight of a Linear, Conv1D or Embedding "
@@ -121,16 +134,20 @@ def split_budget(blocks: list[tuple[str, int, int]], n_small: int, n_out: int) -
         raise FactoredSketchError(f"n_out={n_out} exceeds what the layers can hold: {sum(caps)} coordinates of "
                                   f"weights (powers of two per side) and {n_small} of small parameters")
     d = _split(blocks, caps, n_small, n_out)
-    if d is None:
+    fixed: dict[int, tuple[int, int]] = {}
+    if d is None and pow2:
         near = [x for x in sorted(range(max(1, n_out // 2), 2 * n_out + 1), key=lambda x: (abs(x - n_out), x))
                 if x != n_out and _split(blocks, caps, n_small, x) is not None][:2]
-        raise FactoredSketchError(
-            f"n_out={n_out} cannot be split over these layers in powers of two per weight"
-            + (f" with the {n_small} bias and normalisation entries taking the rest (1 to {n_small})" if n_small
-               else " (the selection has no bias or normalisation parameters to take an odd rest)")
-            + (f"; {' or '.join(map(str, sorted(near)))} works" if near else ""))
+        raise FactoredSketchError(f"n_out={n_out} cannot be split over these layers in powers of two per side (qk "
+                                  f"factors need them)" + (f"; {' or '.join(map(str, sorted(near)))} works"
+                                                           if near else ""))
+    if d is None:
+        d, fixed = _split_with_rest(blocks, caps, n_small, n_out)
     shapes = []
-    for (name, rows, cols), db in zip(blocks, d):
+    for i, ((name, rows, cols), db) in enumerate(zip(blocks, d)):
+        if i in fixed:
+            shapes.append(fixed[i])
+            continue
         big, little = (rows, cols) if rows >= cols else (cols, rows)
         k = db.bit_length() - 1
         d_big = min(_pow2_floor(big), 1 << ((k + 1) // 2))
@@ -140,6 +157,45 @@ def split_budget(blocks: list[tuple[str, int, int]], n_small: int, n_out: int) -
             d_big = db // d_little
         shapes.append((d_big, d_little) if rows >= cols else (d_little, d_big))
     return shapes, n_out - sum(d)
+
+
+def _split_with_rest(blocks, caps, n_small: int, n_out: int) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """When powers of two cannot sum to n_out: the powers-of-two split of the largest n_out' < n_out that has one,
+    and the rest given to one weight as ``d_rows x d_cols`` with d_rows a power of two and d_cols any integer,
+    the most balanced choice over the weights and the small vector's possible shares."""
+    for base in range(n_out - 1, 0, -1):
+        d = _split(blocks, caps, n_small, base)
+        if d is not None:
+            break
+    else:
+        d = None
+    if d is None:
+        raise FactoredSketchError(f"n_out={n_out} cannot be split over these layers")
+    small = base - sum(d)
+    best = None
+    options = range(1, n_small + 1) if n_small else [0]
+    for keep in options:
+        extra = n_out - sum(d) - keep
+        if extra <= 0:
+            continue
+        for i, (_, rows, cols) in enumerate(blocks):
+            total = d[i] + extra
+            if total > rows * cols:
+                continue
+            dr = 1
+            while dr * 2 <= rows and total % (dr * 2) == 0:
+                dr *= 2
+            for r in (dr, *(1 << j for j in range(dr.bit_length() - 1))):
+                if total % r == 0 and total // r <= cols:
+                    score = (min(r, total // r), -abs(keep - small), -i)
+                    if best is None or score > best[0]:
+                        best = (score, i, r, total // r)
+    if best is None:
+        raise FactoredSketchError(f"n_out={n_out} cannot be split over these layers")
+    _, i, r, c = best
+    d = list(d)
+    d[i] = r * c
+    return d, {i: (r, c)}
 
 
 def _split(blocks, caps, n_small: int, n_out: int) -> list[int] | None:
@@ -255,8 +311,6 @@ class FactoredSketch:
         self.blocks, self.small = tuple(blocks), small
         self.param_names, self.param_sizes = tuple(param_names), tuple(param_sizes)
         self._ops: dict = {}
-        self._tables: dict = {}
-        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- spec
     @property
@@ -315,13 +369,16 @@ class FactoredSketch:
         if op.n_in * op.n_out > TABLE_LIMIT:
             return None
         key = (op.method, op.n_in, op.n_out, op.seed, str(device))
-        table = self._tables.get(key)
+        table = _tables.get(key)
         if table is None:
-            with self._lock:
-                table = self._tables.get(key)
+            with _tables_lock:
+                table = _tables.get(key)
                 if table is None:
                     eye = torch.eye(op.n_out, dtype=torch.float32, device=device)
-                    table = self._tables[key] = op.adjoint(eye, check_finite=False).T.contiguous()
+                    table = op.adjoint(eye, check_finite=False).T.contiguous()
+                    _tables[key] = table
+                    while sum(t.numel() for t in _tables.values()) > SHARED_TABLE_ENTRIES and len(_tables) > 1:
+                        _tables.pop(next(iter(_tables)))
         return table
 
     def project(self, op, x: torch.Tensor) -> torch.Tensor:
@@ -355,6 +412,8 @@ class FactoredSketch:
         the small vector the whole-vector sketch of the pooled small
         gradients, in the layout's order.
         """
+        if not isinstance(g, torch.Tensor):  # numpy in, numpy out
+            return self.apply(torch.from_numpy(np.asarray(g)), check_finite=check_finite).numpy()
         squeeze = g.ndim == 1
         g = g.reshape(1, -1) if squeeze else g
         if g.shape[-1] != self.n_in:
@@ -431,7 +490,7 @@ def factored_sketch(model: nn.Module, n_out: int, *, factor: str = "afjl", seed:
     small_n = sum(math.prod(shapes[n]) for n in small_names)
     small_method = "dense" if factor == "dense" else "afjl"
     if layout is None:
-        dims, d_small = split_budget(weights, small_n, n_out)
+        dims, d_small = split_budget(weights, small_n, n_out, pow2=factor == "qk")
         blocks, offset = [], 0
         for i, ((name, rows, cols), (dr, dc)) in enumerate(zip(weights, dims)):
             blocks.append(Block(name, rows, cols, dr, dc, offset, _seed(seed, i, "rows"), _seed(seed, i, "cols")))

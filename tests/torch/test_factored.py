@@ -287,14 +287,23 @@ def test_the_split_fills_d_exactly_with_powers_of_two_per_side():
     dims, _ = split_budget(blocks, 5000, 4096)
     sizes = [r * c for r, c in dims]
     assert sizes[0] == max(sizes) and sizes[3] == min(sizes)  # the share grows with sqrt(rows * cols)
-    # without small parameters a power of two fills exactly; an odd D cannot, and the message says what works
+    # without small parameters a power of two fills exactly with powers of two; another D gives its rest to one
+    # weight whose second side is then any integer
     dims, small = split_budget(blocks, 0, 512)
     assert small == 0 and sum(r * c for r, c in dims) == 512
-    with pytest.raises(FactoredSketchError, match="cannot be split .* 512 or 520 works"):
-        split_budget(blocks, 0, 513)
-    tied = [("embed", 11, 6), ("mix", 6, 6)]  # 32 = 16 + 8 + 8 leaves 8 for 6 small entries: no split
-    with pytest.raises(FactoredSketchError, match=r"n_out=32 cannot be split .* \(1 to 6\); 30 or 33 works"):
-        split_budget(tied, 6, 32)
+    assert all(r & (r - 1) == 0 and c & (c - 1) == 0 for r, c in dims)
+    dims, small = split_budget(blocks, 0, 513)
+    assert small == 0 and sum(r * c for r, c in dims) == 513
+    tied = [("embed", 11, 6), ("mix", 6, 6)]  # 32 = 16 + 8 + 8 would leave 8 for 6 small entries
+    dims, small = split_budget(tied, 6, 32)
+    assert 1 <= small <= 6 and sum(r * c for r, c in dims) + small == 32
+    with pytest.raises(FactoredSketchError, match=r"n_out=1024 cannot be split .* \(qk factors need them\); \d+ or "):
+        split_budget([("0", 32, 64), ("2", 32, 32), ("4", 10, 32)], 74, 1024, pow2=True)
+    digits = [("0", 32, 64), ("2", 32, 32), ("4", 10, 32)]
+    for d in range(200, 3403, 7):
+        dims, small = split_budget(digits, 74, d)
+        assert 1 <= small <= 74 and sum(r * c for r, c in dims) + small == d
+        assert all(r <= rows and c <= cols for (r, c), (_, rows, cols) in zip(dims, digits))
     with pytest.raises(FactoredSketchError, match="smaller than the 4 weight block"):
         split_budget(blocks, 0, 3)
     with pytest.raises(FactoredSketchError, match="exceeds what the layers can hold"):

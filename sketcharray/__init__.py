@@ -21,7 +21,7 @@ Settings
     ModelSettings (params, forward, gradient and HVP modes), Execution (device,
     scheduler, shards, progress), SolverSettings, TrainingSettings, SearchSettings
 Sketch operators
-    make_sketch, sketch_from_spec, SketchOperator, METHODS
+    make_sketch, sketch_from_spec, SketchOperator, METHODS, min_n_out (the D a tolerance needs)
 Streaming from PyTorch
     factored_sketch (per-layer sketches of gradients from one batched backward), sketch_gradients, sketch_hvps, subspace_hessian, random_probes, random_test_matrix
 Stores and provenance
@@ -58,7 +58,7 @@ if "torch" not in sys.modules:
 _FRONT_DOOR = {
     **dict.fromkeys(["ModelSettings", "Execution", "SolverSettings", "TrainingSettings", "SearchSettings"],
                     ".settings"),
-    **dict.fromkeys(["make_sketch", "sketch_from_spec", "SketchOperator", "METHODS"], ".sketches"),
+    **dict.fromkeys(["make_sketch", "sketch_from_spec", "SketchOperator", "METHODS", "min_n_out"], ".sketches"),
     "factored_sketch": ".torch.factored",
     **dict.fromkeys(["sketch_gradients", "sketch_hvps", "subspace_hessian", "random_probes", "random_test_matrix"],
                     ".collect"),

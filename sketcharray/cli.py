@@ -31,6 +31,7 @@ BENCHMARKS = {
     "intrinsic": ("intrinsic", "intrinsic-dimension search (Table 10; FFD vs AFFD/QK)"),
     "trak": ("trak", "TRAK scores on sketches against the traker package (top-10 overlap)"),
     "lds": ("lds", "attribution quality: linear datamodeling score over models retrained on subsets"),
+    "peer": ("peer", "factored per-layer sketches against dattri's LoGra: agreement with exact scores, time"),
     "resume": ("resume", "spectrum --out killed at random points and rerun: bit-identical to a whole run?"),
 }
 

@@ -154,7 +154,9 @@ def test_the_demos_stream_and_attribution_run_on_factored_sketches(w, tmp_path):
     assert train.attrs["sketch_spec"]["method"] == "factored"
     assert "sketched layer by layer from one batched backward (factored" in report.markdown()
     rows = report.data["attribution"]
-    assert len(rows) == settings.n_queries and all(r for r in rows)
+    # one row per query, side (proponent, opponent) and rank
+    assert len(rows) == settings.n_queries * 2 * settings.k
+    assert {r["rank"] for r in rows} == set(range(1, settings.k + 1))
 
 
 @pytest.mark.slow
@@ -197,3 +199,14 @@ def test_factored_scores_follow_the_exact_ones_and_improve_with_d(w, stores):
     big = sa.factored_sketch(model, 2048, factor="afjl", seed=3)
     r_big = np.corrcoef((big.apply(q.double()) @ big.apply(g.double()).T).numpy().ravel(), exact)[0, 1]
     assert r_small > 4 / np.sqrt(exact.size) and r_big > r_small, (r_small, r_big)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_factored_store_written_from_a_cuda_model_matches_the_cpu_store(w, stores, tmp_path):
+    x, y = w.train[:300]
+    ds = sketch_gradients(w.model_factory, w.loss_fn, torch.utils.data.TensorDataset(x, y), SPEC, batch_size=50,
+                          ids=w.train_ids[:300], store=tmp_path / "cuda.zarr",
+                          execution={"device": "cuda", "progress": False})
+    ref = stores[1].grad.values
+    assert np.abs(ds.grad.values - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -389,3 +389,21 @@ def test_an_unfinished_run_opens_with_its_missing_rows_marked(w, reference, tmp_
     assert np.isnan(ds.grad.values[30:40]).all() and not ds.valid.values[30:40].any()
     np.testing.assert_array_equal(ds.grad.values[:30], values(reference / "ref.zarr")["grad"][:30])
     assert verify_store(path).ok  # only finished batches are checked; the rerun recomputes batch 3
+
+
+def test_xarray_opens_a_store_with_the_sketcharray_engine_and_its_checks(reference, tmp_path):
+    """``xr.open_dataset(path, engine="sketcharray")`` (the installed entry point) is ``open_sketches``: the same
+    lazy values and attrs, and a damaged chunk raises StoreDamaged, naming it, when it is read."""
+    import xarray as xr
+
+    ds = xr.open_dataset(reference / "ref.zarr", engine="sketcharray")
+    ref = open_sketches(reference / "ref.zarr")
+    assert ds.attrs["sketch_spec"] == ref.attrs["sketch_spec"]
+    assert type(ds.grad.data).__module__.startswith("dask")  # lazy
+    np.testing.assert_array_equal(ds.grad.values, ref.grad.values)
+    assert "label" not in xr.open_dataset(reference / "ref.zarr", engine="sketcharray", drop_variables=["label"])
+    path = tmp_path / "s.zarr"
+    shutil.copytree(reference / "ref.zarr", path)
+    damage(path, "grad", "overwrite", reference)
+    with pytest.raises(StoreDamaged, match=rf"grad of batch {DAMAGED}"):
+        xr.open_dataset(path, engine="sketcharray").grad.values

@@ -17,8 +17,9 @@ from .fastfood import FFD
 from .fjl import FJL
 from .qk import QK
 from .registry import METHODS, make_sketch, sketch_from_spec
+from .sizing import min_n_out
 
 __all__ = [
     "AFFD", "AFJL", "Dense", "DenseOTF", "FFD", "FJL", "QK",
-    "METHODS", "SketchMemoryError", "SketchOperator", "make_sketch", "sketch_from_spec",
+    "METHODS", "SketchMemoryError", "SketchOperator", "make_sketch", "min_n_out", "sketch_from_spec",
 ]

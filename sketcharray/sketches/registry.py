@@ -137,8 +137,17 @@ def _check_options(method: str, opts: dict[str, Any]) -> None:
 def _check_sizes(op: SketchOperator) -> None:
     method = op.method
     if op.n_out > op.max_n_out:
+        from .sizing import min_n_out
+
+        hint = ""
+        if method != "ffd" and method in ("dense", "dense-otf", "affd", "afjl"):
+            need = min_n_out(10_000, 0.1, method)
+            hint = (f"; sketcharray.min_n_out(n_examples, eps, {method!r}) gives the D a tolerance needs (e.g. "
+                    f"{need} for 10,000 examples at eps = 0.1" + (", more than N itself: keep the vectors "
+                                                                   "unsketched" if need > op.n_in else "") + ")")
         raise ValueError(
-            f"n_out={op.n_out} exceeds the padded input length {op.max_n_out} for method {method!r}"
+            f"n_out={op.n_out} exceeds the padded input length {op.max_n_out} for method {method!r}: the "
+            f"largest n_out it allows for n_in={op.n_in} is {op.max_n_out}{hint}"
         )
     if method == "ffd" and op.opts["precond"] != "fft" and op.n_out & (op.n_out - 1):
         raise ValueError(

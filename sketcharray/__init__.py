@@ -6,9 +6,10 @@ its module the first time it is used, so ``import sketcharray`` stays cheap
 
     import sketcharray as sa
 
-    phi = sa.make_sketch("afjl", n_in=3_000_000, n_out=4096)
     w = sa.load_workload("digits")
+    phi = sa.make_sketch("afjl", n_in=w.info["n_params"], n_out=512)
     train = sa.sketch_gradients(w.model_factory, w.loss_fn, w.train, phi, batch_size=64, store="train.zarr")
+    queries = sa.sketch_gradients(w.model_factory, w.loss_fn, w.test, phi, batch_size=64)
     top = sa.attribute(train, queries, score="influence", k=10)
 
 Options beyond the essential ones travel in settings (frozen dataclasses, or
@@ -95,4 +96,6 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_FRONT_DOOR) | set(_SUBMODULES))
+    # the package's names, not the modules this file imports for itself
+    own = {n for n in globals() if not n.startswith("_") and n not in ("annotations", "importlib", "os", "sys")}
+    return sorted(own | {"__version__"} | set(_FRONT_DOOR) | set(_SUBMODULES))

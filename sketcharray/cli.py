@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -287,15 +288,39 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """The package's messages on the current ``sys.stdout`` (read at each message, as ``print`` does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _main(argv: list[str] | None) -> int:
     from .localmodules import off_the_path
 
     saved = list(sys.path)
     off_the_path()  # a file in the current folder never stands in for a module (see localmodules)
+    # the library logs (logger "sketcharray"); the command line shows its messages on stdout, as lines
+    logger, handler = logging.getLogger("sketcharray"), _StdoutHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
     try:
         return _run(argv)
-    finally:  # called from Python (a test, a notebook): the caller's path as it was
+    finally:  # called from Python (a test, a notebook): the caller's path and logging as they were
         sys.path[:] = saved
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _run(argv: list[str] | None) -> int:

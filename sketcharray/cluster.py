@@ -8,9 +8,13 @@ command-line word.
 
 from __future__ import annotations
 
+import logging
+
 import os
 from contextlib import contextmanager
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 _TRIM = "MALLOC_TRIM_THRESHOLD_"
 #: the variable as this process had it when sketcharray.cluster loaded (None: not set by the user)
@@ -63,12 +67,12 @@ def scheduler(name: str = "threads", *, n_workers: int | None = None, quiet: boo
         workers = n_workers or max(1, min(os.cpu_count() or 1, 4))
         with local_cluster(workers, dashboard_address=":8787") as cluster, Client(cluster) as client:
             if not quiet:
-                print(f"dask LocalCluster with {workers} worker(s); dashboard: {client.dashboard_link}", flush=True)
+                log.info("dask LocalCluster with %d worker(s); dashboard: %s", workers, client.dashboard_link)
             yield client
         return
     with Client(name) as client:
         if not quiet:
-            print(f"connected to the dask scheduler at {name}; dashboard: {client.dashboard_link}", flush=True)
+            log.info("connected to the dask scheduler at %s; dashboard: %s", name, client.dashboard_link)
         yield client
 
 

@@ -36,6 +36,8 @@ What a store promises, and how:
 
 from __future__ import annotations
 
+import logging
+
 import contextlib
 import hashlib
 import json
@@ -57,6 +59,8 @@ import zarr
 
 from . import __version__
 from .provenance import provenance, with_provenance
+
+log = logging.getLogger(__name__)
 
 PROGRESS = "batch_done"
 DIGEST = "batch_digest"
@@ -210,8 +214,8 @@ def writer_lock(path, *, quiet: bool = False):
         if stale and not quiet:
             state = ("no longer running" if stale.get("host") == socket.gethostname()
                      and not _pid_alive(int(stale.get("pid", 0))) else "its lock released")
-            print(f"taking over the lock of store {path} left by process {stale.get('pid')} on "
-                  f"{stale.get('host')} ({state})", flush=True)
+            log.warning("taking over the lock of store %s left by process %s on %s (%s)", path, stale.get("pid"),
+                        stale.get("host"), state)
         owner_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                           "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         yield
@@ -256,7 +260,7 @@ def _write_skeleton(path, *, variable: str, row_dim: str, n_rows: int, n_out: in
         data_vars["label"] = ((row_dim,), da.zeros(n_rows, chunks=rows, dtype=label_dtype))
     parts = [row_dim, variable] + [v for v in ("loss", "valid", "label") if v in data_vars]
     data_vars[DIGEST] = (("batch", "part"), np.zeros((n_batches, len(parts)), dtype=np.uint64))
-    ds = xr.Dataset(data_vars, coords={row_dim: _ids_array(ids), "sketch": np.arange(n_out)})
+    ds = xr.Dataset(data_vars, coords={row_dim: ids_array(ids), "sketch": np.arange(n_out)})
     ds.attrs.update({k: _jsonable(v) for k, v in attrs.items()})
     ds.attrs.update(storage_dtype=storage_dtype, sketcharray_version=__version__, variable=variable,
                     row_dim=row_dim, n_examples=n_rows, batch_size=chunk, store_format=STORE_FORMAT,
@@ -308,7 +312,7 @@ def create_store(path, **skeleton) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ids_array(ids) -> np.ndarray:
+def ids_array(ids) -> np.ndarray:
     arr = np.asarray(ids)
     return arr.astype(object) if arr.dtype.kind in "UST" else arr
 
@@ -512,7 +516,7 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
     names = _example_vars(attrs, group)
     arrays = {name: _array(group, path, name) for name in names}
     done = _read_whole(path, group, PROGRESS).astype(bool)
-    ids = _ids_array(_read_whole(path, group, row_dim))
+    ids = ids_array(_read_whole(path, group, row_dim))
     sketch = _read_whole(path, group, "sketch")
     n_rows, n_out = arrays[variable].shape
     chunk = int(attrs["batch_size"])
@@ -591,7 +595,7 @@ def check_compatible(path, existing: dict, wanted: dict, ids=None) -> None:
     if ids is not None:
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
         stored = _read_whole(path, group, existing.get("row_dim", "example"))
-        if len(stored) != len(ids) or not np.array_equal(_ids_array(stored), _ids_array(ids)):
+        if len(stored) != len(ids) or not np.array_equal(ids_array(stored), ids_array(ids)):
             raise ValueError(f"store {path} holds different example ids than this run ({len(stored)} vs {len(ids)} ids)")
 
 
@@ -681,7 +685,7 @@ def verify_store(path, *, progress: bool = False) -> StoreReport:
     ids = None
     if row_dim in arrays:
         try:
-            ids = _ids_array(_read_whole(path, group, row_dim))
+            ids = ids_array(_read_whole(path, group, row_dim))
         except StoreDamaged as exc:
             report.damage.append(Damage(row_dim, exc.reason))
         if ids is not None and len(ids) != n_rows:
@@ -815,8 +819,8 @@ def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:
         restored = f"restored {', '.join(sorted(restore))} from the run's settings; " if restore else ""
         listed = [str(d) for d in report.damage if d.batch is not None]
         what = "; ".join(listed[:4]) + (f"; and {len(listed) - 4} more" if len(listed) > 4 else "")
-        print(f"repairing store {path}: {restored}recomputing {len(damaged)} damaged batch(es) {damaged}"
-              + (f" ({what})" if what else ""), flush=True)
+        log.warning("repairing store %s: %srecomputing %d damaged batch(es) %s%s", path, restored, len(damaged),
+                    damaged, f" ({what})" if what else "")
     return damaged
 
 

@@ -25,13 +25,13 @@ def test_an_unknown_scheduler_names_the_choices():
             pass
 
 
-def test_dashboard_answers_while_a_local_cluster_job_runs_and_shows_named_tasks(tmp_path, capsys):
+def test_dashboard_answers_while_a_local_cluster_job_runs_and_shows_named_tasks(tmp_path, caplog):
     from sketcharray.collect import sketch_gradients
     from sketcharray.workloads import digits
 
     w = digits()
-    with scheduler("local-cluster", n_workers=1) as client:
-        assert f"dashboard: {client.dashboard_link}" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="sketcharray"), scheduler("local-cluster", n_workers=1) as client:
+        assert f"dashboard: {client.dashboard_link}" in caplog.text
         job = threading.Thread(target=sketch_gradients, args=(w.model_factory, w.loss_fn, w.train,
                                                               {"method": "affd", "n_out": 256}),
                                kwargs=dict(batch_size=10, ids=w.train_ids, store=str(tmp_path / "s.zarr"),

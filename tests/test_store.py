@@ -213,7 +213,7 @@ def test_root_attributes_edited_to_claim_another_sketch_fail_verification(w, ref
     np.testing.assert_array_equal(values(path)["grad"], values(fresh)["grad"])
 
 
-def test_swapped_digest_records_are_named_and_recomputed_by_resume(w, reference, tmp_path, monkeypatch, capsys):
+def test_swapped_digest_records_are_named_and_recomputed_by_resume(w, reference, tmp_path, monkeypatch, caplog):
     """Issue 21, item 6: a damaged digest record is repaired like any other part, not refused as other ids."""
     path = tmp_path / "s.zarr"
     shutil.copytree(reference / "ref.zarr", path)
@@ -226,9 +226,10 @@ def test_swapped_digest_records_are_named_and_recomputed_by_resume(w, reference,
     report = verify_store(path)
     assert [(d.variable, d.batch) for d in report.damage] == [("batch_digest", 1), ("batch_digest", 3)]
     computed = count_batches(monkeypatch)
-    write(w, path, progress=True)
+    with caplog.at_level("WARNING", logger="sketcharray"):
+        write(w, path, progress=True)
     assert sorted(computed) == [1, 3] and verify_store(path).ok
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "recomputing 2 damaged batch(es) [1, 3] (batch_digest of batch 1 (examples 10..19): the digest record" in out
     assert_same_values(path, reference / "ref.zarr")
 
@@ -326,13 +327,14 @@ def test_the_lock_belongs_to_the_store_not_to_how_its_path_is_spelled(w, tmp_pat
     assert verify_store(path).ok and not st.pending_batches(path).size
 
 
-def test_a_lock_left_by_a_dead_writer_is_taken_over(w, tmp_path, capsys):
+def test_a_lock_left_by_a_dead_writer_is_taken_over(w, tmp_path, caplog):
     path = tmp_path / "s.zarr"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     record = {"pid": int(dead.stdout), "host": __import__("socket").gethostname(), "since": "earlier"}
     (tmp_path / "s.zarr.writer.json").write_text(json.dumps(record))
-    write(w, path, progress=True)
-    out = capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="sketcharray"):
+        write(w, path, progress=True)
+    out = caplog.text
     assert f"taking over the lock of store {path} left by process {record['pid']}" in out and "no longer running" in out
 
 

@@ -28,6 +28,8 @@ subspace); the training itself is the torch layer's
 
 from __future__ import annotations
 
+import logging
+
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -42,6 +44,8 @@ from ..settings import Execution, ModelSettings, SearchSettings, TrainingSetting
 from ..sketches import make_sketch
 from ..torch import as_module, select_params
 from ..torch.training import SubspaceTrainer, full_finetune_metric, start_metric
+
+log = logging.getLogger(__name__)
 
 
 class SearchExhausted(RuntimeError):
@@ -100,7 +104,7 @@ def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], fl
     if state.theta0 is None and state.step == 0:
         state.theta0 = state.last = state.best = float(evaluate())
         if progress:
-            print(f"  theta_0: metric={state.theta0:.4f} (target {target_metric:.4f})", flush=True)
+            log.info("  theta_0: metric=%.4f (target %.4f)", state.theta0, target_metric)
         if state.theta0 >= target_metric:
             raise StartMeetsTarget(
                 f"the starting weights theta_0 already reach the target (metric {state.theta0:.4f} >= "
@@ -116,7 +120,7 @@ def doubling_search(train: Callable[[int, int], None], evaluate: Callable[[], fl
         tau = float(evaluate())
         state.trajectory.append((state.d, state.step, tau))
         if progress:
-            print(f"  d={state.d:<7} step={state.step:<7} metric={tau:.4f} (target {target_metric:.4f})", flush=True)
+            log.info("  d=%-7d step=%-7d metric=%.4f (target %.4f)", state.d, state.step, tau, target_metric)
         rule = PlateauRule(min_improvement, best=state.best, halvings=state.halvings)
         action = rule.update(tau)
         state.best, state.halvings = rule.best, rule.halvings
@@ -232,8 +236,8 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
     if search.d_max is None:
         search = replace(search, d_max=admissible)
         if progress:
-            print(f"d_max = {admissible}: the largest D {sketch_method} admits for N = {n_params} from "
-                  f"d0 = {search.d0}", flush=True)
+            log.info("d_max = %d: the largest D %s admits for N = %d from d0 = %d", admissible, sketch_method,
+                     n_params, search.d0)
     elif search.d_max > admissible:
         raise ValueError(f"d_max={search.d_max} exceeds the largest D the {sketch_method!r} sketch admits for this "
                          f"model (N={n_params}: at most {admissible} from d0={search.d0}); lower d_max (--d-max), or "
@@ -248,7 +252,7 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
         reference = full_finetune_metric(base, loss_fn, data, eval_fn, training=replace(training, lr=search.reference_lr),
                                          forward=settings.forward, device=device)
         if progress:
-            print(f"reference (full fine-tuning) metric: {reference:.4f}", flush=True)
+            log.info("reference (full fine-tuning) metric: %.4f", reference)
         if ref_file is not None:
             ref_file.parent.mkdir(parents=True, exist_ok=True)
             ref_file.write_text(json.dumps({"reference": reference}))
@@ -281,8 +285,8 @@ def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSe
     loaded = _load(folder, trainer, settings)
     state = loaded or SearchState(d=search.d0)
     if progress:
-        print(f"{method} seed {seed}: N={trainer.op.n_in}, D_max={search.d_max}"
-              + (f" (resuming at d={state.d}, step {state.step})" if loaded else ""), flush=True)
+        log.info("%s seed %s: N=%d, D_max=%d%s", method, seed, trainer.op.n_in, search.d_max,
+                 f" (resuming at d={state.d}, step {state.step})" if loaded else "")
     error = None
     if not state.done:
         try:
@@ -296,8 +300,8 @@ def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSe
     while search.check and refined is not None and refined > 1:
         check_metric = trainer.check_run(refined // 2, eval_fn)
         if progress:
-            print(f"  check run at d={refined // 2}: metric={check_metric:.4f} (target {goal:.4f})"
-                  + (" -> D* refined" if check_metric >= goal else " -> D* confirmed"), flush=True)
+            log.info("  check run at d=%d: metric=%.4f (target %.4f)%s", refined // 2, check_metric, goal,
+                     " -> D* refined" if check_metric >= goal else " -> D* confirmed")
         if check_metric < goal:
             break
         refined, at_refined = refined // 2, check_metric

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import sys
 
 import dask
 
+log = logging.getLogger(__name__)
 
-def _active_client():
+
+def active_client():
     """The active ``dask.distributed`` client, or None (never imports distributed: a process that did not
     import it has no client)."""
     if "distributed" not in sys.modules:
@@ -33,12 +37,12 @@ def compute_with_progress(collections, *, progress: bool = True, message: str | 
     """
     if not collections:
         return []
-    client = _active_client()
+    client = active_client()
     if progress and message:
-        print(message, flush=True)
+        log.info("%s", message)
     if client is not None and scheduler is None:
         if progress:
-            print(f"dask dashboard: {client.dashboard_link}", flush=True)
+            log.info("dask dashboard: %s", client.dashboard_link)
         return list(dask.compute(*collections))
     kwargs = {"scheduler": scheduler or "threads"}
     if progress:

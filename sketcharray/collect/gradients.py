@@ -25,15 +25,15 @@ from ..torch import select_params, sketch_batch
 from ..torch.grads import batch_labels, to_device
 from ..torch.locks import AUTODIFF
 from .compute import compute_with_progress
-from .sources import (DataSource, _device_of, _driver_model, _model_delayed, _model_from, _on_device,
-                      _to_chunk, function_provenance, resolve_sketch)
+from .sources import (DataSource, device_of, driver_model, function_provenance, model_delayed, model_from,
+                      on_device, resolve_sketch, to_chunk)
 
 
 def _gradient_task(model_src, loss_fn, data: DataSource, index, start, stop, op, settings: ModelSettings, device,
                    store_path, ids=None):
     """One batch's sketched gradients: returned as chunks, or written to the store at ``store_path``."""
-    dev = _device_of(device)
-    model = _on_device(_model_from(model_src), dev)
+    dev = device_of(device)
+    model = on_device(model_from(model_src), dev)
     paramset = select_params(model, settings.params)
     batch = to_device(data.load(index, start, stop), dev, model)
     with AUTODIFF:
@@ -41,7 +41,7 @@ def _gradient_task(model_src, loss_fn, data: DataSource, index, start, stop, op,
                            per_example=settings.per_example)
     cuda_chunks = dev.type == "cuda" and store_path is None
     result = {
-        "grad": _to_chunk(out["grad"].float(), cuda_chunks),
+        "grad": to_chunk(out["grad"].float(), cuda_chunks),
         "loss": out["loss"].float().cpu().numpy(),
         "valid": out["valid"].cpu().numpy(),
     }
@@ -108,7 +108,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
     device, progress, scheduler = execution.device, execution.progress, execution.scheduler
     if dtype not in st.STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {list(st.STORAGE_DTYPES)}; got {dtype!r}")
-    driver_model, model_src, fingerprint = _driver_model(model)
+    driver_model, model_src, fingerprint = driver_model(model)
     paramset = select_params(driver_model, params)
     op = resolve_sketch(sketch, paramset.n, model=driver_model, paramset=paramset)
     if op.method == "factored" and mode == "implicit":
@@ -145,7 +145,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
                     storage_dtype=dtype, attrs=attrs)
     with st.writer_lock(store, quiet=not progress):
         todo = st.prepare_store(store, skeleton, quiet=not progress, ids=ids)
-        model_d = _model_delayed(model_src)
+        model_d = model_delayed(model_src)
         token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
         tasks = [
             dask.delayed(_gradient_task, pure=True)(
@@ -166,13 +166,13 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
 
 def _lazy_dataset(model_src, task_args, bounds, op, settings, device, ids, has_label,
                   labels, attrs, checkpoint) -> xr.Dataset:
-    cuda = _device_of(device).type == "cuda"
+    cuda = device_of(device).type == "cuda"
     meta = None
     if cuda:
         import cupy
 
         meta = cupy.empty((0, 0), dtype=np.float32)
-    model_d = _model_delayed(model_src)
+    model_d = model_delayed(model_src)
     cols = {"grad": [], "loss": [], "valid": [], "label": []}
     token = dask.base.tokenize(op, settings.params, settings.mode, device, attrs["model_fingerprint"], ids)
     for i, (a, b) in enumerate(bounds):
@@ -191,7 +191,7 @@ def _lazy_dataset(model_src, task_args, bounds, op, settings, device, ids, has_l
     }
     if has_label:
         data_vars["label"] = (("example",), da.concatenate(cols["label"]))
-    coords = {"example": st._ids_array(ids), "sketch": np.arange(op.n_out)}
+    coords = {"example": st.ids_array(ids), "sketch": np.arange(op.n_out)}
     if checkpoint is not None:
         coords["checkpoint"] = checkpoint
     ds = xr.Dataset(data_vars, coords=coords)

@@ -28,10 +28,10 @@ from ..settings import Execution, ModelSettings, coerce, moved_options
 from ..sketches import random as rnd
 from ..torch import HVP, SubspaceHessian, as_module, select_params
 from ..torch.locks import AUTODIFF
-from .compute import _active_client, compute_with_progress
+from .compute import active_client, compute_with_progress
 from ..provenance import function_identity
-from .sources import (DataSource, _device_of, _driver_model, _elsewhere, _model_delayed, _model_from,
-                      _on_device, _to_chunk, function_provenance, resolve_sketch)
+from .sources import (DataSource, device_of, driver_model, elsewhere, function_provenance, model_delayed,
+                      model_from, on_device, resolve_sketch, to_chunk)
 
 _local = threading.local()
 
@@ -86,7 +86,7 @@ def _hvp_task(model_src, loss_fn, data: DataSource, block: ProbeBlock, op, setti
         hv = hvp(rows)
     out = op.apply(hv, check_finite=False).float()
     if store_path is None:
-        return _to_chunk(out, ref.device.type == "cuda")
+        return to_chunk(out, ref.device.type == "cuda")
     values = out.detach().cpu().numpy()
     valid = np.isfinite(values).all(axis=1)
     st.write_batch(store_path, index, block.start, block.stop, {"hvp": values, "valid": valid},
@@ -142,7 +142,7 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
     device, per_task = execution.device, execution.probes_per_task
     if space not in ("parameters", "sketch"):
         raise ValueError(f"space must be 'parameters' or 'sketch'; got {space!r}")
-    driver_model, model_src, fingerprint = _driver_model(model)
+    driver_model, model_src, fingerprint = driver_model(model)
     paramset = select_params(driver_model, settings.params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
@@ -167,9 +167,9 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
              "probe_space": space, "sketcharray_version": __version__, **function_provenance(loss_fn)}
     if store is not None:
         return _stored_hvps(store, model_src, loss_fn, source, blocks, op, settings, execution, key, attrs, given)
-    model_d = _model_delayed(model_src)
+    model_d = model_delayed(model_src)
     meta = None
-    if _device_of(device).type == "cuda":
+    if device_of(device).type == "cuda":
         import cupy
 
         meta = cupy.empty((0, 0), dtype=np.float32)
@@ -200,7 +200,7 @@ def _stored_hvps(store, model_src, loss_fn, source: DataSource, blocks, op, sett
     progress = execution.progress
     with st.writer_lock(store, quiet=not progress):
         todo = st.prepare_store(store, skeleton, quiet=not progress)
-        model_d = _model_delayed(model_src)
+        model_d = model_delayed(model_src)
         token = dask.base.tokenize(op, settings.params, str(store), key)
         tasks = [dask.delayed(_hvp_task, pure=True)(
             model_d, loss_fn, source, blocks[i], op, settings, execution.device, key, str(store), int(i),
@@ -233,8 +233,8 @@ def subspace_hessian(model, loss_fn: Callable, data, sketch, *, batch_size: int 
     if execution.shards is not None:
         return ShardedSubspaceHessian(model, loss_fn, data, sketch, shards=execution.shards, batch_size=batch_size,
                                       model_settings=settings, device=execution.device)
-    dev = _device_of(execution.device)
-    model = as_module(model, copy=isinstance(model, nn.Module) and _elsewhere(model, dev)).to(dev)
+    dev = device_of(execution.device)
+    model = as_module(model, copy=isinstance(model, nn.Module) and elsewhere(model, dev)).to(dev)
     paramset = select_params(model, settings.params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
@@ -247,8 +247,8 @@ def _shard_hvp(model_src, loss_fn, data: DataSource, shard: tuple[int, ...], n_e
                settings: ModelSettings, device, key: str) -> HVP:
     """This worker thread's HVP operator over one shard (its batches loaded once, the model built once);
     ``key`` names the shard and its settings (computed once by the caller)."""
-    dev = _device_of(device)
-    model = _on_device(_model_from(model_src), dev)
+    dev = device_of(device)
+    model = on_device(model_from(model_src), dev)
     cache = getattr(_local, "hvps", None)
     if cache is None:
         cache = _local.hvps = {}
@@ -310,7 +310,7 @@ class ShardedSubspaceHessian:
         t0 = time.perf_counter()
         settings = coerce(model_settings, ModelSettings, "model_settings")
         params, hvp_mode = settings.params, settings.hvp_mode
-        driver_model, model_src, self.fingerprint = _driver_model(model)
+        driver_model, model_src, self.fingerprint = driver_model(model)
         paramset = select_params(driver_model, params)
         self.op = resolve_sketch(sketch, paramset.n)
         self.shape = (self.op.n_out, self.op.n_out)
@@ -323,11 +323,11 @@ class ShardedSubspaceHessian:
         self._keys = [_operator_key(source, group, self.n_examples, settings, device, loss_fn, self.fingerprint)
                       for group in self._groups]
         self._loss_fn, self._settings, self._device = loss_fn, settings, device
-        client = _active_client()
+        client = active_client()
         if client is not None:  # once, not with every product
             self._model, self._data = client.scatter([model_src, source], broadcast=True, hash=False)
         else:
-            self._model, self._data = _model_delayed(model_src), source
+            self._model, self._data = model_delayed(model_src), source
         self.hvps = 0
         self.hvp_seconds = 0.0
         self.hvp_mode = hvp_mode

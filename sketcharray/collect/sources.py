@@ -177,7 +177,7 @@ class FactorySource:
         return self.factory()
 
 
-def _model_from(source) -> nn.Module:
+def model_from(source) -> nn.Module:
     """The model a task should run: the caller's module on the main thread, else this thread's copy."""
     if isinstance(source, FactorySource) and source.built is not None:
         source = ModuleSource(source.built, source.fingerprint)
@@ -210,7 +210,7 @@ def _model_from(source) -> nn.Module:
     return model
 
 
-def _model_delayed(source):
+def model_delayed(source):
     """What a task graph holds for the model: one shared node for a module or factory source."""
     if isinstance(source, (ModuleSource, FactorySource)):
         token = dask.base.tokenize(source.fingerprint, id(source))
@@ -218,20 +218,20 @@ def _model_delayed(source):
     return source
 
 
-def _elsewhere(model: nn.Module, dev: torch.device) -> bool:
+def elsewhere(model: nn.Module, dev: torch.device) -> bool:
     """Whether some parameter or buffer of ``model`` is not on ``dev``."""
     return any(t.device.type != dev.type or (dev.index is not None and t.device.index != dev.index)
                for t in [*model.parameters(), *model.buffers()])
 
 
-def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
+def on_device(model: nn.Module, dev: torch.device) -> nn.Module:
     """Move the model to ``dev`` when some tensor is elsewhere.
 
     The move replaces the Parameter objects instead of assigning
     ``param.data`` (which torch refuses while another thread is inside a
     torch.func transform), under the build lock.
     """
-    if _elsewhere(model, dev):
+    if elsewhere(model, dev):
         with BUILD:
             previous = torch.__future__.get_overwrite_module_params_on_conversion()
             torch.__future__.set_overwrite_module_params_on_conversion(True)
@@ -242,7 +242,7 @@ def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
     return model
 
 
-def _driver_model(model) -> tuple[nn.Module, Any, str]:
+def driver_model(model) -> tuple[nn.Module, Any, str]:
     """The model on the calling side, what tasks receive (a factory, or the module with its
     fingerprint), and the fingerprint of its weights (hashed once: all parameters and buffers).
 
@@ -259,11 +259,11 @@ def _driver_model(model) -> tuple[nn.Module, Any, str]:
     return built, FactorySource(model, fingerprint, built), fingerprint
 
 
-def _device_of(device) -> torch.device:
+def device_of(device) -> torch.device:
     return torch.device(device or "cpu")
 
 
-def _to_chunk(t: torch.Tensor, cuda_chunks: bool):
+def to_chunk(t: torch.Tensor, cuda_chunks: bool):
     """A result tensor as a dask chunk: a CuPy array sharing its memory (DLPack) for GPU chunks, else numpy."""
     t = t.detach()
     if cuda_chunks:

@@ -52,3 +52,22 @@ def compute_with_progress(collections, *, progress: bool = True, message: str | 
         with TaskProgress(bar, prefix):
             return list(dask.compute(*collections, **kwargs))
     return list(dask.compute(*collections, **kwargs))
+
+
+def compute_into_store(store, skeleton: dict, task, arguments, *, name: str, token: str, n_parts: int, what: str,
+                       unit: str, label: str, progress: bool, scheduler=None, ids=None) -> list:
+    """The one way a stream writes a store: take its writer lock, create or check it (``prepare_store``: a run
+    made otherwise is refused, damage is repaired), compute the parts not yet done, one named task each.
+
+    ``task(*arguments(i), dask_key_name=...)`` is delayed for every pending part ``i`` (its model argument a
+    shared graph node); returns the tasks' results, in the order of the pending parts.
+    """
+    from .. import store as st
+
+    with st.writer_lock(store, quiet=not progress):
+        todo = st.prepare_store(store, skeleton, quiet=not progress, **({} if ids is None else {"ids": ids}))
+        tasks = [dask.delayed(task, pure=True)(*arguments(int(i)), dask_key_name=(f"{name}-{token}", int(i)))
+                 for i in todo]
+        return compute_with_progress(tasks, progress=progress, scheduler=scheduler,
+                                     message=f"{what} {len(todo)} of {n_parts} {unit} to {store}",
+                                     prefix=f"{name}-{token}", total=len(tasks), unit=unit, label=label)

@@ -24,7 +24,7 @@ from ..settings import Execution, ModelSettings, coerce, moved_options
 from ..torch import select_params, sketch_batch
 from ..torch.grads import batch_labels, to_device
 from ..torch.locks import AUTODIFF
-from .compute import compute_with_progress
+from .compute import compute_into_store
 from .sources import (DataSource, device_of, driver_model, function_provenance, model_delayed, model_from,
                       on_device, resolve_sketch, to_chunk)
 
@@ -108,9 +108,9 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
     device, progress, scheduler = execution.device, execution.progress, execution.scheduler
     if dtype not in st.STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {list(st.STORAGE_DTYPES)}; got {dtype!r}")
-    driver_model, model_src, fingerprint = driver_model(model)
-    paramset = select_params(driver_model, params)
-    op = resolve_sketch(sketch, paramset.n, model=driver_model, paramset=paramset)
+    built, model_src, fingerprint = driver_model(model)
+    paramset = select_params(built, params)
+    op = resolve_sketch(sketch, paramset.n, model=built, paramset=paramset)
     if op.method == "factored" and mode == "implicit":
         raise ValueError("mode='implicit' does not apply to a factored sketch (it is computed from one batched "
                          "backward, not from per-example gradients); leave mode at its default")
@@ -143,20 +143,13 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
     skeleton = dict(variable="grad", row_dim="example", n_rows=n, n_out=op.n_out, chunk=chunk, ids=ids,
                     has_label=has_label, label_dtype=labels.cpu().numpy().dtype if has_label else None,
                     storage_dtype=dtype, attrs=attrs)
-    with st.writer_lock(store, quiet=not progress):
-        todo = st.prepare_store(store, skeleton, quiet=not progress, ids=ids)
-        model_d = model_delayed(model_src)
-        token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
-        tasks = [
-            dask.delayed(_gradient_task, pure=True)(
-                model_d, *task_args, int(i), *bounds[i], op, settings, device, str(store),
-                ids[bounds[i][0]:bounds[i][1]], dask_key_name=(f"sketch-gradients-{token}", int(i)))
-            for i in todo
-        ]
-        invalid = compute_with_progress(tasks, progress=progress, scheduler=scheduler,
-                                        message=f"sketching {len(todo)} of {len(bounds)} batches to {store}",
-                                        prefix=f"sketch-gradients-{token}", total=len(tasks), unit="batches",
-                                        label="sketching")
+    model_d = model_delayed(model_src)
+    token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
+    invalid = compute_into_store(
+        store, skeleton, _gradient_task,
+        lambda i: (model_d, *task_args, i, *bounds[i], op, settings, device, str(store), ids[bounds[i][0]:bounds[i][1]]),
+        name="sketch-gradients", token=token, n_parts=len(bounds), what="sketching", unit="batches",
+        label="sketching", progress=progress, scheduler=scheduler, ids=ids)
     if sum(invalid):
         warnings.warn(f"{sum(invalid)} example(s) had non-finite gradients or losses; stored with valid=False",
                       RuntimeWarning, stacklevel=2)

@@ -28,7 +28,7 @@ from ..settings import Execution, ModelSettings, coerce, moved_options
 from ..sketches import random as rnd
 from ..torch import HVP, SubspaceHessian, as_module, select_params
 from ..torch.locks import AUTODIFF
-from .compute import active_client, compute_with_progress
+from .compute import active_client, compute_into_store
 from ..provenance import function_identity
 from .sources import (DataSource, device_of, driver_model, elsewhere, function_provenance, model_delayed,
                       model_from, on_device, resolve_sketch, to_chunk)
@@ -142,8 +142,8 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
     device, per_task = execution.device, execution.probes_per_task
     if space not in ("parameters", "sketch"):
         raise ValueError(f"space must be 'parameters' or 'sketch'; got {space!r}")
-    driver_model, model_src, fingerprint = driver_model(model)
-    paramset = select_params(driver_model, settings.params)
+    built, model_src, fingerprint = driver_model(model)
+    paramset = select_params(built, settings.params)
     op = resolve_sketch(sketch, paramset.n)
     source = DataSource.from_data(data, batch_size)
     given = None
@@ -198,17 +198,13 @@ def _stored_hvps(store, model_src, loss_fn, source: DataSource, blocks, op, sett
     skeleton = dict(variable="hvp", row_dim="probe", n_rows=k, n_out=op.n_out, chunk=attrs["batch_size"],
                     ids=list(range(k)), has_label=False, storage_dtype="float32", attrs=attrs)
     progress = execution.progress
-    with st.writer_lock(store, quiet=not progress):
-        todo = st.prepare_store(store, skeleton, quiet=not progress)
-        model_d = model_delayed(model_src)
-        token = dask.base.tokenize(op, settings.params, str(store), key)
-        tasks = [dask.delayed(_hvp_task, pure=True)(
-            model_d, loss_fn, source, blocks[i], op, settings, execution.device, key, str(store), int(i),
-            dask_key_name=(f"sketch-hvps-{token}", int(i))) for i in todo]
-        invalid = compute_with_progress(tasks, progress=progress, scheduler=execution.scheduler,
-                                        message=f"computing {len(todo)} of {len(blocks)} blocks of sketched HVPs "
-                                                f"to {store}", prefix=f"sketch-hvps-{token}", total=len(tasks),
-                                        unit="blocks of probes", label="sketching HVPs")
+    model_d = model_delayed(model_src)
+    token = dask.base.tokenize(op, settings.params, str(store), key)
+    invalid = compute_into_store(
+        store, skeleton, _hvp_task,
+        lambda i: (model_d, loss_fn, source, blocks[i], op, settings, execution.device, key, str(store), i),
+        name="sketch-hvps", token=token, n_parts=len(blocks), what="computing sketched HVPs for",
+        unit="blocks of probes", label="sketching HVPs", progress=progress, scheduler=execution.scheduler)
     if sum(invalid):
         warnings.warn(f"{sum(invalid)} probe(s) had non-finite Hessian-vector products; stored with valid=False",
                       RuntimeWarning, stacklevel=3)
@@ -310,8 +306,8 @@ class ShardedSubspaceHessian:
         t0 = time.perf_counter()
         settings = coerce(model_settings, ModelSettings, "model_settings")
         params, hvp_mode = settings.params, settings.hvp_mode
-        driver_model, model_src, self.fingerprint = driver_model(model)
-        paramset = select_params(driver_model, params)
+        built, model_src, self.fingerprint = driver_model(model)
+        paramset = select_params(built, params)
         self.op = resolve_sketch(sketch, paramset.n)
         self.shape = (self.op.n_out, self.op.n_out)
         source = DataSource.from_data(data, batch_size)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sketcharray.bench.sketch import main  # noqa: E402
+from sketcharray.app.bench.sketch import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

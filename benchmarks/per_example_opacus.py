@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sketcharray  # noqa: E402,F401  (before torch: huge pages for torch's allocations)
 import torch  # noqa: E402
 
-from sketcharray.bench._util import best_time  # noqa: E402
+from sketcharray.app.bench._util import best_time  # noqa: E402
 from sketcharray.torch import per_example_gradients, select_params  # noqa: E402
 from sketcharray.workloads import WORKLOADS  # noqa: E402
 

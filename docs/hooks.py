@@ -12,7 +12,7 @@ def _help(parser: argparse.ArgumentParser) -> str:
 
 
 def cli_reference() -> str:
-    from sketcharray.cli import BENCHMARKS, benchmark_parser, build_parser
+    from sketcharray.app.cli import BENCHMARKS, benchmark_parser, build_parser
 
     parser = build_parser()
     parts = ["```text", _help(parser).rstrip(), "```"]

@@ -36,8 +36,12 @@ Intrinsic dimension
 Workloads
     Workload, load_workload, digits, minilm, cross_entropy_per_example, classification_margin
 
-The modules (``sketcharray.sketches``, ``.collect``, ``.store``, ``.provenance``,
-``.analysis``, ``.workloads``) stay importable as before.
+The folders are the layers: ``core`` (settings, progress), ``sketches``,
+``torch``, ``collect`` (streams, schedulers), ``storage`` (stores,
+provenance, outputs), ``analysis``, ``workloads`` and ``app`` (the command
+line, the demo, the benchmarks).  The modules that moved in 0.6
+(``sketcharray.store``, ``.provenance``, ``.settings``, ``.cluster``, ``.cli``,
+...) still import from their old paths, with a DeprecationWarning, until 0.7.
 """
 
 from __future__ import annotations
@@ -58,13 +62,13 @@ if "torch" not in sys.modules:
 #: public name -> the module that defines it (relative to this package)
 _FRONT_DOOR = {
     **dict.fromkeys(["ModelSettings", "Execution", "SolverSettings", "TrainingSettings", "SearchSettings"],
-                    ".settings"),
+                    ".core.settings"),
     **dict.fromkeys(["make_sketch", "sketch_from_spec", "SketchOperator", "METHODS", "min_n_out"], ".sketches"),
     "factored_sketch": ".torch.factored",
     **dict.fromkeys(["sketch_gradients", "sketch_hvps", "subspace_hessian", "random_probes", "random_test_matrix"],
                     ".collect"),
-    **dict.fromkeys(["open_sketches", "verify_store", "StoreDamaged", "StoreLocked"], ".store"),
-    **dict.fromkeys(["stack_checkpoints", "check_same_sketch"], ".provenance"),
+    **dict.fromkeys(["open_sketches", "verify_store", "StoreDamaged", "StoreLocked"], ".storage.store"),
+    **dict.fromkeys(["stack_checkpoints", "check_same_sketch"], ".storage.provenance"),
     **dict.fromkeys(["attribute", "self_influence", "gram", "compare_with_exact"], ".analysis.tda"),
     "linear_datamodeling_score": ".analysis.lds",
     **dict.fromkeys(["hessian_spectrum", "single_pass_spectrum", "spectrum_statistics", "lanczos", "randomized"],
@@ -74,9 +78,11 @@ _FRONT_DOOR = {
                      "classification_margin"], ".workloads"),
 }
 
-#: the subpackages and modules reachable as attributes (``sa.analysis.tda``), imported on first use
-_SUBMODULES = ("analysis", "collect", "sketches", "store", "provenance", "settings", "workloads", "outputs",
-               "cluster", "torch")
+#: the subpackages and modules reachable as attributes (``sa.analysis.tda``, ``sa.store``), imported on first use
+_SUBMODULES = {name: name for name in ("analysis", "collect", "sketches", "workloads", "torch", "core", "storage",
+                                       "app")}
+_SUBMODULES.update(store="storage.store", provenance="storage.provenance", outputs="storage.outputs",
+                   settings="core.settings", cluster="collect.cluster")
 
 __all__ = ["__version__", *_FRONT_DOOR]
 
@@ -84,7 +90,7 @@ __all__ = ["__version__", *_FRONT_DOOR]
 def __getattr__(name: str):
     """PEP 562: load a front-door name (or a subpackage) on first use."""
     if name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
+        value = importlib.import_module(f".{_SUBMODULES[name]}", __name__)
         globals()[name] = value
         return value
     module = _FRONT_DOOR.get(name)

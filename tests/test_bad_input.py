@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from sketcharray import cli
+from sketcharray.app import cli
 from sketcharray.collect import sketch_gradients
-from sketcharray.settings import Execution
+from sketcharray.core.settings import Execution
 
 from .workload_fixture import tiny
 
@@ -64,7 +64,7 @@ def test_ctrl_c_at_any_point_of_sketch_exits_130_with_one_line(tmp_path, delay):
     """SIGINT while the package and torch load, while batches are computed, and near the end: exit 130 and
     'interrupted; rerun', never a traceback or death by the signal."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from sketcharray.cli import main; "
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from sketcharray.app.cli import main; "
                              "sys.exit(main())", "sketch", "--workload", TINY, "--n-out", "8", "--batch-size", "4",
                              "--out", str(tmp_path / "s.zarr"), "--quiet"], env=env, stderr=subprocess.PIPE,
                             text=True, cwd=tmp_path)

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from sketcharray import cli
-from sketcharray.bench import sketch as bench_sketch
-from sketcharray.bench._util import Device
+from sketcharray.app import cli
+from sketcharray.app.bench import sketch as bench_sketch
+from sketcharray.app.bench._util import Device
 from sketcharray.sketches import base
 
 
@@ -73,7 +73,7 @@ def test_bench_records_operators_that_cannot_be_built(monkeypatch):
 
 
 def test_console_script_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "sketcharray.cli", "--version"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "sketcharray.app.cli", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("sketcharray ")
 
 
@@ -122,7 +122,7 @@ TINY = "tests.workload_fixture:tiny"
 
 def test_sketch_attribute_and_info_on_a_users_own_workload(tmp_path, capsys):
     from sketcharray.analysis import attribute
-    from sketcharray.store import open_sketches
+    from sketcharray.storage.store import open_sketches
 
     train, test = tmp_path / "train.zarr", tmp_path / "test.zarr"
     common = ["--workload", TINY, "--n-out", "16", "--batch-size", "10", "--quiet"]
@@ -301,7 +301,7 @@ def test_a_damaged_store_exits_3_is_listed_by_verify_and_repaired_by_sketch(tmp_
 def test_a_store_held_by_another_writer_exits_3_naming_it(tmp_path, capsys):
     import os
 
-    from sketcharray.store import writer_lock
+    from sketcharray.storage.store import writer_lock
 
     store = tmp_path / "s.zarr"
     with writer_lock(store):
@@ -329,7 +329,7 @@ def test_the_current_folder_never_shadows_an_installed_module(tmp_path, launcher
     env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent)}
     script = __import__("pathlib").Path(sys.executable).parent / "sketcharray"
     script = str(script) if script.exists() else shutil.which("sketcharray")
-    head = ([sys.executable, "-m", "sketcharray.cli"] if launcher == "module"
+    head = ([sys.executable, "-m", "sketcharray.app.cli"] if launcher == "module"
             else [script or pytest.skip("the sketcharray console script is not installed")])
     for workload in ("digits", "myload:factory"):
         done = subprocess.run([*head, "sketch", "--workload", workload, "--limit", "20", "--n-out", "8", "--out",
@@ -413,7 +413,7 @@ def test_out_of_memory_exits_4_before_allocating(monkeypatch, tmp_path, capsys):
 
 
 def test_interrupt_exits_130_and_says_how_to_resume(monkeypatch, capsys):
-    from sketcharray import commands
+    from sketcharray.app import commands
 
     def interrupted(args):
         raise KeyboardInterrupt

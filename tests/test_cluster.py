@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from sketcharray.cluster import scheduler
+from sketcharray.collect.cluster import scheduler
 
 pytest.importorskip("distributed")
 pytest.importorskip("bokeh")  # the dashboard is served by bokeh
@@ -57,7 +57,7 @@ def test_dashboard_answers_while_a_local_cluster_job_runs_and_shows_named_tasks(
 def test_spectrum_on_a_local_cluster_prints_the_threaded_eigenvalues(capsys):
     """'spectrum --scheduler local-cluster' shards each product over the workers; the table is the one
     the threaded run prints (4 significant digits; the float32 products differ by rounding only)."""
-    from sketcharray import cli
+    from sketcharray.app import cli
 
     common = ["spectrum", "--workload", "tests.workload_fixture:tiny", "--n-out", "16", "--k", "2"]
     assert cli.main(common) == 0
@@ -74,7 +74,7 @@ def test_spectrum_on_a_local_cluster_prints_the_threaded_eigenvalues(capsys):
 
 def test_the_cluster_benchmark_measures_products_and_a_single_pass(tmp_path):
     """bench spectrum --scheduler local-cluster, its two measurements at toy size."""
-    from sketcharray.bench.spectrum import cluster_scaling, single_pass_against_lanczos
+    from sketcharray.app.bench.spectrum import cluster_scaling, single_pass_against_lanczos
 
     (row,) = cluster_scaling("digits", "afjl", 64, 2, 50, 25, 4, workers=(1,))
     assert row["workers"] == 1 and row["hvps"] == 4 and row["hvps_per_s"] > 0 and row["speedup"] == 1.0
@@ -93,7 +93,7 @@ def test_local_cluster_workers_keep_glibcs_adaptive_mmap_threshold():
 
     from distributed import Client
 
-    from sketcharray.cluster import local_cluster
+    from sketcharray.collect.cluster import local_cluster
 
     def environment():
         from sketcharray.sketches import backend

@@ -16,7 +16,7 @@ import xarray as xr
 
 from sketcharray.collect import random_probes, sketch_gradients, sketch_hvps, subspace_hessian
 from sketcharray.sketches import make_sketch
-from sketcharray.store import open_sketches
+from sketcharray.storage.store import open_sketches
 from sketcharray.torch import select_params
 from sketcharray.workloads import cross_entropy_per_example, digits
 

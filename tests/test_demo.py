@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from sketcharray import cli
-from sketcharray.store import open_sketches
+from sketcharray.app import cli
+from sketcharray.storage.store import open_sketches
 
 SECTIONS = ("## Workload", "## Gradient sketches", "## Training data attribution", "## Hessian spectrum",
             "## Intrinsic dimension", "## Timing")

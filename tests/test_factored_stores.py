@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import sketcharray as sa
-from sketcharray import cli
+from sketcharray.app import cli
 from sketcharray.analysis import attribute, self_influence
 from sketcharray.collect import sketch_gradients
-from sketcharray.provenance import stack_checkpoints
-from sketcharray.store import open_sketches, verify_store
+from sketcharray.storage.provenance import stack_checkpoints
+from sketcharray.storage.store import open_sketches, verify_store
 from sketcharray.torch import per_example_gradients, select_params
 from sketcharray.torch.factored import FactoredSketch
 from sketcharray.workloads import build_digits_model, classification_margin, digits, digits_checkpoints
@@ -144,8 +144,8 @@ def test_the_cli_sketches_and_attributes_with_factored_sketches(tmp_path, capsys
 def test_the_demos_stream_and_attribution_run_on_factored_sketches(w, tmp_path):
     from dataclasses import replace
 
-    from sketcharray import demo
-    from sketcharray.report import Report
+    from sketcharray.app import demo
+    from sketcharray.app.report import Report
 
     settings = replace(demo.QUICK, method="factored", n_out=128, n_train=200)
     report = Report("factored")
@@ -161,7 +161,7 @@ def test_the_demos_stream_and_attribution_run_on_factored_sketches(w, tmp_path):
 
 @pytest.mark.slow
 def test_a_local_cluster_writes_the_same_factored_store(w, stores, tmp_path):
-    from sketcharray.cluster import scheduler
+    from sketcharray.collect.cluster import scheduler
 
     x, y = w.train[:300]
     with scheduler("local-cluster", n_workers=1, quiet=True):

@@ -13,17 +13,20 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sketcharray"
 
-#: DESIGN.md: sketches <- torch <- collect/store <- analysis <- cli; nothing imports a higher layer.
+#: DESIGN.md: each layer is a folder (README's Layout); nothing imports a higher layer.
 LAYERS = {
-    "sketches": 0, "progress": 0, "settings": 0, "localmodules": 0,
+    "core": 0, "sketches": 0,
     "torch": 1,
-    "provenance": 2, "store": 2, "collect": 2, "cluster": 2, "outputs": 2,
+    "collect": 2, "storage": 2,
     "analysis": 3, "workloads": 3,
-    "cli": 4, "commands": 4, "bench": 4, "demo": 4, "report": 4,
+    "app": 4,
 }
+#: the old module paths of 0.5, kept one release as aliases of their new homes (each only imports its new module)
+MOVED = {"settings": "core", "progress": "core", "localmodules": "core", "store": "storage", "provenance": "storage",
+         "outputs": "storage", "cluster": "collect", "cli": "app", "commands": "app", "demo": "app", "report": "app"}
 #: modules that drive a model and so import torch when they load; every other module outside the
 #: torch layer imports it only inside the functions that need it, or not at all
-TORCH_AT_LOAD = ("sketcharray.torch", "sketcharray.collect", "sketcharray.workloads", "sketcharray.bench")
+TORCH_AT_LOAD = ("sketcharray.torch", "sketcharray.collect", "sketcharray.workloads", "sketcharray.app.bench")
 #: the analysis: scores, top-k, LDS, solvers on a linear operator, statistics, the search; never torch itself (what
 #: drives a model -- HVPs, training, checkpoints -- is the torch layer's, called through sketcharray.torch)
 ARRAY_ONLY = ("sketcharray.analysis",)
@@ -60,16 +63,41 @@ def _imports(name: str, path: Path):
 
 def _layer(module: str):
     parts = module.split(".")
+    if len(parts) > 1 and parts[0] == "sketcharray" and parts[1] in MOVED:
+        return None  # an alias: checked by test_the_old_paths_are_aliases_only
     return LAYERS.get(parts[1]) if len(parts) > 1 and parts[0] == "sketcharray" else None
 
 
 ALL = list(_modules())
 
 
-def test_the_package_has_the_layers_the_rules_name():
+def test_the_folders_are_the_layers():
+    """Every module lives in a layer's folder; the top level holds the front door and the 0.5 aliases only."""
     top = {name.split(".")[1] for name, _ in ALL if "." in name}
-    assert top <= set(LAYERS), f"modules without a layer: {sorted(top - set(LAYERS))}; add them to LAYERS and README"
+    assert top <= set(LAYERS) | set(MOVED), f"modules outside the layers' folders: {sorted(top - set(LAYERS) - set(MOVED))}"
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(LAYERS), folders
     assert len(ALL) > 40
+
+
+@pytest.mark.parametrize("old, layer", sorted(MOVED.items()))
+def test_the_old_paths_are_aliases_only(old, layer):
+    import importlib
+    import warnings
+
+    path = PACKAGE / f"{old}.py"
+    targets = [t for t, _, _ in _imports(f"sketcharray.{old}", path)]
+    assert set(targets) <= {"importlib", "sys", "warnings"}, targets
+    assert f'"sketcharray.{layer}.{old}"' in path.read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import sys
+
+        sys.modules.pop(f"sketcharray.{old}", None)
+        module = importlib.import_module(f"sketcharray.{old}")
+    assert module is importlib.import_module(f"sketcharray.{layer}.{old}")
+    assert any(issubclass(w.category, DeprecationWarning) and f"sketcharray.{layer}.{old}" in str(w.message)
+               for w in caught)
 
 
 @pytest.mark.parametrize("name, path", ALL, ids=[n for n, _ in ALL])
@@ -116,6 +144,6 @@ def test_settings_are_plain_python():
     """settings.py (layer 0) holds the option names every layer checks against: the standard library only."""
     import sys
 
-    for target, line, _ in _imports("sketcharray.settings", PACKAGE / "settings.py"):
+    for target, line, _ in _imports("sketcharray.core.settings", PACKAGE / "core" / "settings.py"):
         root = target.split(".")[0]
         assert root in sys.stdlib_module_names or root == "__future__", f"settings.py:{line} imports {target}"

@@ -10,7 +10,7 @@ import torch
 
 from sketcharray.analysis import attribute
 from sketcharray.collect import sketch_gradients
-from sketcharray.provenance import WeakIdentityWarning, function_identity
+from sketcharray.storage.provenance import WeakIdentityWarning, function_identity
 from sketcharray.workloads import cross_entropy_per_example
 
 from .workload_fixture import tiny

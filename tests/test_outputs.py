@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from sketcharray import cli
-from sketcharray.outputs import RESULT_ATTR, OutputError, check_result_path, write_result
+from sketcharray.app import cli
+from sketcharray.storage.outputs import RESULT_ATTR, OutputError, check_result_path, write_result
 
 TINY = "tests.workload_fixture:tiny"
 
@@ -157,7 +157,7 @@ def test_a_solver_state_folder_that_is_not_one_is_left_alone(tmp_path):
 
 def test_only_this_packages_leftovers_are_removed(tmp_path):
     """A killed creator's temporary sibling goes; a user's file that merely starts with the same name stays."""
-    from sketcharray import store as st
+    from sketcharray.storage import store as st
 
     mine = tmp_path / ".s.zarr.tmp-123-abcdef01"
     mine.mkdir()

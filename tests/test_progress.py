@@ -6,7 +6,7 @@ import io
 
 import dask
 
-from sketcharray.progress import Progress, TaskProgress
+from sketcharray.core.progress import Progress, TaskProgress
 
 
 class _Terminal(io.StringIO):

@@ -10,8 +10,8 @@ import torch
 
 from sketcharray.analysis import attribute, gram, self_influence
 from sketcharray.collect import sketch_gradients
-from sketcharray.provenance import check_same_sketch, provenance, stack_checkpoints
-from sketcharray.store import open_sketches
+from sketcharray.storage.provenance import check_same_sketch, provenance, stack_checkpoints
+from sketcharray.storage.store import open_sketches
 
 from .workload_fixture import _model, tiny
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sketcharray.report import Report, markdown_table
+from sketcharray.app.report import Report, markdown_table
 
 
 def test_markdown_table_escapes_pipes_and_shows_missing_numbers_as_a_dash():

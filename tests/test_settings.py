@@ -7,7 +7,7 @@ import inspect
 import pytest
 
 import sketcharray as sa
-from sketcharray.settings import SETTINGS, coerce, split_settings
+from sketcharray.core.settings import SETTINGS, coerce, split_settings
 
 
 @pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)

@@ -25,9 +25,10 @@ import xarray as xr
 import zarr
 
 from sketcharray.collect import gradients as collect
-from sketcharray import store as st
+from sketcharray.storage import store as st
+from sketcharray.storage import write as storage_write
 from sketcharray.collect import sketch_gradients
-from sketcharray.store import StoreDamaged, StoreError, StoreLocked, open_sketches, verify_store
+from sketcharray.storage.store import StoreDamaged, StoreError, StoreLocked, open_sketches, verify_store
 
 from .workload_fixture import _model, tiny
 
@@ -289,7 +290,7 @@ def test_creation_is_atomic_and_clears_what_a_killed_creator_left(w, tmp_path, m
     def killed(tmp, **skeleton):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(st, "_write_skeleton", killed)
+    monkeypatch.setattr(storage_write, "_write_skeleton", killed)
     with pytest.raises(KeyboardInterrupt):
         write(w, path)
     assert not path.exists() and not list(tmp_path.glob(".s.zarr.tmp-*"))
@@ -342,7 +343,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from sketcharray.collect import sketch_gradients
-    from sketcharray.store import StoreLocked
+    from sketcharray.storage.store import StoreLocked
     from tests.workload_fixture import tiny
     w = tiny()
     def slow(out, batch):

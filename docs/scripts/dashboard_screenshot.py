@@ -43,7 +43,7 @@ def screenshot(url: str, out: Path, width: int = 1400, height: int = 900) -> Non
 
 
 def main(out: str = "docs/dashboard.png") -> int:
-    from sketcharray.cluster import scheduler
+    from sketcharray.collect.cluster import scheduler
     from sketcharray.collect import sketch_gradients
     from sketcharray.workloads import digits
 

@@ -19,8 +19,8 @@ raw ``d_star_raw``, and ``confirmed`` when the run at d_star/2 falls short
 (the factor of 2 holds).  Everything computes now, with progress lines, and
 can resume from the state saved after every evaluation.
 
-The settings travel in :class:`~sketcharray.settings.SearchSettings` (the
-search) and :class:`~sketcharray.settings.TrainingSettings` (Adam on each
+The settings travel in :class:`~sketcharray.core.settings.SearchSettings` (the
+search) and :class:`~sketcharray.core.settings.TrainingSettings` (Adam on each
 subspace); the training itself is the torch layer's
 (:mod:`sketcharray.torch.training`): this module only calls ``train`` and
 ``evaluate`` and keeps the search's state as plain arrays and JSON.
@@ -39,8 +39,8 @@ from typing import Callable
 import numpy as np
 import xarray as xr
 
-from ..outputs import check_folder, save_figure
-from ..settings import Execution, ModelSettings, SearchSettings, TrainingSettings, coerce, moved_options
+from ..storage.outputs import check_folder, save_figure
+from ..core.settings import Execution, ModelSettings, SearchSettings, TrainingSettings, coerce, moved_options
 from ..sketches import make_sketch
 from ..torch import as_module, select_params
 from ..torch.training import SubspaceTrainer, full_finetune_metric, start_metric

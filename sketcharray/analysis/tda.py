@@ -36,7 +36,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..provenance import check_same_sketch, provenance, with_provenance
+from ..storage.provenance import check_same_sketch, provenance, with_provenance
 from ..sketches import backend
 
 SCORES = ("dot", "cosine", "influence", "trak")
@@ -331,7 +331,7 @@ def attribute(train, queries, *, score: str = "dot", k: int | None = None, which
     ----------
     train : xarray.Dataset or DataArray
         Training sketches: ``grad`` (example, sketch[, checkpoint]) and
-        ``valid``, e.g. from :func:`sketcharray.store.open_sketches`.
+        ``valid``, e.g. from :func:`sketcharray.storage.store.open_sketches`.
     queries : Dataset, DataArray or array
         Query sketches (query or example, sketch[, checkpoint]), same operator.
     score : {"dot", "cosine", "influence", "trak"}

@@ -30,7 +30,7 @@ def compute_with_progress(collections, *, progress: bool = True, message: str | 
     """Compute dask collections (delayed tasks, dask arrays, xarray objects) now; returns their values.
 
     With ``progress``: prints ``message``, then, under a local scheduler, a
-    :class:`~sketcharray.progress.Progress` that counts finished tasks whose
+    :class:`~sketcharray.core.progress.Progress` that counts finished tasks whose
     key starts with ``prefix`` (all tasks when None; ``total`` of them), a
     bar on a terminal and plain lines otherwise; under an active
     ``dask.distributed`` client, the dashboard link (where the progress shows).
@@ -46,7 +46,7 @@ def compute_with_progress(collections, *, progress: bool = True, message: str | 
         return list(dask.compute(*collections))
     kwargs = {"scheduler": scheduler or "threads"}
     if progress:
-        from ..progress import Progress, TaskProgress
+        from ..core.progress import Progress, TaskProgress
 
         bar = Progress(label, total or 0, unit=unit, stream=sys.stdout)
         with TaskProgress(bar, prefix):
@@ -62,7 +62,7 @@ def compute_into_store(store, skeleton: dict, task, arguments, *, name: str, tok
     ``task(*arguments(i), dask_key_name=...)`` is delayed for every pending part ``i`` (its model argument a
     shared graph node); returns the tasks' results, in the order of the pending parts.
     """
-    from .. import store as st
+    from ..storage import store as st
 
     with st.writer_lock(store, quiet=not progress):
         todo = st.prepare_store(store, skeleton, quiet=not progress, **({} if ids is None else {"ids": ids}))

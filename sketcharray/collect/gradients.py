@@ -18,9 +18,9 @@ import torch
 import xarray as xr
 
 from .. import __version__
-from .. import store as st
-from ..provenance import provenance, with_provenance
-from ..settings import Execution, ModelSettings, coerce, moved_options
+from ..storage import store as st
+from ..storage.provenance import provenance, with_provenance
+from ..core.settings import Execution, ModelSettings, coerce, moved_options
 from ..torch import select_params, sketch_batch
 from ..torch.grads import batch_labels, to_device
 from ..torch.locks import AUTODIFF

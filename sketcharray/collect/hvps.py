@@ -23,13 +23,13 @@ import xarray as xr
 from torch import nn
 
 from .. import __version__
-from .. import store as st
-from ..settings import Execution, ModelSettings, coerce, moved_options
+from ..storage import store as st
+from ..core.settings import Execution, ModelSettings, coerce, moved_options
 from ..sketches import random as rnd
 from ..torch import HVP, SubspaceHessian, as_module, select_params
 from ..torch.locks import AUTODIFF
 from .compute import active_client, compute_into_store
-from ..provenance import function_identity
+from ..storage.provenance import function_identity
 from .sources import (DataSource, device_of, driver_model, elsewhere, function_provenance, model_delayed,
                       model_from, on_device, resolve_sketch, to_chunk)
 

@@ -17,7 +17,7 @@ import dask
 import torch
 from torch import nn
 
-from ..provenance import WeakIdentityWarning, function_identity, function_name
+from ..storage.provenance import WeakIdentityWarning, function_identity, function_name
 from ..sketches import SketchOperator, make_sketch
 from ..torch import as_module, model_fingerprint
 from ..torch.locks import BUILD
@@ -75,7 +75,7 @@ class DataSource:
 
 def function_provenance(fn, role: str = "loss_fn") -> dict[str, str]:
     """``{role: module.qualname, role_identity: hash}`` for a store's attrs, warning when the identity is weak
-    (:func:`~sketcharray.provenance.function_identity`)."""
+    (:func:`~sketcharray.storage.provenance.function_identity`)."""
     identity, unread = function_identity(fn)
     if unread:
         warnings.warn(f"{role} {function_name(fn)}: its provenance cannot read {', '.join(sorted(set(unread)))}; two "

@@ -15,7 +15,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from ..settings import ModelSettings, TrainingSettings
+from ..core.settings import ModelSettings, TrainingSettings
 from .grads import default_forward, to_device
 from .subspace import SubspaceModel
 

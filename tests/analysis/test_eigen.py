@@ -117,7 +117,7 @@ def test_small_solves_run_numpy_blas_on_one_thread():
     thread so the two libraries' spinning pools do not take each other's cores."""
     from threadpoolctl import threadpool_info
 
-    from sketcharray.analysis.eigen import ONE_BLAS_THREAD_DIM, _one_blas_thread
+    from sketcharray.analysis.spectrum.common import ONE_BLAS_THREAD_DIM, _one_blas_thread
 
     def blas_threads():
         return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
@@ -288,7 +288,7 @@ def test_single_pass_spectrum_agrees_with_lanczos_from_a_store(small_problem, tm
     """The same K through a Zarr store read back lazily: one pass of l = D probes against Lanczos on the
     live operator, both accurate to the float32 bound of the single pass."""
     from sketcharray.analysis import single_pass_spectrum
-    from sketcharray.store import open_zarr_dataset
+    from sketcharray.storage.store import open_zarr_dataset
 
     model, batches, h, ps = small_problem
     ds, k_exact, op = _k_pass(small_problem, 32)
@@ -300,7 +300,7 @@ def test_single_pass_spectrum_agrees_with_lanczos_from_a_store(small_problem, tm
     np.testing.assert_allclose(out.eigenvalue, lz.eigenvalue, rtol=0, atol=_float32_bound(ds, k_exact, 0))
     # the resumable store keeps Y only (checksummed, per block); Omega is regenerated from the seed, exactly
     from sketcharray.collect import sketch_hvps
-    from sketcharray.store import open_sketches
+    from sketcharray.storage.store import open_sketches
 
     sketch_hvps(model, cross_entropy_per_example, batches, op, probes=32, space="sketch", store=tmp_path / "s.zarr",
                 execution={"probes_per_task": 8, "progress": False})
@@ -449,7 +449,7 @@ def test_a_basis_over_the_memory_budget_stays_in_the_store_and_resumes(tmp_path,
     read back by blocks of rows (never more than a block at a time); it finds the in-RAM eigenvalues (the
     same products, summed in another order: float64 rounding), and a run interrupted at a product resumes to
     the bits of one never interrupted."""
-    from sketcharray.analysis.eigen import _LanczosState
+    from sketcharray.analysis.spectrum.state import _LanczosState
 
     rng = np.random.default_rng(5)
     d = 300
@@ -503,7 +503,7 @@ def test_a_randomized_solve_interrupted_resumes_to_the_same_numbers(tmp_path, mo
     tight = {**solver, "memory_budget": 100_000}
     with pytest.raises(MemoryError, match=r"need up to 172,800 bytes .* memory budget is 100,000 bytes"):
         randomized(lambda x: x @ a, d, 3, solver=tight, progress=False)
-    from sketcharray.analysis.eigen import _RandomizedState
+    from sketcharray.analysis.spectrum.state import _RandomizedState
 
     reads, real_block = [], _RandomizedState.block
     monkeypatch.setattr(_RandomizedState, "block", lambda self, kind, j: reads.append(j) or real_block(self, kind, j))
@@ -547,7 +547,7 @@ def test_spectrum_out_killed_through_the_cli_resumes_bit_identically(tmp_path, s
     killed as its state is created, after some products (SIGKILL) and by two SIGINTs, then rerun."""
     import argparse
 
-    from sketcharray.bench.resume import _command, _result, kill_trial
+    from sketcharray.app.bench.resume import _command, _result, kill_trial
 
     args = argparse.Namespace(workload="tests.workload_fixture:tiny", n_out=16, k=2, examples=48, batch_size=16,
                               solver=solver)

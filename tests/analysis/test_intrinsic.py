@@ -9,7 +9,7 @@ from torch import nn
 
 from sketcharray.analysis.intrinsic import (SearchExhausted, StartMeetsTarget, doubling_search, intrinsic_dimension,
                                             intrinsic_dimension_grid, largest_d, plot_intrinsic)
-from sketcharray.settings import SearchSettings, TrainingSettings
+from sketcharray.core.settings import SearchSettings, TrainingSettings
 from sketcharray.sketches import make_sketch
 from sketcharray.torch import SubspaceModel, select_params
 from sketcharray.workloads import cross_entropy_per_example
@@ -184,8 +184,8 @@ def test_a_search_folder_holds_no_pickle_and_a_crafted_one_runs_nothing(tmp_path
 
 
 # ----------------------------------------------- a least-squares yardstick
-from sketcharray.bench.intrinsic import LinearModel as _Linear  # noqa: E402 - the toys' model, shared with the bench
-from sketcharray.bench.intrinsic import square_loss as _square_loss  # noqa: E402
+from sketcharray.app.bench.intrinsic import LinearModel as _Linear  # noqa: E402 - the toys' model, shared with the bench
+from sketcharray.app.bench.intrinsic import square_loss as _square_loss  # noqa: E402
 
 
 def least_squares_toy(method, seed, *, n_params=4096, k=16, n=512, d0=16):
@@ -241,7 +241,7 @@ def test_check_runs_refine_a_raw_d_star_that_is_too_high():
 
 
 def test_a_fit_inside_the_solution_subspace_converges_to_least_squares():
-    from sketcharray.settings import ModelSettings
+    from sketcharray.core.settings import ModelSettings
     from sketcharray.torch.training import SubspaceTrainer
 
     model, data, r2, ls = least_squares_toy("qk", 0)
@@ -275,7 +275,7 @@ def test_an_unaligned_toy_trains_every_d_to_least_squares():
     n = 128; the benchmark runs N = 4096, n = 2048).  Least squares inside the search's own subspaces is the best each D can reach; the search (default
     settings) must reach it at every D it trains, never fall as D grows, and stop at the D where least squares
     first reaches the target."""
-    from sketcharray.bench.intrinsic import best_per_d, square_loss, unaligned_toy
+    from sketcharray.app.bench.intrinsic import best_per_d, square_loss, unaligned_toy
 
     model, data, r2, ls = unaligned_toy(256, 128)
     # the default rule with 100 steps between evaluations (the default's 200 doubles the time, not the outcome)

@@ -42,7 +42,7 @@ def test_bad_shapes_are_named():
 def test_attribution_scores_predict_retraining_on_digits():
     """The small variant of ``sketcharray bench lds``: 12 models on 50% of 400 examples, 60 queries."""
     from sketcharray.analysis import attribute
-    from sketcharray.bench.lds import exact_gradients, retrain_on_subsets
+    from sketcharray.app.bench.lds import exact_gradients, retrain_on_subsets
     from sketcharray.collect import sketch_gradients
     from sketcharray.workloads import digits
 

@@ -276,7 +276,7 @@ def test_trak_score_equals_traks_own_computation_on_the_same_features(margin_ske
 
 def test_trak_on_our_sketches_agrees_with_trak_as_well_as_trak_agrees_with_itself(margin_sketches, tmp_path):
     pytest.importorskip("trak")
-    from sketcharray.bench.trak import topk_overlap, trak_package_scores
+    from sketcharray.app.bench.trak import topk_overlap, trak_package_scores
 
     w, train, test, sketches = margin_sketches
     d = 256

@@ -92,8 +92,8 @@ def test_unit_rows_in_float32_whatever_the_dtype():
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_float16_stores_rank_queries_whose_squares_underflow(tmp_path, dtype):
     """Sketches around 1e-4: their float16 squares (1e-8) underflow, which made the cosine of every query NaN."""
-    from sketcharray import store as st
-    from sketcharray.store import open_sketches
+    from sketcharray.storage import store as st
+    from sketcharray.storage.store import open_sketches
 
     rng = np.random.default_rng(3)
     n, d = 30, 16
@@ -123,8 +123,8 @@ def test_float16_stores_rank_queries_whose_squares_underflow(tmp_path, dtype):
 
 def test_the_cli_says_a_query_has_no_ranking(tmp_path, capsys):
     """Through the command: a zero query's line says so instead of listing arbitrary examples."""
-    from sketcharray import cli
-    from sketcharray import store as st
+    from sketcharray.app import cli
+    from sketcharray.storage import store as st
 
     rng = np.random.default_rng(4)
     for name, n, zero in (("train", 20, None), ("test", 4, 1)):

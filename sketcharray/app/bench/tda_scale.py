@@ -41,7 +41,7 @@ if what == "read":
     rows = arr.shape[0]
 else:
     from sketcharray.analysis import attribute
-    from sketcharray.store import open_sketches
+    from sketcharray.storage.store import open_sketches
     ds = open_sketches(path)
     q = np.random.default_rng(1).standard_normal((int(sys.argv[4]), ds.sizes["sketch"])).astype(np.float32)
     with dask.config.set(scheduler="threads", num_workers=2):
@@ -55,7 +55,7 @@ print(json.dumps({"seconds": elapsed, "rows": rows, "bytes": nbytes,
 
 
 def make_store(path: Path, rows: int, d: int, chunk_rows: int) -> None:
-    from .. import store as st
+    from ...storage import store as st
 
     st.create_store(path, variable="grad", row_dim="example", n_rows=rows, n_out=d, chunk=chunk_rows,
                     ids=np.arange(rows), has_label=False, attrs={"sketch_spec": {"method": "synthetic"}},
@@ -105,7 +105,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
-    from ..outputs import refuse_inside_store
+    from ...storage.outputs import refuse_inside_store
 
     refuse_inside_store(Path(args.dir) / "x", "--dir")
     # a folder of this run's own inside --dir: only it is deleted afterwards, never what --dir held before

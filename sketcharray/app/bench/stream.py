@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import store as st
-from ..collect import sketch_gradients
-from ..sketches import make_sketch
-from ..torch import per_example_gradients, select_params
-from ..torch.grads import to_device
-from ..workloads import WORKLOADS
+from ...storage import store as st
+from ...collect import sketch_gradients
+from ...sketches import make_sketch
+from ...torch import per_example_gradients, select_params
+from ...torch.grads import to_device
+from ...workloads import WORKLOADS
 from ._util import best_time, format_table, write_json
 
 
@@ -171,7 +171,7 @@ def peak_rss(workload: str, method: str, n_out: int, n: int, batch: int, device:
     import json
     import subprocess
 
-    code = ("import sys, json; from sketcharray.bench.stream import _sketch_once; "
+    code = ("import sys, json; from sketcharray.app.bench.stream import _sketch_once; "
             "print(_sketch_once(*json.loads(sys.argv[1])))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps([workload, method, n_out, n, batch, device])],
                          capture_output=True, text=True, check=True)
@@ -215,7 +215,7 @@ def scaling(widths, n_out: int, batch: int, tokens: int, device: str, methods=("
     import psutil
     from transformers import BertConfig, BertModel
 
-    from ..workloads import MiniLMClassifier, cross_entropy_per_example, minilm_forward
+    from ...workloads import MiniLMClassifier, cross_entropy_per_example, minilm_forward
     from ._util import sketch_spec
 
     rows = []
@@ -336,7 +336,7 @@ def main(argv=None, args=None) -> int:
         return main_factored(args)
     workloads = args.workloads
     if workloads is None:
-        from ..workloads import minilm_available
+        from ...workloads import minilm_available
 
         workloads = ["digits"] + (["minilm"] if minilm_available() else [])
     rows = []

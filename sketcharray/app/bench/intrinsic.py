@@ -19,10 +19,10 @@ import numpy as np
 
 import torch
 
-from ..analysis.intrinsic import intrinsic_dimension, largest_d, plot_intrinsic
-from ..sketches import make_sketch
-from ..settings import Execution, ModelSettings
-from ..workloads import load_workload
+from ...analysis.intrinsic import intrinsic_dimension, largest_d, plot_intrinsic
+from ...sketches import make_sketch
+from ...core.settings import Execution, ModelSettings
+from ...workloads import load_workload
 from ._util import format_table, write_json
 
 

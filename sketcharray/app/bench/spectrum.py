@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..analysis.eigen import format_outliers, hessian_spectrum, lanczos, plot_spectrum_evolution, spectrum_statistics
-from ..collect import DataSource
-from ..sketches import make_sketch
-from ..torch import HVP, SubspaceHessian, select_params
-from ..workloads import WORKLOADS, digits_checkpoints
+from ...analysis.eigen import format_outliers, hessian_spectrum, lanczos, plot_spectrum_evolution, spectrum_statistics
+from ...collect import DataSource
+from ...sketches import make_sketch
+from ...torch import HVP, SubspaceHessian, select_params
+from ...workloads import WORKLOADS, digits_checkpoints
 from ._util import format_table, write_json
 from .tda import layer_groups, smallest_log2d
 
@@ -190,7 +190,7 @@ def performance(workload: str, methods, n_out: int, k: int, n_examples: int, bat
 def _local_cluster(workers: int):
     from distributed import Client
 
-    from ..cluster import local_cluster
+    from ...collect.cluster import local_cluster
 
     cluster = local_cluster(workers)
     return cluster, Client(cluster)
@@ -224,9 +224,9 @@ def single_pass_against_lanczos(workload: str, sketch: str, n_out: int, k: int, 
                                 workers: int, folder) -> dict:
     """``Y = K Omega`` for D test vectors stored in one pass (parallel tasks), the single-pass eigenvalues from
     the store, and Lanczos on the same K (products sharded): times and the largest difference over both ends."""
-    from ..analysis.eigen import single_pass_spectrum
-    from ..collect import sketch_hvps
-    from ..store import open_sketches
+    from ...analysis.eigen import single_pass_spectrum
+    from ...collect import sketch_hvps
+    from ...storage.store import open_sketches
 
     w = WORKLOADS[workload]()
     data, _ = w.split("train", n_examples)
@@ -260,7 +260,7 @@ def single_pass_against_lanczos(workload: str, sketch: str, n_out: int, k: int, 
 def cluster_section(args) -> dict:
     import tempfile
 
-    from ..workloads import minilm_available
+    from ...workloads import minilm_available
 
     workload = args.cluster_workload or ("minilm" if minilm_available() else "digits")
     big = workload != "digits"
@@ -378,7 +378,7 @@ def main(argv=None, args=None) -> int:
     print(f"\nPerformance (k = 10; sketches {', '.join(args.perf_methods)}):", flush=True)
     perf_workloads = args.perf_workloads
     if perf_workloads is None:
-        from ..workloads import minilm_available
+        from ...workloads import minilm_available
 
         perf_workloads = ["digits"] + (["minilm"] if minilm_available() else [])
     perf = []

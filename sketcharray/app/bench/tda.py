@@ -16,12 +16,12 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..analysis.tda import compare_with_exact, exact_gradient_scores
-from ..outputs import save_figure
-from ..sketches import make_sketch
-from ..torch import per_example_gradients, select_params
-from ..torch.grads import to_device
-from ..workloads import WORKLOADS
+from ...analysis.tda import compare_with_exact, exact_gradient_scores
+from ...storage.outputs import save_figure
+from ...sketches import make_sketch
+from ...torch import per_example_gradients, select_params
+from ...torch.grads import to_device
+from ...workloads import WORKLOADS
 from ._util import format_table, sketch_spec, write_json
 
 THRESHOLDS = (0.95, 0.98, 0.99)
@@ -61,7 +61,7 @@ def operator(w, method: str, ps, d: int, seed: int, params=None):
     (its ``apply`` on exact gradients gives the numbers its hooks give: tests/torch/test_factored.py)."""
     spec = sketch_spec(method, d, seed)
     if spec["method"] == "factored":
-        from ..torch.factored import factored_sketch
+        from ...torch.factored import factored_sketch
 
         return factored_sketch(w.model(), d, factor=spec["factor"], seed=seed, params=params)
     return make_sketch(method, ps.n, d, seed=seed)

@@ -42,7 +42,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _command(args, out: Path) -> list[str]:
-    return [sys.executable, "-c", "import sys; from sketcharray.cli import main; sys.exit(main())", "spectrum",
+    return [sys.executable, "-c", "import sys; from sketcharray.app.cli import main; sys.exit(main())", "spectrum",
             "--workload", args.workload, "--n-out", str(args.n_out), "--k", str(args.k), "--examples",
             str(args.examples), "--batch-size", str(args.batch_size), "--solver", args.solver, "--out", str(out),
             "--quiet"]

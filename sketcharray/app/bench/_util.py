@@ -151,7 +151,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write a benchmark's results (marked as sketcharray's: a file that is not is never replaced)."""
-    from ..outputs import RESULT_ATTR, check_file
+    from ...storage.outputs import RESULT_ATTR, check_file
 
     path = check_file(path, suffixes=(".json",), marker=b'"benchmark"', what="--json")
     payload = {RESULT_ATTR: "benchmark", **payload}

@@ -69,9 +69,9 @@ def main(argv=None, args=None) -> int:
     except ImportError:
         print("bench trak needs the traker package: pip install traker", file=sys.stderr)
         return 3
-    from ..analysis import attribute
-    from ..collect import sketch_gradients
-    from ..workloads import classification_margin, digits
+    from ...analysis import attribute
+    from ...collect import sketch_gradients
+    from ...workloads import classification_margin, digits
 
     w = digits()
     rows = []

@@ -24,7 +24,7 @@ from ._util import format_table, write_json
 
 
 def _exact_scores(model, w, x, y, xq, yq) -> np.ndarray:
-    from ..torch import per_example_gradients, select_params
+    from ...torch import per_example_gradients, select_params
 
     ps = select_params(model)
     g, _ = per_example_gradients(model, w.loss_fn, (x, y), ps)
@@ -63,8 +63,8 @@ def _logra(model, x, y, xq, yq, per_layer: int, seed: int):
 
 
 def _factored(model, w, x, y, xq, yq, n_out: int, factor: str, seed: int) -> np.ndarray:
-    from ..analysis import attribute
-    from ..collect import sketch_gradients
+    from ...analysis import attribute
+    from ...collect import sketch_gradients
 
     spec = {"method": "factored", "factor": factor, "n_out": n_out, "seed": seed}
     batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(y), 64)]
@@ -92,7 +92,7 @@ def main(argv=None, args=None) -> int:
     except ImportError:
         print("bench peer needs the dattri package: pip install 'sketcharray[bench]'", file=sys.stderr)
         return 3
-    from ..workloads import digits
+    from ...workloads import digits
 
     w = digits()
     model = w.model()

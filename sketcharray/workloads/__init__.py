@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .settings import SearchSettings, TrainingSettings, split_settings
+from ..core.settings import SearchSettings, TrainingSettings, split_settings
 
 
 def cross_entropy_per_example(output, batch):
@@ -101,8 +101,8 @@ class Workload:
         search refuses a theta_0 that already reaches it.  Default: the
         trained model (:meth:`search_model`).
     search_settings : dict
-        Fields of :class:`~sketcharray.settings.SearchSettings` and
-        :class:`~sketcharray.settings.TrainingSettings` that suit this
+        Fields of :class:`~sketcharray.core.settings.SearchSettings` and
+        :class:`~sketcharray.core.settings.TrainingSettings` that suit this
         workload's intrinsic-dimension search (``d0``, ``d_max``,
         ``steps_per_eval``, ``min_improvement``, ``lr``, ``reference_lr``,
         ``batch_size``); :meth:`intrinsic_settings` gives them as settings,
@@ -217,8 +217,8 @@ def load_workload(spec: str) -> Workload:
 
 def _import_workload_module(module_name: str):
     """The workload's module: from the installed packages, else from the current folder (on the path only while
-    this module is imported: :mod:`sketcharray.localmodules`)."""
-    from . import localmodules
+    this module is imported: :mod:`sketcharray.core.localmodules`)."""
+    from ..core import localmodules
 
     try:
         return importlib.import_module(module_name)

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 
-from ..sketches import METHODS, SketchMemoryError, make_sketch
+from ...sketches import METHODS, SketchMemoryError, make_sketch
 from ._util import Device, format_table, human_bytes, median_time, write_json
 
 GPT2_SMALL = 124_439_808
@@ -73,8 +73,8 @@ def fwht_rows(n: int, x, device: Device, repeat: int) -> list[dict]:
     """
     import numpy as np
 
-    from ..sketches import backend
-    from ..sketches import transforms as tf
+    from ...sketches import backend
+    from ...sketches import transforms as tf
 
     if device.name != "cpu" or n & (n - 1):
         return []
@@ -234,7 +234,7 @@ def worker_thread_rows(x, d: int, methods, repeat: int) -> list[dict]:
     "all cores under dask".  Host arrays only; the ratio is one core's time over the pool's."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..sketches import backend
+    from ...sketches import backend
 
     rows = []
     n = int(x.shape[1])

@@ -28,7 +28,7 @@ SCORES = ("dot", "cosine", "influence", "trak")
 def retrain_on_subsets(models: int, *, fraction: float = 0.5, seed: int = 0, n_train: int | None = None,
                        n_test: int | None = None, steps: int = 300):
     """(subsets (model, example) bool, outputs (model, query) margins) for digits models trained on random subsets."""
-    from ..workloads import _digits_mlp, classification_margin, digits
+    from ...workloads import _digits_mlp, classification_margin, digits
 
     w = digits()
     x, y = w.train[:]
@@ -57,7 +57,7 @@ def retrain_on_subsets(models: int, *, fraction: float = 0.5, seed: int = 0, n_t
 
 def exact_gradients(model, loss_fn, data, ids) -> xr.Dataset:
     """Unsketched per-example gradients as a Dataset that ``attribute`` takes (sketch = the N parameters)."""
-    from ..torch import per_example_gradients, select_params
+    from ...torch import per_example_gradients, select_params
 
     ps = select_params(model)
     grads, losses = [], []
@@ -73,7 +73,7 @@ def exact_gradients(model, loss_fn, data, ids) -> xr.Dataset:
 
 def score_matrix(train_sets: dict, test_sets: dict, score: str) -> np.ndarray:
     """(query, example) scores: trak on the margin sketches, the others on the loss sketches."""
-    from ..analysis import attribute
+    from ...analysis import attribute
 
     kind = "margin" if score == "trak" else "loss"
     return np.asarray(attribute(train_sets[kind], test_sets[kind], score=score).values, dtype=np.float64)
@@ -92,9 +92,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
-    from ..analysis.lds import linear_datamodeling_score
-    from ..collect import sketch_gradients
-    from ..workloads import classification_margin, digits
+    from ...analysis.lds import linear_datamodeling_score
+    from ...collect import sketch_gradients
+    from ...workloads import classification_margin, digits
 
     w = digits()
     t0 = time.perf_counter()

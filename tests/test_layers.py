@@ -147,3 +147,30 @@ def test_settings_are_plain_python():
     for target, line, _ in _imports("sketcharray.core.settings", PACKAGE / "core" / "settings.py"):
         root = target.split(".")[0]
         assert root in sys.stdlib_module_names or root == "__future__", f"settings.py:{line} imports {target}"
+
+
+def test_no_import_cycles():
+    """No module of the package imports, directly or through others, a module that imports it back (function-level
+    imports included): each concern can be read, and loaded, on its own."""
+    modules = {name for name, _ in ALL}
+
+    def resolve(target):
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target
+
+    graph = {name: {resolve(t) for t, _, _ in _imports(name, path)} - {name, "", "sketcharray"}
+             for name, path in ALL}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join(trail + [node, nxt])}"
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])

@@ -38,14 +38,6 @@ def demo(args) -> int:
     return 0
 
 
-def gradient_spec(method: str, n_out: int, seed: int, factor: str | None) -> dict:
-    """The sketch spec of a gradient stream from the command line (``--factor`` only with ``--method factored``)."""
-    if factor is not None and method != "factored":
-        raise ValueError(f"--factor {factor} applies to --method factored only; got --method {method}")
-    spec = {"method": method, "n_out": n_out, "seed": seed}
-    return {**spec, "factor": factor or "afjl"} if method == "factored" else spec
-
-
 def sketch(args) -> int:
     from ..collect.cluster import scheduler
     from ..collect import sketch_gradients, sketch_hvps
@@ -53,6 +45,8 @@ def sketch(args) -> int:
 
     w = _workload(args)
     data, ids = w.split(args.split, args.limit)
+    from .demo import gradient_spec
+
     spec = gradient_spec(args.method, args.n_out, args.seed, args.factor)
     with scheduler(args.scheduler, quiet=args.quiet):
         if args.hvps:

@@ -155,9 +155,15 @@ def _workload_section(report: Report, w: Workload, accuracy: float, settings: De
                                "n_params": w.info.get("n_params"), "settings": settings.__dict__}
 
 
-def _stream(report, w, out, settings, device, seed, progress, say):
-    from .commands import gradient_spec
+def gradient_spec(method: str, n_out: int, seed: int, factor: str | None) -> dict:
+    """The sketch spec of a gradient stream from the command line (``--factor`` only with ``--method factored``)."""
+    if factor is not None and method != "factored":
+        raise ValueError(f"--factor {factor} applies to --method factored only; got --method {method}")
+    spec = {"method": method, "n_out": n_out, "seed": seed}
+    return {**spec, "factor": factor or "afjl"} if method == "factored" else spec
 
+
+def _stream(report, w, out, settings, device, seed, progress, say):
     spec = gradient_spec(settings.method, settings.n_out, seed, settings.factor)
     train_data, train_ids = w.split("train", settings.n_train)
     common = dict(batch_size=settings.batch_size, checkpoint="final", model_settings=ModelSettings(forward=w.forward),

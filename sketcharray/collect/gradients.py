@@ -23,6 +23,7 @@ from ..storage.provenance import provenance, with_provenance
 from ..core.settings import Execution, ModelSettings, coerce, moved_options
 from ..torch import select_params, sketch_batch
 from ..torch.grads import batch_labels, to_device
+from ..torch import factored
 from ..torch.locks import AUTODIFF
 from .compute import compute_into_store
 from .sources import (DataSource, device_of, driver_model, function_provenance, model_delayed, model_from,
@@ -37,8 +38,11 @@ def _gradient_task(model_src, loss_fn, data: DataSource, index, start, stop, op,
     paramset = select_params(model, settings.params)
     batch = to_device(data.load(index, start, stop), dev, model)
     with AUTODIFF:
-        out = sketch_batch(model, loss_fn, batch, paramset, op, mode=settings.mode, forward=settings.forward,
-                           per_example=settings.per_example)
+        if op.method == "factored":  # one batched backward, no per-example gradient
+            out = factored.sketch_batch(model, loss_fn, batch, paramset, op, forward=settings.forward)
+        else:
+            out = sketch_batch(model, loss_fn, batch, paramset, op, mode=settings.mode, forward=settings.forward,
+                               per_example=settings.per_example)
     cuda_chunks = dev.type == "cuda" and store_path is None
     result = {
         "grad": to_chunk(out["grad"].float(), cuda_chunks),

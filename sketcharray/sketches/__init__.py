@@ -16,8 +16,7 @@ from .dense import Dense, DenseOTF
 from .fastfood import FFD
 from .fjl import FJL
 from .qk import QK
-from .registry import METHODS, make_sketch, sketch_from_spec
-from .sizing import min_n_out
+from .registry import METHODS, make_sketch, min_n_out, sketch_from_spec
 
 __all__ = [
     "AFFD", "AFJL", "Dense", "DenseOTF", "FFD", "FJL", "QK",

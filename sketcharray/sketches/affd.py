@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import fused
 from . import random as rnd
 from .base import SketchOperator
 from .precond import Preconditioner, padded_length
@@ -122,7 +122,7 @@ class AFFD(_LookupFree):
     def _apply(self, xp, x, state):
         h1, h2 = self._h1, self._h2
         if h1._butterflies(x, state["B"], state["G"]):  # host arrays: the same product, fused (backend)
-            return backend.affd_apply(xp, x, state["B"], state["G"], h1.factors,
+            return fused.affd_apply(xp, x, state["B"], state["G"], h1.factors,
                                       [m[:r] for m, r in zip(state["H2"]["mats"], h2.rows)], self.n_out)
         u = h1.forward(xp, x, state["H1"], signs=state["B"], diag=state["G"])   # G H1 B x
         return h2.forward(xp, u, state["H2"])                                  # R_D H2 (...)

@@ -1,7 +1,9 @@
-"""The method registry and :func:`make_sketch`, the one way operators are built."""
+"""The method registry, :func:`make_sketch` (the one way operators are built) and :func:`min_n_out` (the D a
+tolerance needs, from each method's variance: :mod:`.sizing`)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import transforms as tf
@@ -12,6 +14,7 @@ from .fastfood import FFD
 from .fjl import FJL
 from .precond import PRECONDITIONERS
 from .qk import QK
+from .sizing import VARIANCE_CONSTANT, gaussian_min_dim
 
 #: method name -> operator class
 METHODS: dict[str, type[SketchOperator]] = {
@@ -137,8 +140,6 @@ def _check_options(method: str, opts: dict[str, Any]) -> None:
 def _check_sizes(op: SketchOperator) -> None:
     method = op.method
     if op.n_out > op.max_n_out:
-        from .sizing import min_n_out
-
         hint = ""
         if method != "ffd" and method in ("dense", "dense-otf", "affd", "afjl"):
             need = min_n_out(10_000, 0.1, method)
@@ -172,3 +173,71 @@ def _check_sizes(op: SketchOperator) -> None:
 
         if math.prod(factors) != op.n_out:
             raise ValueError(f"qk out_factors {list(factors)} multiply to {math.prod(factors)}, not n_out={op.n_out}")
+
+
+def min_n_out(n_examples: int, eps: float = 0.1, method: str = "afjl", *, n_in: int | None = None) -> int:
+    """The smallest D at which ``method`` keeps the squared distances of ``n_examples`` points within ``1 +- eps``.
+
+    Parameters
+    ----------
+    n_examples : int
+        How many vectors (gradients) the sketch must keep apart, at least 2.
+    eps : float
+        Allowed relative distortion of squared distances, in (0, 1).
+    method : str
+        A sketch method; ``fjl`` and ``qk`` also need ``n_in`` (their
+        variance depends on N through q, or on the blocks).
+    n_in : int, optional
+        N, the length of the vectors.
+
+    Returns
+    -------
+    int
+        ``gaussian_min_dim(n, eps) * c / 2`` for a method of variance
+        constant c; for ``qk`` the smallest admissible D whose variance bound
+        is at most the Gaussian one at ``gaussian_min_dim``.
+
+    Raises
+    ------
+    ValueError
+        ``ffd`` (not a sketch), an unknown method, bad ``n_examples`` or
+        ``eps``, or a qk whose blocks cannot reach the variance.
+
+    Examples
+    --------
+    >>> from sketcharray.sketches import min_n_out
+    >>> min_n_out(10_000, 0.1, "dense"), min_n_out(10_000, 0.1, "afjl")
+    (7894, 31576)
+    """
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 2:
+        raise ValueError(f"n_examples must be an int >= 2; got {n_examples!r}")
+    if not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"eps must be in (0, 1); got {eps!r}")
+    base = gaussian_min_dim(n_examples, eps)
+    if method == "ffd":
+        raise ValueError("ffd is not a sketch (the paper's Theorem 3.1): its distortion does not fall with D, so no "
+                         "n_out bounds it; use affd, afjl or qk")
+    if method in VARIANCE_CONSTANT:
+        return int(math.ceil(base * VARIANCE_CONSTANT[method] / 2))
+    if method in ("fjl", "qk") and n_in is None:
+        raise ValueError(f"min_n_out for {method!r} needs n_in (its variance depends on N)")
+    if method == "fjl":
+        q = make_sketch("fjl", n_in, 1).q
+        return int(math.ceil(base * (2 + 9 * (1 / q - 1) / n_in) / 2))
+    if method == "qk":
+        target = 2.0 / base
+        d = 1
+        while d <= 2 * n_in:
+            try:
+                op = make_sketch("qk", n_in, d)
+            except ValueError:
+                d += 1
+                continue
+            blocks, dims = op.blocks, op.out_factors
+            variance = math.prod(1 + 2 * (b - k) / (k * (b + 2)) for b, k in zip(blocks, dims)) - 1
+            if variance <= target:
+                return d
+            d = max(d + 1, int(d * 1.05))
+        raise ValueError(f"qk with n_in={n_in} cannot reach the variance {target:.3g} that {n_examples} points at "
+                         f"eps={eps} need; use afjl or affd")
+    raise ValueError(f"unknown sketch method {method!r}")

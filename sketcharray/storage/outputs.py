@@ -92,7 +92,7 @@ def check_result_path(path, kind: str, *, overwrite: bool = False, what: str = "
         return path
     have = result_kind(path)
     if have is None:
-        from .store import read_attrs
+        from .read import read_attrs
 
         thing = ("a sketch store" if path.is_dir() and _quiet(read_attrs, path) is not None
                  else "a folder that is not a result of sketcharray" if path.is_dir()

@@ -248,13 +248,8 @@ def sketch_batch(model, loss_fn, batch, paramset: ParamSet, op, *, mode: str = "
     """Sketches ``(B, D)``, losses ``(B,)`` and validity ``(B,)`` of one batch, as torch tensors.
 
     A non-finite gradient (or loss) marks its example invalid; its sketch row is NaN.
-    A factored sketch (:mod:`sketcharray.torch.factored`) is computed from one
-    batched backward instead; it has no explicit or implicit mode.
+    (A factored sketch is computed by :func:`sketcharray.torch.factored.sketch_batch`.)
     """
-    if getattr(op, "method", None) == "factored":
-        from . import factored
-
-        return factored.sketch_batch(model, loss_fn, batch, paramset, op, forward=forward)
     if mode == "explicit":
         g, losses = per_example_gradients(model, loss_fn, batch, paramset, forward=forward, per_example=per_example)
         # finiteness is checked on the D-sized sketch: a NaN or inf entry of g reaches every output it has a

@@ -89,6 +89,7 @@ def test_bench_tda_writes_tables_json_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_bench_tda_scale_small(tmp_path, capsys):
     out = tmp_path / "scale.json"
     assert cli.main(["bench", "tda-scale", "--gb", "0.02", "--d", "64", "--chunk-rows", "2048",
@@ -98,6 +99,7 @@ def test_bench_tda_scale_small(tmp_path, capsys):
     assert "of read" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_spectrum_small(tmp_path, capsys):
     out, png = tmp_path / "sp.json", tmp_path / "sp.png"
     assert cli.main(["bench", "spectrum", "--n-examples", "50", "--log2d", "5", "--seeds", "1",
@@ -317,6 +319,7 @@ SHADOW = "import pathlib; pathlib.Path({marker!r}).touch()\nraise SystemExit('th
 # turns it off), so that launcher is tested with a module the package imports only once the command runs.
 @pytest.mark.parametrize("launcher, shadows", [("script", ("sklearn", "torch", "numpy", "dask", "zarr")),
                                                ("module", ("sklearn",))])
+@pytest.mark.slow
 def test_the_current_folder_never_shadows_an_installed_module(tmp_path, launcher, shadows):
     import os
     import shutil
@@ -344,6 +347,7 @@ OPTIONAL = ("cupy", "pytz", "xxhash", "pyarrow", "zstandard", "lz4", "numexpr", 
             "bottleneck", "numbagg", "flox", "h5netcdf", "netCDF4", "fsspec", "s3fs", "cytoolz", "crick", "sklearn")
 
 
+@pytest.mark.slow
 def test_the_current_folder_serves_only_the_workload_module(tmp_path):
     """Issue 21, item 3: with files named after optional dependencies that are not installed, nothing of the
     current folder runs but the --workload module named (and what it imports while it is imported)."""

@@ -14,6 +14,10 @@ pytest.importorskip("distributed")
 pytest.importorskip("bokeh")  # the dashboard is served by bokeh
 
 
+#: end-to-end (a LocalCluster, the whole quick demo): in the slow subset, run by CI
+pytestmark = pytest.mark.slow
+
+
 def test_threads_is_the_default_and_needs_no_cluster():
     with scheduler("threads") as client:
         assert client is None

@@ -175,6 +175,7 @@ RESUME_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("spec", [{"method": "affd", "n_out": 128},
                                   {"method": "factored", "factor": "afjl", "n_out": 128}], ids=["affd", "factored"])
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(work, tmp_path, spec):
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT)
@@ -260,6 +261,7 @@ def test_hvp_probes_are_made_in_the_tasks_and_a_store_resumes_to_the_same_number
         sketch_hvps(work.model_factory, cross_entropy_per_example, data[:1], SKETCH, **options)
 
 
+@pytest.mark.slow
 def test_distributed_equals_local(work, small, tmp_path):
     distributed = pytest.importorskip("distributed")
     data, ids = small

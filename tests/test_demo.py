@@ -11,6 +11,10 @@ import pytest
 from sketcharray.app import cli
 from sketcharray.storage.store import open_sketches
 
+#: end-to-end (a LocalCluster, the whole quick demo): in the slow subset, run by CI
+pytestmark = pytest.mark.slow
+
+
 SECTIONS = ("## Workload", "## Gradient sketches", "## Training data attribution", "## Hessian spectrum",
             "## Intrinsic dimension", "## Timing")
 

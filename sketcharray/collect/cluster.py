@@ -16,6 +16,9 @@ from typing import Iterator
 
 log = logging.getLogger(__name__)
 
+#: dashboard links already shown to the user (by :func:`scheduler`): a computation does not show them again
+ANNOUNCED: set[str] = set()
+
 _TRIM = "MALLOC_TRIM_THRESHOLD_"
 #: the variable as this process had it when sketcharray.collect.cluster loaded (None: not set by the user)
 _TRIM_AT_START = os.environ.get(_TRIM)
@@ -68,11 +71,13 @@ def scheduler(name: str = "threads", *, n_workers: int | None = None, quiet: boo
         with local_cluster(workers, dashboard_address=":8787") as cluster, Client(cluster) as client:
             if not quiet:
                 log.info("dask LocalCluster with %d worker(s); dashboard: %s", workers, client.dashboard_link)
+                ANNOUNCED.add(client.dashboard_link)
             yield client
         return
     with Client(name) as client:
         if not quiet:
             log.info("connected to the dask scheduler at %s; dashboard: %s", name, client.dashboard_link)
+            ANNOUNCED.add(client.dashboard_link)
         yield client
 
 

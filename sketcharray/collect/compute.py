@@ -42,7 +42,11 @@ def compute_with_progress(collections, *, progress: bool = True, message: str | 
         log.info("%s", message)
     if client is not None and scheduler is None:
         if progress:
-            log.info("dask dashboard: %s", client.dashboard_link)
+            from .cluster import ANNOUNCED
+
+            if client.dashboard_link not in ANNOUNCED:  # shown once per cluster, where it was started
+                log.info("dask dashboard: %s", client.dashboard_link)
+                ANNOUNCED.add(client.dashboard_link)
         return list(dask.compute(*collections))
     kwargs = {"scheduler": scheduler or "threads"}
     if progress:

@@ -47,10 +47,16 @@ class Progress:
             self._last_tenth = tenth
             print(self._text(extra), file=self.stream, flush=True)
 
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
+    def close(self, note: str = "") -> None:
+        """End the bar with a final line: where the work stopped (``done`` of ``total``), its time and ``note``
+        (e.g. "converged" when it stopped early), so a bar never seems stuck at 42/60."""
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write(f"\r{self._text(note)}\n")
             self.stream.flush()
+        elif note or 10 * self.done // max(self.total, 1) != 10:
+            print(self._text(note), file=self.stream, flush=True)
 
 
 class TaskProgress(Callback):

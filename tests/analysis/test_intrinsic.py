@@ -217,6 +217,7 @@ def least_squares_toy(method, seed, *, n_params=4096, k=16, n=512, d0=16):
     return _Linear(n_params), torch.utils.data.TensorDataset(xt, yt), r2, least_squares
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, seed, d0", [("affd", 0, 2), ("qk", 1, 2), ("afjl", 2, 2), ("ffd", 0, None)])
 def test_the_search_reports_the_least_squares_dimension(method, seed, d0):
     model, data, r2, ls = least_squares_toy(method, seed)
@@ -232,6 +233,7 @@ def test_the_search_reports_the_least_squares_dimension(method, seed, d0):
     assert abs(res.check_metric.item() - ls[8]) < 0.01
 
 
+@pytest.mark.slow
 def test_check_runs_refine_a_raw_d_star_that_is_too_high():
     model, data, r2, ls = least_squares_toy("affd", 0, d0=32)
     res = intrinsic_dimension(model, _square_loss, data, r2, "affd", search={"seeds": (0,), "d0": 32},
@@ -270,6 +272,7 @@ def test_a_start_at_the_target_and_an_impossible_d_max_are_refused_before_traini
     assert calls == []
 
 
+@pytest.mark.slow
 def test_an_unaligned_toy_trains_every_d_to_least_squares():
     """Issue 22, item 4: a solution in a random 8-dimensional subspace that no search subspace holds (N = 256,
     n = 128; the benchmark runs N = 4096, n = 2048).  Least squares inside the search's own subspaces is the best each D can reach; the search (default

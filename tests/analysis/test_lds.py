@@ -39,6 +39,7 @@ def test_bad_shapes_are_named():
         linear_datamodeling_score(np.zeros((2, 5)), np.zeros((2, 5), bool), np.zeros((2, 2)))
 
 
+@pytest.mark.slow
 def test_attribution_scores_predict_retraining_on_digits():
     """The small variant of ``sketcharray bench lds``: 12 models on 50% of 400 examples, 60 queries."""
     from sketcharray.analysis import attribute

@@ -184,8 +184,11 @@ class _SpectrumJob:
         # resumes from its last product when the call is rerun
         resumable = {} if path is None else {"state": folder / f"solver-{name}.zarr", "identity": wanted}
         with _one_blas_thread(K.shape[0]):
+            seed = self.sketch.get("seed") if isinstance(self.sketch, dict) else getattr(self.sketch, "seed", None)
+            label = f"{self.solver.method}" + (f" at {name}" if checkpoint else "") + (
+                f", sketch seed {seed}" if seed is not None else "")
             res = SOLVERS[self.solver.method](K.matvec, K.shape[0], self.k, solver=self.solver,
-                                              progress=self.execution.progress, **resumable)
+                                              progress=self.execution.progress, label=label, **resumable)
         total = time.perf_counter() - t0
         ds = _spectrum_dataset(res, self.k, self.solver.eigenvectors)
         ds.attrs.update(method=self.solver.method, which=self.solver.which, iterations=res["iterations"],

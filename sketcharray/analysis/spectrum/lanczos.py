@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 @moved_options(solver=SolverSettings)
 def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | None = None, progress: bool = True,
-            state=None, identity=None) -> dict:
+            state=None, identity=None, label: str | None = None) -> dict:
     """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     Returns ``{"positive"|"negative": (values, vectors (dim, k), residuals)}``
@@ -73,8 +73,8 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
         basis.set(0, v / np.linalg.norm(v))
         if saver is not None:
             saver.create(dim, m_max, basis_dtype, basis.row(0), rng)
-    bar = Progress("lanczos", m_max, enabled=progress, unit="HVPs")
-    result = None
+    bar = Progress(label or "lanczos", m_max, enabled=progress, unit="HVPs")
+    result, stopped = None, "budget reached"
     for j in range(m, m_max):
         current = basis.row(j)
         w = np.asarray(matvec(current[None, :]), dtype=np.float64)[0]
@@ -96,6 +96,7 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
             result = _select(theta, s, res, k, which, zero=tol * scale)
             # every wanted pair at both ends, whatever its sign, within tol of the largest |eigenvalue|
             if not invariant and np.all(res[_wanted(theta, k, which)] <= tol * scale):
+                stopped = "converged"
                 break
         if m == m_max:
             break
@@ -107,7 +108,7 @@ def lanczos(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | No
             basis.set(j + 1, w / beta[j])
         if saver is not None:
             saver.commit(j + 1, basis.row(j + 1), alpha, beta, m, restarts, rng)
-    bar.close()
+    bar.close(stopped)
     out = {key: (vals, basis.combine(m, s), res) for key, (vals, s, res) in result.items()}
     out["iterations"] = m
     out["restarts"] = restarts

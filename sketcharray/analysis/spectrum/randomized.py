@@ -12,7 +12,7 @@ from .state import _RandomizedState, _basis_on_disk
 
 @moved_options(solver=SolverSettings)
 def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict | None = None,
-               progress: bool = True, state=None, identity=None) -> dict:
+               progress: bool = True, state=None, identity=None, label: str | None = None) -> dict:
     """Extreme eigenpairs by randomized block Krylov iteration with Rayleigh-Ritz.
 
     Starts from a random Gaussian block of ``block`` (default k + 10)
@@ -54,7 +54,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
     # the blocks of V = [Q_0, Q_1, ...] and of KV, a block at a time: from RAM, or (over the memory budget) read
     # back from the state store, where each is committed once; only the newest ones are then held
     blocks = _KrylovBlocks(basis, images, saver if on_disk else None, done)
-    bar = Progress("randomized", n_iter, enabled=progress, unit="blocks")
+    bar = Progress(label or "randomized", n_iter, enabled=progress, unit="blocks")
     result, it, exact = None, done, False
     for it in range(done + 1, n_iter + 1):
         bar.update(it)
@@ -95,7 +95,7 @@ def randomized(matvec, dim: int, k: int = 10, *, solver: SolverSettings | dict |
         blocks.add_basis(np.ascontiguousarray(q[:, keep][:, :room]))
         if saver is not None:
             saver.commit(it, blocks.basis, blocks.images, rayleigh)
-    bar.close()
+    bar.close("invariant space: exact" if exact else "")
     out = {key: (vals, np.asarray(vecs), res) for key, (vals, vecs, res) in result.items()}
     out["iterations"] = it
     return _finish(out, theta, res, kk, which, tol * scale, exact, "randomized", f"n_iter={n_iter} blocks of {p}")

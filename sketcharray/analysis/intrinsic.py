@@ -250,7 +250,7 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
         reference = json.loads(ref_file.read_text())["reference"]
     if reference is None:
         reference = full_finetune_metric(base, loss_fn, data, eval_fn, training=replace(training, lr=search.reference_lr),
-                                         forward=settings.forward, device=device)
+                                         forward=settings.forward, device=device, progress=progress)
         if progress:
             log.info("reference (full fine-tuning) metric: %.4f", reference)
         if ref_file is not None:
@@ -298,7 +298,7 @@ def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSe
     refined, check_metric = state.d_star, np.nan
     at_refined = state.trajectory[-1][2] if state.trajectory else np.nan  # the metric that reached the target
     while search.check and refined is not None and refined > 1:
-        check_metric = trainer.check_run(refined // 2, eval_fn)
+        check_metric = trainer.check_run(refined // 2, eval_fn, progress)
         if progress:
             log.info("  check run at d=%d: metric=%.4f (target %.4f)%s", refined // 2, check_metric, goal,
                      " -> D* refined" if check_metric >= goal else " -> D* confirmed")

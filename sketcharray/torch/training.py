@@ -78,7 +78,7 @@ def evaluate(module, eval_fn) -> float:
 
 
 def train_to_convergence(module, trainable, data, loss_fn, eval_fn, *, training: TrainingSettings, seed: int = 0,
-                         forward=None, device=None) -> float:
+                         forward=None, device=None, progress: bool = False, label: str = "training") -> float:
     """Adam on ``trainable`` to convergence; returns the best metric seen.
 
     Every ``training.steps_per_eval`` steps the metric is evaluated; when it
@@ -91,29 +91,40 @@ def train_to_convergence(module, trainable, data, loss_fn, eval_fn, *, training:
     reaches the least-squares metric within 0.01, where the plateau rule
     alone (stop at the first improvement below ``min_improvement``) left it
     0.1-0.2 short.
+
+    With ``progress``, a bar labelled ``label`` counts steps up to
+    ``max_steps`` and ends with a line saying where it stopped and why.
     """
+    from ..core.progress import Progress
+
     opt = torch.optim.Adam(trainable, lr=training.lr)
     stream, step, rule = MinibatchStream(data, training.batch_size, seed), 0, PlateauRule(training.min_improvement)
+    bar = Progress(label, training.max_steps, enabled=progress, unit="steps")
+    stopped = "max_steps reached"
     while step < training.max_steps:
         train_steps(module, opt, stream, step, training.steps_per_eval, loss_fn, forward or default_forward, device)
         step += training.steps_per_eval
         action = rule.update(evaluate(module, eval_fn))
+        bar.update(step, f"best metric {rule.best:.4f}")
         if action == "converged":
+            stopped = "converged"
             break
         if action == "halve":
             for group in opt.param_groups:
                 group["lr"] /= 2
+    bar.close(f"{stopped}, best metric {rule.best:.4f}")
     return rule.best
 
 
 def full_finetune_metric(model, loss_fn, data, eval_fn, *, training: TrainingSettings, seed: int = 0, forward=None,
-                         device=None) -> float:
+                         device=None, progress: bool = False) -> float:
     """The reference: all parameters of a copy of ``model`` trained by :func:`train_to_convergence`."""
     model = copy.deepcopy(model).to(device or "cpu")
     for p in model.parameters():
         p.requires_grad_(True)
     return train_to_convergence(model, list(model.parameters()), data, loss_fn, eval_fn, training=training,
-                                seed=seed, forward=forward, device=device)
+                                seed=seed, forward=forward, device=device, progress=progress,
+                                label="reference (full fine-tuning)")
 
 
 def start_metric(model, eval_fn, device=None) -> float:
@@ -204,10 +215,11 @@ class SubspaceTrainer:
                 group["betas"] = tuple(group["betas"])
         self.opt.load_state_dict({"state": state, "param_groups": groups})
 
-    def check_run(self, d: int, eval_fn) -> float:
+    def check_run(self, d: int, eval_fn, progress: bool = False) -> float:
         """A fresh omega trained to convergence at dimension ``d`` only (the check at D*/2, and the grid
         mode); the best metric.  The search's own omega is untouched."""
         sub = SubspaceModel(copy.deepcopy(self.base), self.op, self.params).to(self.device or "cpu")
         sub.active = d
         return train_to_convergence(sub, [sub.omega], self.data, self.loss_fn, eval_fn, training=self.training,
-                                    seed=self.seed, forward=self.forward, device=self.device)
+                                    seed=self.seed, forward=self.forward, device=self.device, progress=progress,
+                                    label=f"check run at d={d} (seed {self.seed})")

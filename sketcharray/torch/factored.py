@@ -418,20 +418,18 @@ class FactoredSketch:
         g = g.reshape(1, -1) if squeeze else g
         if g.shape[-1] != self.n_in:
             raise ValueError(f"gradients have length {g.shape[-1]}; this factored sketch expects N={self.n_in}")
-        starts = dict(zip(self.param_names, _cumsum(self.param_sizes)))
-        sizes = dict(zip(self.param_names, self.param_sizes))
+        grads = dict(zip(self.param_names, torch.split(g, self.param_sizes, dim=1)))
         out = torch.empty(g.shape[0], self.n_out, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32,
                           device=g.device)
         for b in self.blocks:
-            G = g[:, starts[b.param]:starts[b.param] + sizes[b.param]].reshape(-1, b.rows, b.cols)
+            G = grads[b.param].reshape(-1, b.rows, b.cols)
             right = self.col_factor(b).apply(G.reshape(-1, b.cols), check_finite=False)  # (B*rows, d_c)
             right = right.reshape(-1, b.rows, b.d_cols).transpose(1, 2).reshape(-1, b.rows)
             both = self.row_factor(b).apply(right, check_finite=False).reshape(-1, b.d_cols, b.d_rows)
             out[:, b.offset:b.offset + b.size] = both.transpose(1, 2).reshape(-1, b.size)
         if self.small is not None:
-            parts = [g[:, starts[n]:starts[n] + sizes[n]] for n in self.small.params]
             out[:, self.small.offset:self.small.offset + self.small.n_out] = self.small_op().apply(
-                torch.cat(parts, dim=1), check_finite=False)
+                torch.cat([grads[n] for n in self.small.params], dim=1), check_finite=False)
         if check_finite and not bool(torch.isfinite(out).all()):
             raise ValueError("gradients contain non-finite values (NaN or inf)")
         return out[0] if squeeze else out
@@ -439,14 +437,6 @@ class FactoredSketch:
 
 def _from_state(*args) -> FactoredSketch:
     return FactoredSketch(*args)
-
-
-def _cumsum(sizes) -> list[int]:
-    out, s = [], 0
-    for n in sizes:
-        out.append(s)
-        s += n
-    return out
 
 
 def factored_sketch(model: nn.Module, n_out: int, *, factor: str = "afjl", seed: int = 0, params=None,
@@ -612,7 +602,8 @@ def sketch_batch(model: nn.Module, loss_fn: Callable, batch, paramset: ParamSet,
     owners = {id(u.module): {id(getattr(u.module, a)) for a in u.attrs} for u in uses}
 
     def pre_hook(module, args):
-        check.stack.append(id(module)) if check is not None else None
+        if check is not None:
+            check.stack.append(id(module))
         x = args[0]
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 and b > 1:
             return (x.expand(b, *x.shape[1:]), *args[1:])  # a broadcast input (position ids): one row per example
@@ -625,12 +616,12 @@ def sketch_batch(model: nn.Module, loss_fn: Callable, batch, paramset: ParamSet,
             x = args[0]
             with torch.no_grad():
                 saved = _project_input(sketch, use, blocks, x, b, mask)
-            if not out.requires_grad:
+            # an output nothing upstream differentiates (no selected weight before it): a leaf to take its gradient
+            replaced = not out.requires_grad
+            if replaced:
                 out = out.detach().requires_grad_(True)
-                calls.append((use, saved, out))
-                return out
             calls.append((use, saved, out))
-            return None
+            return out if replaced else None
         return hook
 
     first = False

@@ -163,7 +163,8 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
 
 def sketch_spec(method: str, n_out: int, seed: int = 0) -> dict:
     """The spec of a benchmark's method name: a whole-vector method, or ``factored-<factor>`` (afjl, qk, dense)."""
+    from ..demo import gradient_spec
+
     if method.startswith("factored"):
-        factor = method.partition("-")[2] or "afjl"
-        return {"method": "factored", "factor": factor, "n_out": n_out, "seed": seed}
-    return {"method": method, "n_out": n_out, "seed": seed}
+        return gradient_spec("factored", n_out, seed, method.partition("-")[2] or None)
+    return gradient_spec(method, n_out, seed, None)

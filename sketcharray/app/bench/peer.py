@@ -23,20 +23,14 @@ from torch import nn
 from ._util import format_table, write_json
 
 
-def _exact_scores(model, w, x, y, xq, yq) -> np.ndarray:
+def _exact_scores(model, w, x, y, xq, yq):
+    from ...analysis.tda import exact_gradient_scores
     from ...torch import per_example_gradients, select_params
 
     ps = select_params(model)
     g, _ = per_example_gradients(model, w.loss_fn, (x, y), ps)
     q, _ = per_example_gradients(model, w.loss_fn, (xq, yq), ps)
-    return (q.double() @ g.double().T).numpy()
-
-
-def _agreement(scores: np.ndarray, exact: np.ndarray, k: int = 10) -> tuple[float, float]:
-    r = float(np.corrcoef(scores.ravel(), exact.ravel())[0, 1])
-    top = np.argsort(-scores, axis=1)[:, :k]
-    want = np.argsort(-exact, axis=1)[:, :k]
-    return r, float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top, want)]))
+    return exact_gradient_scores(g.double().numpy(), q.double().numpy())
 
 
 def _logra(model, x, y, xq, yq, per_layer: int, seed: int):
@@ -92,6 +86,7 @@ def main(argv=None, args=None) -> int:
     except ImportError:
         print("bench peer needs the dattri package: pip install 'sketcharray[bench]'", file=sys.stderr)
         return 3
+    from ...analysis.tda import compare_with_exact
     from ...workloads import digits
 
     w = digits()
@@ -113,9 +108,9 @@ def main(argv=None, args=None) -> int:
                 else:
                     scores = _factored(model, w, x, y, xq, yq, total, factor, seed)
                 seconds.append(time.perf_counter() - t0)
-                r, ov = _agreement(scores, exact)
-                rs.append(r)
-                overlaps.append(ov)
+                agreement = compare_with_exact(scores, exact, k=10)
+                rs.append(float(agreement.pearson))
+                overlaps.append(float(agreement.topk_overlap.mean()))
             rows.append({"method": name, "D": total, "pearson": float(np.median(rs)),
                          "topk_overlap": float(np.median(overlaps)),
                          "ms_per_example": 1e3 * float(np.median(seconds)) / (len(y) + len(yq))})

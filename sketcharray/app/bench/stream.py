@@ -99,15 +99,7 @@ def end_to_end_ratio(workload: str, method: str, n_out: int, n: int, batch: int,
                          model_settings={"forward": w.forward},
                          execution={"device": device, "progress": False}).grad.values
 
-    model = w.model().to(dev)
-
-    def train_step():
-        model.zero_grad(set_to_none=True)
-        for b in torch.utils.data.DataLoader(data, batch_size=batch):
-            b = to_device(b, dev)
-            w.loss_fn((w.forward or (lambda m, x: m(x[0])))(model, b), b).mean().backward()
-        _sync(dev)
-
+    train_step = _timed_train_step(w.model().to(dev), w, data, batch, dev)
     model_pe = w.model().to(dev)
     paramset = select_params(model_pe)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -98,6 +99,45 @@ def _common(p: argparse.ArgumentParser, *, workload: bool = True, sketch: tuple[
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages; only errors")
 
 
+def storage_option(text: str) -> tuple[str, object]:
+    """``--storage-option KEY=VALUE``: a dotted KEY reaches into nested options (``client_kwargs.endpoint_url``);
+    VALUE is JSON when it parses (``true``, ``3``, ``{"a": 1}``), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. client_kwargs.endpoint_url=http://host:9000); "
+                                         f"got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key, parsed
+
+
+def storage_options(pairs) -> dict | None:
+    """The ``--storage-option`` pairs as fsspec's nested options dict (None when none were given)."""
+    if not pairs:
+        return None
+    out: dict = {}
+    for key, value in pairs:
+        *heads, last = key.split(".")
+        node = out
+        for head in heads:
+            node = node.setdefault(head, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--storage-option {key}: {head} was already given a value")
+        node[last] = value
+    return out
+
+
+def _storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", dest="storage_option", action="append", type=storage_option, default=None,
+                   metavar="KEY=VALUE",
+                   help="fsspec option for s3://, gs://, memory:// stores (repeatable; dotted keys nest: "
+                        "client_kwargs.endpoint_url=http://127.0.0.1:9000). Credentials are better left to the "
+                        "environment variables the filesystem reads (AWS_ACCESS_KEY_ID, ...); none is ever stored "
+                        "or printed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
@@ -138,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Compute Phi g_i for every example of a split and write them to a Zarr store (one chunk per "
                 "batch). Rerunning the same command resumes an interrupted run; a store made with another "
                 "sketch, model or ids is refused.", commands.sketch)
-    p.add_argument("--out", required=True, metavar="STORE", help="the Zarr store to write")
+    p.add_argument("--out", required=True, metavar="STORE", help="the Zarr store to write: a path or a URL "
+                                                                   "(s3://bucket/run.zarr)")
     p.add_argument("--split", default="train", choices=("train", "test"), help="which examples")
     p.add_argument("--limit", type=int, default=None, help="only the first LIMIT examples")
     p.add_argument("--mode", default="explicit", choices=("explicit", "implicit"),
@@ -157,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, sketch=("afjl", 512), scheduler=True, factored=True)
     p.add_argument("--factor", default=None, choices=("afjl", "qk", "dense"),
                    help="with --method factored: the family of the per-layer factors (default afjl)")
+    _storage(p)
 
     p = command("attribute", "score training examples against queries from two gradient stores",
                 "Top (proponents) or bottom (opponents) K training examples per query, streamed chunk by "
@@ -179,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the result --out holds (only a result this command wrote; anything else is refused)")
     _common(p, workload=False)
+    _storage(p)
 
     p = command("spectrum", "top and bottom eigenvalues of the sketched Hessian, over checkpoints",
                 "Eigenvalues of K = Phi H Phi^T (sketched HVPs) by Lanczos or a randomized block solver, at "
@@ -206,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversampling", type=int, default=None,
                    help="with --from-hvps: probes beyond the model's rank (default min(10, P // 3))")
     _common(p, sketch=("affd", 256), scheduler=True)
+    _storage(p)
 
     p = command("intrinsic-dim", "intrinsic dimension by the doubling search in a sketched subspace",
                 "Train omega in theta = theta_0 + Phi^T omega, doubling D whenever the metric stops improving, "
@@ -231,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE", help="a path written by sketcharray")
     p.add_argument("--verify", action="store_true", help="read and check every chunk; list the damage")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _storage(p)
 
     bench = command("bench", "run a benchmark (prints a table, writes JSON)",
                     "Run a benchmark; each prints a table and writes JSON. 'sketcharray bench NAME --help' lists "

@@ -27,6 +27,27 @@ def _say(args, *lines) -> None:
         print(*lines, sep="\n", flush=True)
 
 
+def _at(args, target):
+    """A path or URL argument as the library takes it: a local path as given, a URL as a Location carrying the
+    ``--storage-option`` values (refused for a local path)."""
+    from ..storage.location import is_url, locate
+    from .cli import storage_options
+
+    options = storage_options(getattr(args, "storage_option", None))
+    if target is None or (not is_url(str(target)) and not options):
+        return target
+    return locate(str(target), options)
+
+
+def _where(target) -> str:
+    """A path resolved, a URL as it is (never its storage options)."""
+    from ..storage.location import Location, is_url
+
+    if isinstance(target, Location):
+        return str(target.path.resolve()) if target.is_local else str(target)
+    return str(target) if is_url(str(target)) else str(Path(target).resolve())
+
+
 def demo(args) -> int:
     from .demo import run_demo
 
@@ -51,18 +72,19 @@ def sketch(args) -> int:
     with scheduler(args.scheduler, quiet=args.quiet):
         if args.hvps:
             ds = sketch_hvps(w.model_factory, w.loss_fn, data, spec, probes=args.hvps, seed=args.seed,
-                             space=args.hvp_space, batch_size=args.batch_size, store=args.out,
+                             space=args.hvp_space, batch_size=args.batch_size, store=_at(args, args.out),
                              model_settings=ModelSettings(params=args.params, forward=w.forward),
                              execution=Execution(device=args.device, progress=not args.quiet))
         else:
             from ..workloads import classification_margin
 
             ds = sketch_gradients(w.model_factory, classification_margin if args.margin else w.loss_fn, data, spec,
-                                  batch_size=args.batch_size, ids=ids, store=args.out, checkpoint=args.checkpoint,
+                                  batch_size=args.batch_size, ids=ids, store=_at(args, args.out),
+                                  checkpoint=args.checkpoint,
                                   dtype=args.dtype,
                                   model_settings=ModelSettings(params=args.params, forward=w.forward, mode=args.mode),
                                   execution=Execution(device=args.device, progress=not args.quiet))
-    _say(args, f"wrote {Path(args.out).resolve()}", str(ds))
+    _say(args, f"wrote {_where(args.out)}", str(ds))
     return 0
 
 
@@ -71,9 +93,10 @@ def attribute(args) -> int:
     from ..storage.outputs import check_result_path, write_result
     from ..storage.store import open_sketches
 
-    train, q = open_sketches(args.train), open_sketches(args.queries)
-    if args.out:  # before any work: nothing the package did not write is replaced, nothing inside a store
-        check_result_path(args.out, "attribution", overwrite=args.overwrite)
+    train, q = open_sketches(_at(args, args.train)), open_sketches(_at(args, args.queries))
+    out = _at(args, args.out)
+    if out:  # before any work: nothing the package did not write is replaced, nothing inside a store
+        check_result_path(out, "attribution", overwrite=args.overwrite)
     if args.query:
         missing = [i for i in args.query if i not in set(map(str, q.example.values))]
         if missing:
@@ -91,8 +114,8 @@ def attribute(args) -> int:
     (res,) = compute_with_progress([res], progress=not args.quiet,
                                    message=f"scoring {q.sizes['example']} queries against {train.sizes['example']} "
                                            f"training examples in {len(train.chunks['example'])} chunks")
-    if args.out:
-        write_result(res, args.out, "attribution", overwrite=args.overwrite)
+    if out:
+        write_result(res, out, "attribution", overwrite=args.overwrite)
     ranked, index = res.ranked.values, res["index"].values
     rows = [{"query": str(qid), "rank": int(r) + 1, "example": str(res.example.values[i, r]),
              "score": float(res.score.values[i, r])}
@@ -106,7 +129,7 @@ def attribute(args) -> int:
         print(markdown_table(rows, [("query", "query"), ("rank", "rank"), ("example", "training example"),
                                     ("score", args.score)]))
         if args.out:
-            print(f"wrote {Path(args.out).resolve()}")
+            print(f"wrote {_where(out)}")
     return 0
 
 
@@ -141,10 +164,11 @@ def spectrum(args) -> int:
     _plot_path(args)
     if args.plot and args.which == "bottom":
         raise ValueError("--plot shows RNEG and R_n, which need the top end too: use --which both or top")
-    if args.out:
+    out = _at(args, args.out)
+    if out:
         from ..storage.outputs import check_folder
 
-        check_folder(args.out)
+        check_folder(out)
     if args.from_hvps:
         ignored = [flag for flag, given in (("--seeds", args.seeds), ("--checkpoint", args.checkpoint),
                                             ("--workload-checkpoints", args.workload_checkpoints),
@@ -175,7 +199,7 @@ def spectrum(args) -> int:
                                k=args.k, solver=SolverSettings(method=args.solver, which=args.which, **(
                                    {} if args.max_iter is None else
                                    {"max_iter" if args.solver == "lanczos" else "n_iter": args.max_iter})),
-                               checkpoints=checkpoints, seeds=args.seeds, store=args.out, batch_size=args.batch_size,
+                               checkpoints=checkpoints, seeds=args.seeds, store=out, batch_size=args.batch_size,
                                model_settings=ModelSettings(params=args.params, forward=w.forward),
                                execution=Execution(device=args.device, progress=not args.quiet, shards=shards))
     stats = spectrum_statistics(res) if args.which != "bottom" else None
@@ -223,7 +247,7 @@ def spectrum(args) -> int:
         plot_spectrum_evolution(stats, args.plot)
         _say(args, f"wrote {Path(args.plot).resolve()}")
     if args.out:
-        _say(args, f"spectra stored per checkpoint under {Path(args.out).resolve()}")
+        _say(args, f"spectra stored per checkpoint under {_where(out)}")
     return 0
 
 
@@ -264,10 +288,12 @@ def store_info(path) -> dict:
 
     Raises ``ValueError`` when ``path`` is none of these.
     """
+    from ..storage.location import Location, locate
     from ..storage.store import open_sketches, read_attrs
 
-    path = Path(path)
-    attrs = read_attrs(path)
+    loc = locate(path)
+    path = loc if isinstance(path, Location) and not loc.is_local else loc.path
+    attrs = read_attrs(loc)
     if attrs is not None:
         ds = open_sketches(path, allow_incomplete=True)
         done = ds["batch_done"].values.astype(bool)
@@ -297,7 +323,12 @@ def store_info(path) -> dict:
                 "sketch_spec": hvps.attrs.get("sketch_spec"), "n_params": int(sum(hvps.attrs.get("param_sizes", []))),
                 "model_fingerprint": hvps.attrs.get("model_fingerprint"), "probe_seed": hvps.attrs.get("probe_seed"),
                 "finite": bool(np.isfinite(hvps.hvp.values).all())}
-    spectra = sorted(path.glob("checkpoint-*.zarr"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    if loc.is_local:
+        spectra = sorted(path.glob("checkpoint-*.zarr"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    else:
+        from ..storage.read import _children
+
+        spectra = [loc.child(n) for n in _children(loc) if n.startswith("checkpoint-") and n.endswith(".zarr")]
     if spectra:
         from ..storage.store import open_zarr_dataset
 
@@ -309,7 +340,7 @@ def store_info(path) -> dict:
                 "method": ds.attrs.get("method"), "k": int(ds.sizes["rank"]), "hvps": ds.attrs.get("hvps"),
                 "lambda_max": float(top[0]) if len(top) else None, "sketch_spec": ds.attrs.get("sketch_spec")}
         return out
-    searches = sorted(path.glob("*/state.json")) if path.is_dir() else []
+    searches = sorted(path.glob("*/state.json")) if loc.is_local and path.is_dir() else []
     if searches:
         out = {"kind": "intrinsic-dimension folder", "path": str(path), "searches": {}}
         if (path / "reference.json").exists():
@@ -327,7 +358,8 @@ def store_info(path) -> dict:
 def _spectrum_from_hvps(args) -> int:
     from ..analysis import single_pass_spectrum
 
-    path = Path(args.from_hvps)
+    path = _at(args, args.from_hvps)
+    path = Path(path) if isinstance(path, str) else path
     hvps = _hvp_store(path)
     if hvps is None:
         raise ValueError(f"--from-hvps {path}: not a store of sketched HVPs (expected one written by "
@@ -358,9 +390,11 @@ def _spectrum_from_hvps(args) -> int:
     return 0
 
 
-def _hvp_store(path: Path):
+def _hvp_store(path):
     """The Dataset of a store written by ``sketch --hvps`` (``hvp`` over probe x sketch), else None."""
-    if not (path / "zarr.json").exists():
+    from ..storage.location import locate
+
+    if not locate(path).child("zarr.json").is_file():
         return None
     from ..storage.store import StoreError, open_sketches, open_zarr_dataset, read_attrs
 
@@ -380,7 +414,7 @@ def info(args) -> int:
     if args.verify:
         from ..storage.store import verify_store
 
-        report = verify_store(args.store, progress=not args.json)
+        report = verify_store(_at(args, args.store), progress=not args.json)
         if args.json:
             print(json.dumps({"path": report.path, "verifiable": report.verifiable, "batches": report.batches,
                               "checked": report.checked, "ok": report.ok, "zero_rows": report.zero_rows,
@@ -391,7 +425,7 @@ def info(args) -> int:
             if not report.ok:
                 print("rerun the sketch command that wrote the store to recompute exactly these batches")
         return 0 if report.ok else 3
-    data = store_info(args.store)
+    data = store_info(_at(args, args.store))
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return 0

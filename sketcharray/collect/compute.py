@@ -63,14 +63,16 @@ def compute_into_store(store, skeleton: dict, task, arguments, *, name: str, tok
     """The one way a stream writes a store: take its writer lock, create or check it (``prepare_store``: a run
     made otherwise is refused, damage is repaired), compute the parts not yet done, one named task each.
 
-    ``task(*arguments(i), dask_key_name=...)`` is delayed for every pending part ``i`` (its model argument a
-    shared graph node); returns the tasks' results, in the order of the pending parts.
+    ``task(*arguments(i, held), dask_key_name=...)`` is delayed for every pending part ``i`` (its model argument
+    a shared graph node; ``held`` the store's Location under the writer lock, which the task writes through:
+    on object storage it carries the lease, checked before each write); returns the tasks' results, in the
+    order of the pending parts.
     """
     from ..storage import store as st
 
-    with st.writer_lock(store, quiet=not progress):
-        todo = st.prepare_store(store, skeleton, quiet=not progress, **({} if ids is None else {"ids": ids}))
-        tasks = [dask.delayed(task, pure=True)(*arguments(int(i)), dask_key_name=(f"{name}-{token}", int(i)))
+    with st.writer_lock(store, quiet=not progress) as held:
+        todo = st.prepare_store(held, skeleton, quiet=not progress, **({} if ids is None else {"ids": ids}))
+        tasks = [dask.delayed(task, pure=True)(*arguments(int(i), held), dask_key_name=(f"{name}-{token}", int(i)))
                  for i in todo]
         return compute_with_progress(tasks, progress=progress, scheduler=scheduler,
                                      message=f"{what} {len(todo)} of {n_parts} {unit} to {store}",

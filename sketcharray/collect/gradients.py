@@ -61,7 +61,7 @@ def _gradient_task(model_src, loss_fn, data: DataSource, index, start, stop, op,
 
 @moved_options(model_settings=ModelSettings, execution=Execution)
 def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int | None = None, ids=None, store=None,
-                     checkpoint=None, dtype: str = "float32", model_settings: ModelSettings | dict | None = None,
+                     storage_options: dict | None = None, checkpoint=None, dtype: str = "float32", model_settings: ModelSettings | dict | None = None,
                      execution: Execution | dict | None = None) -> xr.Dataset:
     """Sketched per-example gradients ``Phi g_i`` as a labeled Dataset.
 
@@ -80,9 +80,15 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
         Examples per batch (= per dask chunk, = per Zarr chunk) for datasets.
     ids : sequence, optional
         Example ids (default: dataset indices).
-    store : path, optional
+    store : path or URL, optional
         Write to this Zarr store (computes now, with progress) and return it
         opened lazily.  Rerunning the same call resumes an interrupted run.
+        A URL (``s3://bucket/run.zarr``) puts it on object storage: each
+        dask worker writes its own batches there, under the writer lease
+        (docs/reliability.md).
+    storage_options : dict, optional
+        fsspec's options for a URL store (credentials, ``client_kwargs``'s
+        ``endpoint_url``); never stored, logged or shown in an error.
     checkpoint : str or int, optional
         Recorded in attrs and as a scalar coordinate.
     dtype : {"float32", "float16", "bfloat16"}
@@ -144,6 +150,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
         return _lazy_dataset(model_src, task_args, bounds, op, settings, device,
                              ids, has_label, labels, attrs, checkpoint)
 
+    store = st.locate(store, storage_options)
     skeleton = dict(variable="grad", row_dim="example", n_rows=n, n_out=op.n_out, chunk=chunk, ids=ids,
                     has_label=has_label, label_dtype=labels.cpu().numpy().dtype if has_label else None,
                     storage_dtype=dtype, attrs=attrs)
@@ -151,7 +158,7 @@ def sketch_gradients(model, loss_fn: Callable, data, sketch, *, batch_size: int 
     token = dask.base.tokenize(op, params, mode, str(store), attrs["model_fingerprint"])
     invalid = compute_into_store(
         store, skeleton, _gradient_task,
-        lambda i: (model_d, *task_args, i, *bounds[i], op, settings, device, str(store), ids[bounds[i][0]:bounds[i][1]]),
+        lambda i, held: (model_d, *task_args, i, *bounds[i], op, settings, device, held, ids[bounds[i][0]:bounds[i][1]]),
         name="sketch-gradients", token=token, n_parts=len(bounds), what="sketching", unit="batches",
         label="sketching", progress=progress, scheduler=scheduler, ids=ids)
     if sum(invalid):

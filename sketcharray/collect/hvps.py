@@ -96,7 +96,7 @@ def _hvp_task(model_src, loss_fn, data: DataSource, block: ProbeBlock, op, setti
 
 @moved_options(model_settings=ModelSettings, execution=Execution)
 def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int = 0, space: str = "parameters",
-                batch_size: int | None = None, store=None, model_settings: ModelSettings | dict | None = None,
+                batch_size: int | None = None, store=None, storage_options: dict | None = None, model_settings: ModelSettings | dict | None = None,
                 execution: Execution | dict | None = None) -> xr.Dataset:
     """Sketched Hessian-vector products ``Phi H v_p`` of the mean loss over ``data``.
 
@@ -166,6 +166,7 @@ def sketch_hvps(model, loss_fn: Callable, data, sketch, *, probes=8, seed: int =
     attrs = {"sketch_spec": op.spec, **paramset.to_attrs(), "model_fingerprint": fingerprint, "probe_seed": int(seed),
              "probe_space": space, "sketcharray_version": __version__, **function_provenance(loss_fn)}
     if store is not None:
+        store = st.locate(store, storage_options)
         return _stored_hvps(store, model_src, loss_fn, source, blocks, op, settings, execution, key, attrs, given)
     model_d = model_delayed(model_src)
     meta = None
@@ -202,7 +203,7 @@ def _stored_hvps(store, model_src, loss_fn, source: DataSource, blocks, op, sett
     token = dask.base.tokenize(op, settings.params, str(store), key)
     invalid = compute_into_store(
         store, skeleton, _hvp_task,
-        lambda i: (model_d, loss_fn, source, blocks[i], op, settings, execution.device, key, str(store), i),
+        lambda i, held: (model_d, loss_fn, source, blocks[i], op, settings, execution.device, key, held, i),
         name="sketch-hvps", token=token, n_parts=len(blocks), what="computing sketched HVPs for",
         unit="blocks of probes", label="sketching HVPs", progress=progress, scheduler=execution.scheduler)
     if sum(invalid):

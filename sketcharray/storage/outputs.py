@@ -42,7 +42,14 @@ class OutputError(ValueError):
 
 def enclosing_store(path) -> Path | None:
     """The Zarr store (or group) that ``path`` lies inside, or None: the nearest folder above ``path`` that holds
-    ``zarr.json``."""
+    ``zarr.json`` (for a URL, the nearest prefix, as a Location)."""
+    from .location import is_url, locate
+
+    if is_url(str(path)) or not isinstance(path, (str, os.PathLike)):
+        loc = locate(path)
+        if not loc.is_local:
+            return next((p for p in loc.parents() if p.child("zarr.json").is_file()), None)
+        path = loc.path
     for parent in Path(path).absolute().parents:
         if (parent / "zarr.json").is_file():
             return parent
@@ -55,6 +62,14 @@ def refuse_inside_store(path, what: str) -> None:
     if store is not None:
         raise OutputError(f"{what} {path} lies inside the Zarr store {store}; writing there would replace part of "
                           "that store: choose a path outside it")
+    from .location import Location
+
+    if isinstance(path, Location):
+        if not path.is_local:
+            return
+        path = path.path
+    elif "://" in str(path):
+        return
     for parent in Path(path).absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -62,9 +77,30 @@ def refuse_inside_store(path, what: str) -> None:
             break
 
 
+def _remote(path):
+    """``path`` as a Location when it is a URL (or a Location on object storage), else None."""
+    from .location import Location, is_url, locate
+
+    if isinstance(path, Location):
+        return None if path.is_local else path
+    return locate(path) if is_url(str(path)) else None
+
+
+def _local(path) -> Path:
+    from .location import Location
+
+    return path.path if isinstance(path, Location) else Path(path)
+
+
 def result_kind(path) -> str | None:
     """The kind of result this package wrote at ``path`` (its :data:`RESULT_ATTR`), or None when it wrote none."""
-    path = Path(path)
+    loc = _remote(path)
+    if loc is not None:
+        try:
+            return (json.loads(loc.child("zarr.json").read_bytes()).get("attributes") or {}).get(RESULT_ATTR)
+        except Exception:  # unreadable or absent: not a result this package can vouch for
+            return None
+    path = _local(path)
     try:
         if path.is_dir():
             attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
@@ -84,7 +120,10 @@ def result_kind(path) -> str | None:
 def check_result_path(path, kind: str, *, overwrite: bool = False, what: str = "--out") -> Path:
     """Refuse ``path`` as the place of a new result of ``kind`` unless it is free, or (with ``overwrite``) a
     result of this package.  Call it before the work that produces the result."""
-    path = Path(path)
+    loc = _remote(path)
+    if loc is not None:
+        return _check_remote_result(loc, overwrite=overwrite, what=what)
+    path = _local(path)
     refuse_inside_store(path, what)
     if not path.exists() and not path.is_symlink():
         return path
@@ -105,6 +144,26 @@ def check_result_path(path, kind: str, *, overwrite: bool = False, what: str = "
     return path
 
 
+def _check_remote_result(loc, *, overwrite: bool, what: str):
+    refuse_inside_store(loc, what)
+    if loc.name.endswith(".nc"):
+        raise OutputError(f"{what} {loc}: netCDF results are written to local paths; on object storage give a Zarr "
+                          "name (e.g. result.zarr)")
+    if not loc.objects():
+        return loc
+    have = result_kind(loc)
+    if have is None:
+        from .read import read_attrs
+
+        thing = "a sketch store" if _quiet(read_attrs, loc) is not None else "objects that are not a result of sketcharray"
+        raise OutputError(f"{what} {loc} holds {thing}; it would be replaced: choose a new URL (nothing there was "
+                          "changed)")
+    if not overwrite:
+        raise OutputError(f"{what} {loc} holds an earlier result ({have}); pass --overwrite (overwrite=True) to "
+                          "replace it, or choose a new URL")
+    return loc
+
+
 def _quiet(func, *args):
     try:
         return func(*args)
@@ -114,14 +173,32 @@ def _quiet(func, *args):
 
 def write_result(ds, path, kind: str | None = None, *, overwrite: bool = False) -> Path:
     """Write the Dataset ``ds`` at ``path`` as a result of ``kind`` (Zarr, or netCDF when ``path`` ends in
-    ``.nc``), checked by :func:`check_result_path` and renamed into place once whole."""
+    ``.nc``), checked by :func:`check_result_path` and renamed into place once whole.
+
+    On object storage (a URL or Location) the result is written locally, then uploaded with its root metadata
+    last; an earlier result there is removed first, root metadata first: readers find the old result, none,
+    or the new one, never part of either.
+    """
     import warnings
 
-    path = Path(path)
     kind = kind or ds.attrs.get(RESULT_ATTR) or "result"
     check_result_path(path, kind, overwrite=overwrite)
     ds = ds.copy(deep=False)
     ds.attrs[RESULT_ATTR] = kind
+    loc = _remote(path)
+    if loc is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="sketcharray-result-") as tmp:
+            local = Path(tmp, "result.zarr")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=FutureWarning)
+                ds.to_zarr(str(local), mode="w-", consolidated=False, zarr_format=3)
+            if loc.objects():
+                loc.remove_tree()
+            loc.upload(local)
+        return loc
+    path = _local(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -169,8 +246,15 @@ def _remove(p: Path) -> None:
 
 def check_folder(path, what: str = "--out") -> Path:
     """A folder that a run fills and resumes (spectra, searches, the demo): not inside a store, not a file; what
-    it holds is kept (the run adds its own entries and never removes others)."""
-    path = Path(path)
+    it holds is kept (the run adds its own entries and never removes others).  A URL comes back as a Location."""
+    loc = _remote(path)
+    if loc is not None:
+        refuse_inside_store(loc, what)
+        if loc.child("zarr.json").is_file():
+            raise OutputError(f"{what} {loc} is a Zarr store; expected a prefix of results (new, or one this "
+                              "command wrote before)")
+        return loc
+    path = _local(path)
     refuse_inside_store(path, what)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file; expected a folder (new, or one this command wrote before)")
@@ -178,6 +262,16 @@ def check_folder(path, what: str = "--out") -> Path:
         raise OutputError(f"{what} {path} is a Zarr store; expected a folder of results (new, or one this command "
                           "wrote before)")
     return path
+
+
+def remove_folder(path) -> None:
+    """Remove a folder this package wrote (a solver state once its result is stored): a local tree, or every
+    object below a prefix, root metadata first."""
+    loc = _remote(path)
+    if loc is not None:
+        loc.remove_tree()
+    else:
+        shutil.rmtree(_local(path), ignore_errors=True)
 
 
 def check_file(path, *, suffixes: tuple[str, ...], marker: bytes, what: str) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import zarr
 
 from .layout import (DIGEST, IDENTITY_ATTRS, PROGRESS, StoreDamaged, StoreError, _SINCE_0_5, _ids_digest,
                      _jsonable, _rows_digest, decode_bfloat16, digest_key, ids_array)
+from .location import locate
 from .provenance import provenance, with_provenance
 
 
@@ -39,23 +42,37 @@ def check_codecs(path) -> None:
                 yield from names((c.get("configuration") or {}).get("codecs"))
                 yield from names((c.get("configuration") or {}).get("index_codecs"))
 
-    for meta in [Path(path, "zarr.json"), *Path(path).glob("*/zarr.json")]:  # the only arrays ever opened
-        try:
-            doc = json.loads(meta.read_text())
+    loc = locate(path)
+    for name, meta in [("", loc.child("zarr.json")), *((n, loc.child(n, "zarr.json")) for n in _children(loc))]:
+        try:  # the only arrays ever opened: the root's children
+            doc = json.loads(meta.read_bytes())
         except (OSError, ValueError):
             continue  # unreadable metadata is reported as damage where the array is opened
         if not isinstance(doc, dict) or doc.get("node_type") != "array":
             continue
         unsafe = sorted({str(n) for n in names(doc.get("codecs")) if n not in SAFE_CODECS})
         if unsafe:
-            raise StoreError(f"store {path}: {meta.parent.name} uses codec(s) {unsafe}, which this package never "
+            raise StoreError(f"store {loc}: {name or loc.name} uses codec(s) {unsafe}, which this package never "
                              f"writes and will not decode (allowed: {sorted(SAFE_CODECS)})")
 
 
-def open_zarr_dataset(path) -> xr.Dataset:
+def _children(loc) -> list[str]:
+    """The names of the entries directly below a store (one listing request on object storage)."""
+    if loc.is_local:
+        return sorted(p.name for p in loc.path.iterdir() if p.is_dir()) if loc.path.is_dir() else []
+    try:
+        loc.fs.invalidate_cache(loc.key)
+        entries = loc.fs.ls(loc.key, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+
+def open_zarr_dataset(path, storage_options: dict | None = None) -> xr.Dataset:
     """``xarray.open_zarr`` for result folders this package wrote (spectra, HVP sketches), codecs checked first."""
-    check_codecs(path)
-    return xr.open_zarr(str(path), consolidated=False, zarr_format=3)
+    loc = locate(path, storage_options)
+    check_codecs(loc)
+    return xr.open_zarr(loc.zarr_store(), consolidated=False, zarr_format=3)
 
 
 def read_attrs(path) -> dict | None:
@@ -63,18 +80,22 @@ def read_attrs(path) -> dict | None:
 
     Raises :class:`StoreDamaged` when the root metadata exists but cannot be read.
     """
-    root = Path(path)
-    if not (root / "zarr.json").is_file():
-        return None
+    meta = locate(path).child("zarr.json")
     try:
-        attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError, AttributeError) as exc:
+        raw = meta.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise StoreDamaged(path, "zarr.json", f"the root metadata is unreadable ({exc})") from None
+    try:
+        attrs = json.loads(raw).get("attributes", {})
+    except (ValueError, AttributeError) as exc:
         raise StoreDamaged(path, "zarr.json", f"the root metadata is unreadable ({exc})") from None
     return dict(attrs) if "variable" in attrs and "sketch_spec" in attrs else None
 
 
 def _group(path):
-    return zarr.open_group(str(path), mode="r", zarr_format=3)
+    return zarr.open_group(locate(path).zarr_store(), mode="r", zarr_format=3)
 
 
 def _array(group, path, name):
@@ -96,9 +117,10 @@ def _batches(n_rows: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(n_rows, s + chunk)) for s in range(0, n_rows, chunk)]
 
 
-def _chunk_path(path, arr, batch: int) -> Path:
+def _chunk_path(path, arr, batch: int):
+    """The Location of a batch's chunk of ``arr``."""
     key = arr.metadata.encode_chunk_key((batch,) + (0,) * (arr.ndim - 1))
-    return Path(path, arr.path, *key.split("/"))
+    return locate(path).child(arr.path, *key.split("/"))
 
 
 def read_rows(path, name: str, batch: int, start: int, stop: int, expected: int | None = None,
@@ -128,7 +150,8 @@ def _mismatch(path, arr, batch: int) -> str:
             "from another store)")
 
 
-def _read_block(path, variable, bounds, done, digests, decode, tail, out_dtype, key=b"", block_id=None):
+def _read_block(path, variable, bounds, done, digests, decode, tail, out_dtype, key=b"", state=None,
+                block_id=None):
     """One stored batch of one variable; a batch not yet written reads as missing (NaN, or False/0)."""
     batch = block_id[0]
     start, stop = bounds[batch]
@@ -136,7 +159,27 @@ def _read_block(path, variable, bounds, done, digests, decode, tail, out_dtype, 
         return np.full((stop - start, *tail), np.nan if np.issubdtype(out_dtype, np.floating) else 0,
                        dtype=out_dtype)
     return read_rows(path, variable, batch, start, stop, None if digests is None else digests[batch], decode,
-                     key=key)
+                     arr=_opened_array(path, variable, state), key=key)
+
+
+_OPENED: "collections.OrderedDict" = collections.OrderedDict()  # (location, name, state) -> zarr array
+_OPENED_LOCK = threading.Lock()
+
+
+def _opened_array(path, name: str, state, arr=None):
+    """A variable's Zarr array, opened once per process and store state (``state``; :func:`open_sketches` hands
+    over the arrays it opened): a lazy read then costs one request per chunk on object storage, not three."""
+    key = (path, name, state)
+    with _OPENED_LOCK:
+        if arr is None and key in _OPENED:
+            _OPENED.move_to_end(key)
+            return _OPENED[key]
+    arr = arr if arr is not None else _array(_group(path), path, name)
+    with _OPENED_LOCK:
+        _OPENED[key] = arr
+        while len(_OPENED) > 64:
+            _OPENED.popitem(last=False)
+    return arr
 
 
 def _read_whole(path, group, name) -> np.ndarray:
@@ -147,12 +190,14 @@ def _read_whole(path, group, name) -> np.ndarray:
         raise StoreDamaged(path, name, f"corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 
-def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) -> xr.Dataset:
+def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True,
+                  storage_options: dict | None = None) -> xr.Dataset:
     """Open a sketch store lazily (dask arrays, one chunk per stored batch).
 
     Parameters
     ----------
-    path : str or Path
+    path : str, Path or Location
+        A local path or an fsspec URL (``s3://bucket/run.zarr``).
     allow_incomplete : bool
         Open a store whose run has not finished: its missing rows are NaN
         with ``valid`` False.  Otherwise an incomplete store raises.
@@ -160,6 +205,9 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
         Check each chunk read against the digest written with its batch
         (64 bits of SHA-256, about 2 GB/s per core); the CRC32C checksum of
         every chunk is checked either way.
+    storage_options : dict, optional
+        For a URL: fsspec's options (credentials, ``client_kwargs``'s
+        ``endpoint_url``); never stored or shown.
 
     Returns
     -------
@@ -176,6 +224,7 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
     StoreDamaged
         When its metadata, progress record or ids are damaged.
     """
+    path = locate(path, storage_options)
     attrs = read_attrs(path)
     if attrs is None:
         raise StoreError(f"{path} is not a sketcharray store (no zarr.json with a sketch spec found)")
@@ -204,22 +253,32 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
     if parts is None:
         warnings.warn(f"store {path} was written before sketcharray 0.3 and has no digests: its chunks cannot be "
                       "verified", UserWarning, stacklevel=2)
-    elif verify:
-        digests = _read_whole(path, group, DIGEST)
+    if parts is not None:
+        try:
+            digests = _read_whole(path, group, DIGEST)
+        except StoreDamaged:
+            if verify:
+                raise
+    if verify and digests is not None:
         for b in np.flatnonzero(done):
             start, stop = bounds[b]
             if _ids_digest(b, ids[start:stop], key) != int(digests[b, 0]):
                 raise StoreDamaged(path, row_dim, "the ids do not match the digest written with the batch (the "
                                    "ids, the digest record or the store's attributes were changed)", b, start, stop)
-    token = dask.base.tokenize(str(Path(path).resolve()), os.stat(Path(path, PROGRESS)).st_mtime_ns, verify)
+    # the graph's names follow the store's state: a batch written or repaired since gives other keys
+    stamp = (str(path.path.resolve()), os.stat(path.path / PROGRESS).st_mtime_ns) if path.is_local else path.url
+    token = dask.base.tokenize(stamp, done, digests, verify)
+    if not verify:
+        digests = None
     data_vars = {}
     for name, arr in arrays.items():
+        _opened_array(path, name, token, arr)
         decode = name == variable and attrs["storage_dtype"] == "bfloat16"
         col = None if digests is None else digests[:, parts.index(name)]
         chunks = (tuple(b - a for a, b in bounds),) + tuple((s,) for s in arr.shape[1:])
         dtype = np.float32 if decode else arr.dtype
-        data = da.map_blocks(_read_block, path=str(path), variable=name, bounds=bounds, done=tuple(done.tolist()),
-                             digests=col, decode=decode, tail=arr.shape[1:], out_dtype=dtype, key=key, dtype=dtype,
+        data = da.map_blocks(_read_block, path=path, variable=name, bounds=bounds, done=tuple(done.tolist()),
+                             digests=col, decode=decode, tail=arr.shape[1:], out_dtype=dtype, key=key, state=token, dtype=dtype,
                              chunks=chunks,
                              meta=np.empty((0,) * arr.ndim, dtype=dtype), token=f"read-{name}-{token}")
         dims = tuple(arr.metadata.dimension_names or (row_dim, "sketch")[: arr.ndim])
@@ -236,8 +295,7 @@ def open_sketches(path, *, allow_incomplete: bool = False, verify: bool = True) 
 
 def pending_batches(path) -> np.ndarray:
     """Indices of batches not yet flagged done (a damaged flag counts as not done)."""
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    arr = group[PROGRESS]
+    arr = _group(path)[PROGRESS]
     try:
         return np.flatnonzero(arr[:] == 0)
     except Exception:  # a damaged flag chunk: read flag by flag
@@ -262,7 +320,6 @@ def check_compatible(path, existing: dict, wanted: dict, ids=None) -> None:
                 "use a new store path, or the same sketch, parameters and model to resume"
             )
     if ids is not None:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        stored = _read_whole(path, group, existing.get("row_dim", "example"))
+        stored = _read_whole(path, _group(path), existing.get("row_dim", "example"))
         if len(stored) != len(ids) or not np.array_equal(ids_array(stored), ids_array(ids)):
             raise ValueError(f"store {path} holds different example ids than this run ({len(stored)} vs {len(ids)} ids)")

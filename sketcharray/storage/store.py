@@ -43,7 +43,8 @@ from __future__ import annotations
 from .layout import (DIGEST, IDENTITY_ATTRS, PROGRESS, STORAGE_DTYPES, STORE_FORMAT, StoreDamaged,
                      StoreError, StoreLocked, chunk_codecs, decode_bfloat16, digest, digest_key, encode,
                      ids_array)
-from .lock import writer_lock
+from .location import Location, LocationError, locate
+from .lock import check_lease, writer_lock
 from .write import create_store, write_batch
 from .read import (SAFE_CODECS, check_codecs, check_compatible, open_sketches, open_zarr_dataset,
                    pending_batches, read_attrs, read_rows)
@@ -51,7 +52,7 @@ from .verify import Damage, StoreReport, prepare_store, repair_store, verify_sto
 from .backend import SketchBackend
 
 __all__ = [
-    'DIGEST', 'Damage', 'IDENTITY_ATTRS', 'PROGRESS', 'SAFE_CODECS', 'STORAGE_DTYPES', 'STORE_FORMAT',
+    'DIGEST', 'Damage', 'IDENTITY_ATTRS', 'Location', 'LocationError', 'check_lease', 'locate', 'PROGRESS', 'SAFE_CODECS', 'STORAGE_DTYPES', 'STORE_FORMAT',
     'SketchBackend', 'StoreDamaged', 'StoreError', 'StoreLocked', 'StoreReport', 'check_codecs',
     'check_compatible', 'chunk_codecs', 'create_store', 'decode_bfloat16', 'digest', 'digest_key',
     'encode', 'ids_array', 'open_sketches', 'open_zarr_dataset', 'pending_batches', 'prepare_store',

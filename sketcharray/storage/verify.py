@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from .layout import (DIGEST, PROGRESS, StoreDamaged, StoreError, _ids_digest, _r
                      digest_key, ids_array)
 from .read import (_array, _batches, _group, _mismatch, _read_whole, check_codecs, check_compatible,
                    pending_batches, read_attrs, read_rows)
-from .write import _write_skeleton, create_store
+from .location import locate
+from .write import _open_for_writing, _write_skeleton, create_store
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +76,16 @@ class StoreReport:
         return "\n".join([head, *(f"  {d}" for d in self.damage), *zero])
 
 
-def verify_store(path, *, progress: bool = False) -> StoreReport:
+def verify_store(path, *, progress: bool = False, storage_options: dict | None = None) -> StoreReport:
     """Read every chunk of a store and check its checksum and its batch's digest.
 
     Returns a :class:`StoreReport` listing each damaged batch (variable,
     example range, what is wrong) and each array whose metadata or
     coordinates are damaged; it raises only when ``path`` is no store.
-    Rerunning the call that wrote the store repairs what it lists.
+    Rerunning the call that wrote the store repairs what it lists.  ``path``: a path, URL or Location
+    (``storage_options`` for a URL).
     """
+    path = locate(path, storage_options)
     attrs = read_attrs(path)
     if attrs is None:
         raise StoreError(f"{path} is not a sketcharray store (no zarr.json with a sketch spec found)")
@@ -208,34 +212,38 @@ def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:
     batch with a damaged chunk or digest is flagged not done, so the
     resumed run recomputes exactly those.  Call it holding :func:`writer_lock`.
     """
-    path = Path(path)
-    report = verify_store(path)
+    loc = locate(path)
+    report = verify_store(loc)
     if not report.verifiable or report.ok:
         return []
-    attrs = read_attrs(path)
+    attrs = read_attrs(loc)
     row_dim = attrs.get("row_dim", "example")
     restore = set(report.damaged_arrays) | ({row_dim} if any(d.variable == row_dim for d in report.damage) else set())
     if restore:
-        tmp = path.parent / f".{path.name}.repair-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # beside a local store; for object storage, in a local scratch folder
+        scratch = (loc.path.parent / f".{loc.name}.repair-{os.getpid()}-{uuid.uuid4().hex[:8]}" if loc.is_local
+                   else Path(tempfile.mkdtemp(prefix="sketcharray-repair-")))
+        tmp = scratch if loc.is_local else scratch / loc.name
         try:
             _write_skeleton(tmp, **skeleton)
             if row_dim in restore or "sketch" in restore:
-                _check_ids_against_digests(path, skeleton["ids"], attrs,
+                _check_ids_against_digests(loc, skeleton["ids"], attrs,
                                            skip={d.batch for d in report.damage if d.variable == DIGEST})
             # only arrays the run's own skeleton has: a name read from the store (row_dim) never leads elsewhere
             for name in [n for n in restore if (tmp / n / "zarr.json").is_file() and Path(n).name == n]:
                 if name in (row_dim, "sketch"):  # coordinates: written once at creation, copied whole
-                    shutil.rmtree(path / name, ignore_errors=True)
-                    shutil.copytree(tmp / name, path / name)
+                    _replace_array(loc, tmp, name)
+                elif loc.is_local:
+                    (loc.path / name).mkdir(exist_ok=True)
+                    shutil.copy2(tmp / name / "zarr.json", loc.path / name / "zarr.json")
                 else:
-                    (path / name).mkdir(exist_ok=True)
-                    shutil.copy2(tmp / name / "zarr.json", path / name / "zarr.json")
+                    loc.child(name, "zarr.json").write_bytes((tmp / name / "zarr.json").read_bytes())
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        report = verify_store(path)
+            shutil.rmtree(scratch, ignore_errors=True)
+        report = verify_store(loc)
     damaged = report.damaged_batches
     if damaged:
-        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        group = _open_for_writing(loc)
         for b in damaged:
             group[PROGRESS][b] = 0
     if not quiet:
@@ -245,6 +253,16 @@ def repair_store(path, *, quiet: bool = False, **skeleton) -> list[int]:
         log.warning("repairing store %s: %srecomputing %d damaged batch(es) %s%s", path, restored, len(damaged),
                     damaged, f" ({what})" if what else "")
     return damaged
+
+
+def _replace_array(loc, skeleton_dir: Path, name: str) -> None:
+    """Replace a store's array ``name`` whole by the skeleton's (a coordinate, written once at creation)."""
+    if loc.is_local:
+        shutil.rmtree(loc.path / name, ignore_errors=True)
+        shutil.copytree(skeleton_dir / name, loc.path / name)
+        return
+    loc.child(name).remove_tree()
+    loc.upload(skeleton_dir, names=[name])
 
 
 def _check_ids_against_digests(path, ids, attrs, skip=()) -> None:

@@ -1,10 +1,12 @@
-"""Creating a store whole (written beside it, then renamed into place) and writing one batch's rows, digests and done flag."""
+"""Creating a store whole (on a local disk written beside it and renamed into place; on object storage uploaded
+with its root metadata last) and writing one batch's rows, digests and done flag."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -18,10 +20,11 @@ import zarr
 from .. import __version__
 from .layout import (DIGEST, PROGRESS, STORE_FORMAT, StoreError, _ids_digest, _jsonable, _numpy_dtype,
                      _rows_digest, chunk_codecs, digest_key, encode, ids_array)
+from .location import locate
 
 
 # ----------------------------------------------------------------- creation
-def _check_parent(path: Path) -> None:
+def _check_parent(path) -> None:
     """Refuse a store path below a regular file (``--out file.txt/s.zarr``) or inside another Zarr store."""
     from .outputs import OutputError, refuse_inside_store
 
@@ -61,7 +64,7 @@ def _write_skeleton(path, *, variable: str, row_dim: str, n_rows: int, n_out: in
         encoding[variable]["compressors"] = chunk_codecs(compressed=False) if compressors is None else compressors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        ds.to_zarr(str(path), mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+        ds.to_zarr(os.fspath(path), mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
 
 
 def create_store(path, **skeleton) -> None:
@@ -79,8 +82,11 @@ def create_store(path, **skeleton) -> None:
         When ``path`` is a file, a folder that holds something else, or
         lies below a file.
     """
-    path = Path(path)
-    _check_parent(path)
+    loc = locate(path)
+    _check_parent(loc)
+    if not loc.is_local:
+        return _create_remote(loc, skeleton)
+    path = loc.path
     if path.exists():
         if not path.is_dir():
             raise StoreError(f"cannot create store {path}: it is a file")
@@ -100,10 +106,46 @@ def create_store(path, **skeleton) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _create_remote(loc, skeleton: dict) -> None:
+    """Object storage has no rename: the skeleton is written locally, then uploaded with its root ``zarr.json``
+    last, so until the last request readers find no store there.  What a creator killed before that left (array
+    metadata and coordinates of a skeleton, no root) is replaced; anything else under the prefix is refused."""
+    with tempfile.TemporaryDirectory(prefix="sketcharray-skeleton-") as tmp:
+        local = Path(tmp, loc.name)
+        _write_skeleton(local, **skeleton)
+        ours = {p.name for p in local.iterdir() if p.is_dir()}
+        found = loc.objects()
+        foreign = [k for k in found if k == "zarr.json" or k.split("/", 1)[0] not in ours
+                   or not (k.endswith("zarr.json") or "/c/" in f"/{k}")]
+        if foreign:
+            raise StoreError(f"cannot create store {loc}: the prefix holds objects that are not part of a "
+                             f"sketcharray store ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                             "choose another URL or remove them")
+        if found:
+            import logging
+
+            logging.getLogger(__name__).warning("store %s: replacing the partial skeleton left by a creator that "
+                                                "was stopped (%d objects)", loc, len(found))
+            loc.remove_tree()
+        loc.upload(local)
+
+
+def _open_for_writing(loc):
+    return zarr.open_group(loc.zarr_store(read_only=False), mode="r+", zarr_format=3)
+
+
 # ------------------------------------------------------------------ writing
 def write_batch(path, batch_index: int, start: int, stop: int, result: dict[str, np.ndarray], ids) -> None:
-    """Write one batch's rows (whole chunks), then its digests, then flag the batch done."""
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    """Write one batch's rows (whole chunks), then its digests, then flag the batch done.
+
+    ``path``: a path, URL or Location; a Location bound to a writer lease (object storage) checks the lease
+    before the rows and again before the done flag, and writes nothing once it is lost.
+    """
+    from .lock import check_lease
+
+    loc = locate(path)
+    check_lease(loc)
+    group = _open_for_writing(loc)
     attrs = dict(group.attrs)
     storage_dtype, variable = attrs["storage_dtype"], attrs["variable"]
     parts = json.loads(attrs["digest_parts"]) if "digest_parts" in attrs else None
@@ -123,4 +165,5 @@ def write_batch(path, batch_index: int, start: int, stop: int, result: dict[str,
         digests[parts[0]] = _ids_digest(batch_index, ids, key)
         row = np.array([digests[p] for p in parts], dtype=np.uint64)
         group[DIGEST].with_config({"write_empty_chunks": True})[batch_index] = row
+    check_lease(loc)
     group[PROGRESS][batch_index] = 1

@@ -11,7 +11,8 @@ import numpy as np
 import xarray as xr
 
 from ...core.settings import Execution, ModelSettings, SolverSettings, coerce, moved_options
-from ...storage.outputs import check_folder, write_result
+from ...storage.location import place
+from ...storage.outputs import check_folder, remove_folder, write_result
 from ...storage.provenance import function_identity
 from .common import SKETCHED_NOTE, _one_blas_thread, _spectrum_dataset
 from .lanczos import lanczos
@@ -38,8 +39,8 @@ def _with_seed(sketch, seed: int):
 
 @moved_options(solver=SolverSettings, model_settings=ModelSettings, execution=Execution)
 def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: SolverSettings | dict | None = None,
-                     checkpoints=None, seeds=None, store=None, batch_size: int | None = None,
-                     model_settings: ModelSettings | dict | None = None,
+                     checkpoints=None, seeds=None, store=None, storage_options: dict | None = None,
+                     batch_size: int | None = None, model_settings: ModelSettings | dict | None = None,
                      execution: Execution | dict | None = None) -> xr.Dataset:
     """Top-k positive and k most negative eigenvalues of K = Phi H Phi^T (computes now).
 
@@ -58,8 +59,9 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: Solve
         documented there.
     checkpoints : dict name -> state_dict (or path to a ``torch.save``d one), optional
         Compute the spectrum at each; results gain a ``checkpoint`` dimension.
-    store : path, optional
-        A folder: each checkpoint's result is saved there as it completes
+    store : path or URL, optional
+        A folder (or an object-storage prefix, ``s3://bucket/spectra``, with
+        ``storage_options``): each checkpoint's result is saved there as it completes
         (Zarr, ``checkpoint-NAME.zarr``; ``checkpoint-current.zarr`` for the
         model's own weights), and a rerun loads finished checkpoints instead
         of recomputing (only for the same weights, data, sketch and solver
@@ -103,13 +105,14 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: Solve
     if seeds is not None:
         return _over_seeds(seeds, lambda s, folder: hessian_spectrum(
             model, loss_fn, data, _with_seed(sketch, s), k=k, solver=solver, checkpoints=checkpoints, store=folder,
-            batch_size=batch_size, model_settings=model_settings, execution=execution), store)
+            batch_size=batch_size, model_settings=model_settings, execution=execution),
+            None if store is None else place(store, storage_options))
     from ...torch.params import as_module, load_weights
 
     # the caller's module is never loaded into or moved: checkpoints go into a copy
     base = as_module(model, copy=True)
     job = _SpectrumJob(base, loss_fn, data, sketch, k, solver, batch_size, model_settings, execution)
-    folder = None if store is None else check_folder(store, "store")
+    folder = None if store is None else check_folder(place(store, storage_options), "store")
     if checkpoints is None:  # the model's own weights, stored as the checkpoint "current"
         out = job.at("current", folder, checkpoint=False)
     else:
@@ -127,7 +130,7 @@ def _over_seeds(seeds, run, store) -> xr.Dataset:
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct ints, at least one; got {seeds!r}")
-    runs = [run(s, None if store is None else Path(store) / f"seed-{s}") for s in seeds]
+    runs = [run(s, None if store is None else place(store) / f"seed-{s}") for s in seeds]
     out = xr.concat(runs, dim=xr.DataArray(seeds, dims="seed", name="seed"), combine_attrs="drop_conflicts")
     out["eigenvalue_mean"] = out.eigenvalue.mean("seed")
     out["eigenvalue_spread"] = out.eigenvalue.std("seed", ddof=1) if len(seeds) > 1 else np.nan * out.eigenvalue_mean
@@ -201,9 +204,7 @@ class _SpectrumJob:
             ds.attrs.update(wanted)
             write_result(ds, path, "spectrum", overwrite=True)  # a stale result of an earlier solver rule goes
             if resumable:  # the result is stored: the solver's state has served
-                import shutil
-
-                shutil.rmtree(resumable["state"], ignore_errors=True)
+                remove_folder(resumable["state"])
         return ds
 
 

@@ -24,7 +24,10 @@ class _SolveState:
     """
 
     def __init__(self, path, settings: dict):
-        self.path = Path(path)
+        from ...storage.location import locate, place
+
+        self.path = place(path)  # a local Path, or a Location on object storage
+        self.loc = locate(self.path)
         self.settings = json.loads(json.dumps(settings))  # as JSON gives it back
 
     def _open(self):
@@ -33,14 +36,18 @@ class _SolveState:
 
         from ...storage.store import check_codecs
 
-        if not (self.path / "zarr.json").exists():
-            if self.path.is_file() or (self.path.is_dir() and any(self.path.iterdir())):
+        if not self.loc.child("zarr.json").is_file():
+            if self.loc.is_local:
+                taken = self.path.is_file() or (self.path.is_dir() and any(self.path.iterdir()))
+            else:
+                taken = bool(self.loc.objects())
+            if taken:
                 raise ValueError(f"{self.path} holds something that is not a solver state of sketcharray; it is left "
                                  "as it is: choose another folder")
             return None
         try:
-            check_codecs(self.path)
-            group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+            check_codecs(self.loc)
+            group = zarr.open_group(self.loc.zarr_store(), mode="r", zarr_format=3)
             attrs = dict(group.attrs)
             have = attrs["settings"]
         except (KeyError, OSError, json.JSONDecodeError) as exc:
@@ -63,7 +70,7 @@ class _SolveState:
         if group is None:
             import zarr
 
-            group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+            group = zarr.open_group(self.loc.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
             if mode != "r":
                 self._group = group
         return group
@@ -76,6 +83,16 @@ class _SolveState:
 
         import zarr
 
+        if not self.loc.is_local:  # object storage: no rename; built locally, uploaded with its root metadata last
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="sketcharray-state-") as tmp:
+                build(zarr.open_group(str(Path(tmp, "state.zarr")), mode="w", zarr_format=3))
+                if self.loc.objects():
+                    self.loc.remove_tree()
+                self.loc.upload(Path(tmp, "state.zarr"))
+            self._group = None
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for stale in leftovers(self.path, "tmp", "old"):  # left by a solve killed while it created its state
             shutil.rmtree(stale, ignore_errors=True)

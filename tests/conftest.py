@@ -106,3 +106,15 @@ def backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20240203)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (moto's server) on 127.0.0.1 for the whole session, reached through s3fs."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from tests.s3_server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()

@@ -13,7 +13,6 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 
 from .. import __version__

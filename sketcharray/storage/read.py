@@ -7,7 +7,6 @@ import json
 import os
 import threading
 import warnings
-from pathlib import Path
 
 import dask
 import dask.array as da

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from .layout import (DIGEST, PROGRESS, StoreDamaged, StoreError, _ids_digest, _rows_digest, decode_bfloat16,
                      digest_key, ids_array)

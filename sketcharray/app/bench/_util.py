@@ -9,7 +9,6 @@ import statistics
 import time
 import tracemalloc
 from contextlib import contextmanager
-from pathlib import Path
 
 
 class Device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -527,3 +528,20 @@ def test_spectrum_from_a_stored_k_omega_pass_matches_lanczos(tmp_path, capsys):
     np.testing.assert_allclose(values(single), values(lanczos), rtol=1e-3, atol=1e-6)
     assert cli.main(["spectrum", "--from-hvps", str(tmp_path)]) != 0
     assert "not a store of sketched HVPs" in capsys.readouterr().err
+
+
+def test_bench_tda_scale_on_a_local_s3_server(tmp_path, capsys):
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    out = tmp_path / "scale.json"
+    assert cli.main(["bench", "tda-scale", "--url", "s3://bench/tda", "--local-s3", "--gb", "0.004", "--d", "64",
+                     "--chunk-rows", "2048", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    results = payload["results"]
+    assert payload["storage"] == "object" and len(results) == 2
+    for r in results:
+        assert r["topk_rows_per_s"] > 0 and 0 < r["fraction_of_read"]
+        # one batch is one object per variable the top-k reads (grad, valid, and label or loss): one GET each
+        assert r["requests_per_chunk_topk"]["get_object"] >= 2
+    assert "requests per chunk" in capsys.readouterr().out
+    assert "AWS_ENDPOINT_URL" not in os.environ  # the server's settings stayed with the run

@@ -424,8 +424,9 @@ def test_workers_of_a_local_cluster_write_their_own_batches(s3_server, tmp_path,
 KILL_SCRIPT = """
 import sys
 from sketcharray.app.cli import main
-sys.exit(main(["sketch", "--out", sys.argv[1], "--limit", "600", "--batch-size", "25", "--n-out", "64",
-               "--scheduler", "local-cluster", "--quiet"]))
+if __name__ == "__main__":  # the cluster's worker processes import this file too
+    sys.exit(main(["sketch", "--out", sys.argv[1], "--limit", "600", "--batch-size", "25", "--n-out", "64",
+                   "--scheduler", "local-cluster", "--quiet"]))
 """
 
 
@@ -450,10 +451,10 @@ def test_kill_9_of_a_worker_and_then_the_client_resumes_bit_identically(s3_serve
         while done_batches() < 3 and time.time() < deadline:
             time.sleep(0.2)
         assert done_batches() >= 3, "the run wrote no batch in time"
-        workers = [p for p in psutil.Process(client.pid).children(recursive=True)
-                   if "distributed" in " ".join(p.cmdline()) or "spawn" in " ".join(p.cmdline())]
-        assert workers, "no worker process found"
-        workers[-1].send_signal(signal.SIGKILL)  # a worker dies: its tasks go to the other worker
+        # the worker processes (the nannies live in the client; the workers are their spawned children)
+        workers = [p for p in psutil.Process(client.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) >= 2, [p.cmdline() for p in psutil.Process(client.pid).children(recursive=True)]
+        workers[0].send_signal(signal.SIGKILL)  # a worker dies mid-run: its tasks go to another worker
         seen = done_batches()
         while done_batches() < seen + 3 and time.time() < deadline:
             time.sleep(0.2)

@@ -351,6 +351,66 @@ def test_writing_is_refused_where_conditional_writes_are_not_used(w):
         Location("gs://bucket/run.zarr").put_if(b"{}", None)
 
 
+def test_a_codec_outside_the_allowed_list_is_refused_on_s3_too(w, s3_server):
+    url, options = s3_server.url(), s3_server.options
+    write(w, url, options)
+    meta_loc = locate(url, options).child("loss", "zarr.json")
+    meta = json.loads(meta_loc.read_bytes())
+    meta["codecs"].insert(1, {"name": "numcodecs.pickle", "configuration": {}})
+    meta_loc.write_bytes(json.dumps(meta).encode())
+    with pytest.raises(StoreError, match=r"loss uses codec\(s\) \['numcodecs.pickle'\]"):
+        open_sketches(url, storage_options=options)
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "randomized"])
+def test_an_interrupted_solve_resumes_from_its_state_on_s3_to_the_same_numbers(s3_server, solver):
+    from sketcharray.analysis import lanczos, randomized
+
+    from .analysis.test_eigen import _assert_same_pairs, _interrupted_at
+
+    rng = np.random.default_rng(2)
+    d = 120
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a = (q * np.concatenate([[40.0, 25.0, 9.0], rng.uniform(-1, 1, d - 6), [-2.0, -6.0, -15.0]])) @ q.T
+    solve, options = ((lanczos, {"tol": 1e-10}) if solver == "lanczos" else
+                      (randomized, {"tol": 1e-12, "n_iter": 8, "block": 6}))
+    whole = solve(lambda x: x @ a, d, 3, solver=options, progress=False)
+    state = locate(s3_server.url("solver.zarr"), s3_server.options)
+    interrupted, calls = _interrupted_at(5, a)
+    with pytest.raises(KeyboardInterrupt):
+        solve(interrupted, d, 3, solver=options, progress=False, state=state, identity={"op": "a"})
+    assert state.child("zarr.json").is_file()
+    calls.clear()
+    resumed = solve(lambda x: calls.append(1) or x @ a, d, 3, solver=options, progress=False, state=state,
+                    identity={"op": "a"})
+    assert len(calls) == whole["iterations"] - 4 and resumed["iterations"] == whole["iterations"]
+    _assert_same_pairs(resumed, whole)
+    with pytest.raises(ValueError, match="another solve"):
+        solve(lambda x: x @ a, d, 3, solver=options, progress=False, state=state, identity={"op": "b"})
+
+
+def test_an_intrinsic_dimension_search_resumes_from_s3(s3_server):
+    from sketcharray.analysis.intrinsic import intrinsic_dimension
+
+    from .analysis.test_intrinsic import TOY_DATA, Projected, _toy_loss, _toy_metric, interrupt_search
+
+    kwargs = dict(search={"reference": 1.0, "d0": 4, "d_max": 256, "seeds": (0,), "check": False},
+                  training={"steps_per_eval": 50, "min_improvement": 0.01, "lr": 0.05, "batch_size": 8},
+                  execution={"progress": False})
+    full = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", **kwargs)
+    store = locate(s3_server.url("search"), s3_server.options)
+    interrupt_search(store, 5, **kwargs)
+    assert store.child("affd-seed0", "state.json").is_file() and store.child("affd-seed0", "weights.npz").is_file()
+    resumed = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", store=store, **kwargs)
+    np.testing.assert_array_equal(resumed.d.values, full.d.values)
+    np.testing.assert_allclose(resumed.metric.values, full.metric.values, rtol=1e-12)
+    assert resumed.d_star.values.tolist() == full.d_star.values.tolist()
+    from sketcharray.app.commands import store_info
+
+    info = store_info(store)
+    assert info["kind"] == "intrinsic-dimension folder" and info["searches"]["affd-seed0"]["done"]
+
+
 # ----------------------------------------------------------------- the command line
 def test_attribute_and_spectrum_read_and_write_on_s3_as_on_disk(s3_server, tmp_path, capsys):
     opts = ["--storage-option", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}",

@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import logging
 
+import io
 import json
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import xarray as xr
 
+from ..storage.location import locate, place
 from ..storage.outputs import check_folder, save_figure
 from ..core.settings import Execution, ModelSettings, SearchSettings, TrainingSettings, coerce, moved_options
 from ..sketches import make_sketch
@@ -170,7 +171,8 @@ def largest_d(method: str, n_params: int, d0: int, **sketch_options) -> int:
 @moved_options(search=SearchSettings, training=TrainingSettings, model_settings=ModelSettings, execution=Execution)
 def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: str = "affd", *,
                         search: SearchSettings | dict | None = None, training: TrainingSettings | dict | None = None,
-                        store=None, model_settings: ModelSettings | dict | None = None,
+                        store=None, storage_options: dict | None = None,
+                        model_settings: ModelSettings | dict | None = None,
                         execution: Execution | dict | None = None, **sketch_options) -> xr.Dataset:
     """D* of the doubling search for each seed, with trajectories (computes now).
 
@@ -198,10 +200,11 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
         ``lr``, ``batch_size``, ``steps_per_eval``, ``min_improvement``,
         ``max_steps`` (the paper: delta = 0.1 on accuracy, c = 2000 steps, Adam lr
         1e-4 on a language model; the defaults suit small models).
-    store : path, optional
-        A folder where the search state is saved after every evaluation
-        (and the computed reference once); a rerun resumes each seed where
-        it stopped.  Resuming with other settings raises ``ValueError``.
+    store : path or URL, optional
+        A folder (or an object-storage prefix, with ``storage_options``)
+        where the search state is saved after every evaluation (and the
+        computed reference once); a rerun resumes each seed where it
+        stopped.  Resuming with other settings raises ``ValueError``.
     model_settings : ModelSettings or dict, optional
         ``params`` (which parameters make up N) and ``forward``.
     execution : Execution or dict, optional
@@ -245,17 +248,17 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
     # theta_0 first: a search from weights already at the target measures nothing
     theta0 = start_metric(base, eval_fn, device)
     reference = search.reference
-    ref_file = None if store is None else check_folder(store, "store") / "reference.json"
+    store = None if store is None else locate(check_folder(place(store, storage_options), "store"))
+    ref_file = None if store is None else store.child("reference.json")
     if reference is None and ref_file is not None and ref_file.exists():
-        reference = json.loads(ref_file.read_text())["reference"]
+        reference = json.loads(ref_file.read_bytes())["reference"]
     if reference is None:
         reference = full_finetune_metric(base, loss_fn, data, eval_fn, training=replace(training, lr=search.reference_lr),
                                          forward=settings.forward, device=device, progress=progress)
         if progress:
             log.info("reference (full fine-tuning) metric: %.4f", reference)
         if ref_file is not None:
-            ref_file.parent.mkdir(parents=True, exist_ok=True)
-            ref_file.write_text(json.dumps({"reference": reference}))
+            _put(ref_file, json.dumps({"reference": reference}).encode())
     goal = search.target * reference
     if theta0 >= goal:
         raise StartMeetsTarget(
@@ -277,7 +280,7 @@ def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSe
                 progress: bool):
     """One seed's doubling search (resumed from ``store`` when saved there), then its check runs."""
     method, seed, training = trainer.op.spec["method"], trainer.seed, trainer.training
-    folder = None if store is None else Path(store) / f"{method}-seed{seed}"
+    folder = None if store is None else store.child(f"{method}-seed{seed}")
     settings = {"method": method, "options": sketch_options, "n_params": trainer.op.n_in, "d0": search.d0,
                 "d_max": search.d_max, "steps_per_eval": training.steps_per_eval,
                 "min_improvement": training.min_improvement, "lr": training.lr, "batch_size": training.batch_size,
@@ -313,35 +316,47 @@ def _search_one(trainer: SubspaceTrainer, eval_fn, goal: float, search: SearchSe
 SEARCH_RULE = 2
 
 
-def _save(folder: Path | None, state: SearchState, trainer: SubspaceTrainer, settings: dict) -> None:
+def _put(loc, data: bytes) -> None:
+    """Write one file whole: beside it and renamed into place on a disk, one PUT (atomic per object) on object
+    storage."""
+    if not loc.is_local:
+        loc.write_bytes(data)
+        return
+    loc.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = loc.path.with_name(loc.path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(loc.path)
+
+
+def _save(folder, state: SearchState, trainer: SubspaceTrainer, settings: dict) -> None:
+    """The search's state after an evaluation: its weights (``weights.npz``, arrays only: nothing in it can run code
+    when read), then ``state.json``."""
     if folder is None:
         return
-    folder.mkdir(parents=True, exist_ok=True)
     arrays, groups = trainer.arrays()
-    with open(folder / "weights.npz.tmp", "wb") as f:  # arrays only: nothing in it can run code when read
-        np.savez(f, **arrays)
-    (folder / "weights.npz.tmp").replace(folder / "weights.npz")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _put(folder.child("weights.npz"), buffer.getvalue())
     payload = {"d": state.d, "step": state.step, "last": state.last, "trajectory": state.trajectory,
                "done": state.done, "d_star": state.d_star, "theta0": state.theta0, "best": state.best,
                "halvings": state.halvings, "settings": settings, "optimizer": groups}
-    (folder / "state.json.tmp").write_text(json.dumps(payload))
-    (folder / "state.json.tmp").replace(folder / "state.json")
+    _put(folder.child("state.json"), json.dumps(payload).encode())
 
 
-def _load(folder: Path | None, trainer: SubspaceTrainer, settings: dict) -> SearchState | None:
-    if folder is None or not (folder / "state.json").exists():
+def _load(folder, trainer: SubspaceTrainer, settings: dict) -> SearchState | None:
+    if folder is None or not folder.child("state.json").exists():
         return None
-    payload = json.loads((folder / "state.json").read_text())
+    payload = json.loads(folder.child("state.json").read_bytes())
     saved = payload.pop("settings", None)
     if saved != json.loads(json.dumps(settings)):
         raise ValueError(f"the search saved in {folder} ran with settings {saved}, but this run has {settings}; "
                          "use a new store folder, or the same settings to resume")
-    if not (folder / "weights.npz").exists() or "optimizer" not in payload:
+    if not folder.child("weights.npz").exists() or "optimizer" not in payload:
         raise ValueError(f"the search saved in {folder} has no weights.npz (a folder from sketcharray < 0.3 keeps a "
                          "pickle, weights.pt, which is never loaded: it could run code); remove the folder to "
                          "start the search over")
     groups = payload.pop("optimizer")
-    with np.load(folder / "weights.npz", allow_pickle=False) as weights:
+    with np.load(io.BytesIO(folder.child("weights.npz").read_bytes()), allow_pickle=False) as weights:
         arrays = {k: weights[k] for k in weights.files}
     trainer.restore(arrays, groups)
     payload["trajectory"] = [tuple(t) for t in payload["trajectory"]]

@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FOLDER", help="save the search state (resumable)")
     p.add_argument("--plot", default=None, metavar="PNG", help="metric against D")
     _common(p, sketch=("affd", 0), batch_size=None)
+    _storage(p)
 
     p = command("info", "what a store holds: dims, sketch, progress, valid rows; --verify checks every chunk",
                 "Describe a gradient/HVP sketch store, a spectrum folder or an intrinsic-dimension folder. With "

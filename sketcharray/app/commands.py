@@ -256,16 +256,17 @@ def intrinsic_dim(args) -> int:
     from ..core.settings import Execution, ModelSettings
 
     _plot_path(args)
-    if args.out:
+    out = _at(args, args.out)
+    if out:
         from ..storage.outputs import check_folder
 
-        check_folder(args.out)
+        check_folder(out)
     w = _workload(args)
     flags = ("d0", "d_max", "steps_per_eval", "min_improvement", "lr", "batch_size")
     search, training = w.intrinsic_settings(**{key: getattr(args, key) for key in flags}, target=args.target,
                                             seeds=tuple(args.seeds), check=args.check)
     res = intrinsic_dimension(w.search_model(), w.loss_fn, w.train, w.accuracy, args.method, search=search,
-                              training=training, store=args.out,
+                              training=training, store=out,
                               model_settings=ModelSettings(params=args.params, forward=w.forward),
                               execution=Execution(device=args.device, progress=not args.quiet))
     if not args.quiet:
@@ -340,15 +341,20 @@ def store_info(path) -> dict:
                 "method": ds.attrs.get("method"), "k": int(ds.sizes["rank"]), "hvps": ds.attrs.get("hvps"),
                 "lambda_max": float(top[0]) if len(top) else None, "sketch_spec": ds.attrs.get("sketch_spec")}
         return out
-    searches = sorted(path.glob("*/state.json")) if loc.is_local and path.is_dir() else []
+    if loc.is_local:
+        searches = [loc.child(p.parent.name) for p in sorted(path.glob("*/state.json"))] if path.is_dir() else []
+    else:
+        from ..storage.read import _children
+
+        searches = [loc.child(n) for n in _children(loc) if loc.child(n, "state.json").is_file()]
     if searches:
         out = {"kind": "intrinsic-dimension folder", "path": str(path), "searches": {}}
-        if (path / "reference.json").exists():
-            out["reference"] = json.loads((path / "reference.json").read_text())["reference"]
+        if loc.child("reference.json").is_file():
+            out["reference"] = json.loads(loc.child("reference.json").read_bytes())["reference"]
         for p in searches:
-            s = json.loads(p.read_text())
-            out["searches"][p.parent.name] = {"d": s["d"], "step": s["step"], "done": s["done"],
-                                              "d_star": s["d_star"], "evaluations": len(s["trajectory"])}
+            s = json.loads(p.child("state.json").read_bytes())
+            out["searches"][p.name] = {"d": s["d"], "step": s["step"], "done": s["done"],
+                                       "d_star": s["d_star"], "evaluations": len(s["trajectory"])}
         return out
     raise ValueError(f"{path} is not a sketcharray store, spectrum folder or intrinsic-dimension folder "
                      "(expected a Zarr store written by sketch_gradients or sketch --hvps, or a folder of "

@@ -171,8 +171,7 @@ def largest_d(method: str, n_params: int, d0: int, **sketch_options) -> int:
 @moved_options(search=SearchSettings, training=TrainingSettings, model_settings=ModelSettings, execution=Execution)
 def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: str = "affd", *,
                         search: SearchSettings | dict | None = None, training: TrainingSettings | dict | None = None,
-                        store=None, storage_options: dict | None = None,
-                        model_settings: ModelSettings | dict | None = None,
+                        store=None, model_settings: ModelSettings | dict | None = None,
                         execution: Execution | dict | None = None, **sketch_options) -> xr.Dataset:
     """D* of the doubling search for each seed, with trajectories (computes now).
 
@@ -200,9 +199,9 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
         ``lr``, ``batch_size``, ``steps_per_eval``, ``min_improvement``,
         ``max_steps`` (the paper: delta = 0.1 on accuracy, c = 2000 steps, Adam lr
         1e-4 on a language model; the defaults suit small models).
-    store : path or URL, optional
-        A folder (or an object-storage prefix, with ``storage_options``)
-        where the search state is saved after every evaluation (and the
+    store : path, URL or Location, optional
+        A folder (or an object-storage prefix; ``Location(url,
+        storage_options)`` to give fsspec's options) where the search state is saved after every evaluation (and the
         computed reference once); a rerun resumes each seed where it
         stopped.  Resuming with other settings raises ``ValueError``.
     model_settings : ModelSettings or dict, optional
@@ -248,7 +247,7 @@ def intrinsic_dimension(model, loss_fn, data, eval_fn: Callable, sketch_method: 
     # theta_0 first: a search from weights already at the target measures nothing
     theta0 = start_metric(base, eval_fn, device)
     reference = search.reference
-    store = None if store is None else locate(check_folder(place(store, storage_options), "store"))
+    store = None if store is None else locate(check_folder(place(store), "store"))
     ref_file = None if store is None else store.child("reference.json")
     if reference is None and ref_file is not None and ref_file.exists():
         reference = json.loads(ref_file.read_bytes())["reference"]

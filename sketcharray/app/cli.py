@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 
@@ -99,33 +98,13 @@ def _common(p: argparse.ArgumentParser, *, workload: bool = True, sketch: tuple[
 
 
 def storage_option(text: str) -> tuple[str, object]:
-    """``--storage-option KEY=VALUE``: a dotted KEY reaches into nested options (``client_kwargs.endpoint_url``);
-    VALUE is JSON when it parses (``true``, ``3``, ``{"a": 1}``), else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. client_kwargs.endpoint_url=http://host:9000); "
-                                         f"got {text!r}")
+    """``--storage-option KEY=VALUE`` (see :func:`sketcharray.storage.location.storage_option`) for argparse."""
+    from ..storage.location import storage_option as parse
+
     try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return key, parsed
-
-
-def storage_options(pairs) -> dict | None:
-    """The ``--storage-option`` pairs as fsspec's nested options dict (None when none were given)."""
-    if not pairs:
-        return None
-    out: dict = {}
-    for key, value in pairs:
-        *heads, last = key.split(".")
-        node = out
-        for head in heads:
-            node = node.setdefault(head, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--storage-option {key}: {head} was already given a value")
-        node[last] = value
-    return out
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _storage(p: argparse.ArgumentParser) -> None:

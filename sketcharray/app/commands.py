@@ -30,8 +30,7 @@ def _say(args, *lines) -> None:
 def _at(args, target):
     """A path or URL argument as the library takes it: a local path as given, a URL as a Location carrying the
     ``--storage-option`` values (refused for a local path)."""
-    from ..storage.location import is_url, locate
-    from .cli import storage_options
+    from ..storage.location import is_url, locate, storage_options
 
     options = storage_options(getattr(args, "storage_option", None))
     if target is None or (not is_url(str(target)) and not options):

@@ -50,6 +50,35 @@ def locate(target, storage_options: dict | None = None) -> "Location":
     return Location(target, storage_options)
 
 
+def storage_option(text: str) -> tuple[str, object]:
+    """One ``KEY=VALUE`` of the command line's ``--storage-option``: VALUE is JSON when it parses (``true``, ``3``,
+    ``{"a": 1}``), else a string; a dotted KEY reaches into nested options (see :func:`storage_options`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE (e.g. client_kwargs.endpoint_url=http://host:9000); got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def storage_options(pairs) -> dict | None:
+    """``(key, value)`` pairs as fsspec's nested options dict (``client_kwargs.endpoint_url`` ->
+    ``{"client_kwargs": {"endpoint_url": ...}}``); None when there are none."""
+    if not pairs:
+        return None
+    out: dict = {}
+    for key, value in pairs:
+        *heads, last = key.split(".")
+        node = out
+        for head in heads:
+            node = node.setdefault(head, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--storage-option {key}: {head} was already given a value")
+        node[last] = value
+    return out
+
+
 def place(target, storage_options: dict | None = None):
     """Where results go: a local path as a :class:`~pathlib.Path` (the POSIX code paths), a URL or a Location on
     object storage as a :class:`Location`; ``storage_options`` only with a URL."""
@@ -265,30 +294,30 @@ class Location:
         except FileNotFoundError:
             return None
 
-    def put_if(self, data: bytes, version: str | None) -> bool:
+    def put_if(self, data: bytes, version: str | None) -> str | None:
         """Write ``data`` only if the object is still at ``version`` (None: only if there is no object).
 
-        Returns False, writing nothing, when another writer got there first.  One request on S3 (``If-None-Match:
-        *`` or ``If-Match: ETAG``), atomic at the server.
+        Returns the new version, or None, writing nothing, when another writer got there first.  One request on
+        S3 (``If-None-Match: *`` or ``If-Match: ETAG``), atomic at the server.
         """
         self._check_conditional()
         if self.protocol == "memory":
             with _MEMORY_LOCK:
                 if self.version() != version:
-                    return False
+                    return None
                 self.fs.pipe_file(self.key, data)
-                return True
+                return hashlib.sha256(data).hexdigest()
         bucket, _, key = self.key.partition("/")
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
         try:
-            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+            response = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
         except OSError as exc:
             if _precondition_failed(exc):
-                return False
+                return None
             raise
         finally:
             self.fs.invalidate_cache(self.key)
-        return True
+        return response.get("ETag") or self.version()
 
     def delete_if(self, version: str) -> bool:
         """Remove the object only if it is still at ``version``; False when it changed (or is gone)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .layout import StoreLocked
 from .location import locate
-from .write import _check_parent
+from .outputs import check_store_parent
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def writer_lock(path, *, quiet: bool = False):
     # store takes the same lock
     path = Path(os.path.realpath(path))
     parent = path.parent
-    _check_parent(path)
+    check_store_parent(path)
     parent.mkdir(parents=True, exist_ok=True)
     owner_file = _sibling(path, ".writer.json")
     lock = filelock.FileLock(str(_sibling(path, ".lock")), timeout=0, thread_local=False)
@@ -129,11 +129,12 @@ class _Lease:
                            "expires": now + self.seconds, "seconds": self.seconds}).encode()
 
     def __enter__(self) -> str:
-        _check_parent(self.loc)
+        check_store_parent(self.loc)
         self.since = time.strftime("%Y-%m-%dT%H:%M:%S")
         for _ in range(3):  # a lease deleted between our reads is simply taken again
             body = self._body()
-            if self.obj.put_if(body, None):
+            self.version = self.obj.put_if(body, None)
+            if self.version:
                 break
             version, holder = self.obj.version(), _read_lease(self.obj)
             if version is None:
@@ -143,7 +144,8 @@ class _Lease:
                 raise StoreLocked(f"store {self.loc} is being written by {_who(holder)}; its lease "
                                   f"({self.obj}) runs until {_when(holder)}: wait for it to finish, or use "
                                   "another URL")
-            if not self.obj.put_if(body, version):
+            self.version = self.obj.put_if(body, version)
+            if not self.version:
                 raise StoreLocked(f"store {self.loc}: another writer took over the lease ({self.obj}) of "
                                   f"{_who(holder)} at the same time; it proceeds, this run stops")
             if not self.quiet:
@@ -151,7 +153,6 @@ class _Lease:
             break
         else:
             raise StoreLocked(f"store {self.loc}: its lease {self.obj} keeps changing; another writer is starting")
-        self.version = self.obj.version()
         self._thread = threading.Thread(target=self._renew, name=f"lease {self.loc}", daemon=True)
         self._thread.start()
         return self.token
@@ -159,11 +160,12 @@ class _Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 4):
             try:
-                if not self.obj.put_if(self._body(), self.version):
+                renewed = self.obj.put_if(self._body(), self.version)
+                if not renewed:
                     self.lost = f"the lease {self.obj} was taken over or removed"
                     log.error("store %s: %s; this writer stops writing", self.loc, self.lost)
                     return
-                self.version = self.obj.version()
+                self.version = renewed
             except Exception as exc:  # a network error: try again next quarter; writes stop at expiry
                 log.warning("store %s: renewing the lease failed (%s: %s); retrying", self.loc,
                             type(exc).__name__, exc)

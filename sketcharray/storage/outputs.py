@@ -92,6 +92,17 @@ def _local(path) -> Path:
     return path.path if isinstance(path, Location) else Path(path)
 
 
+def check_store_parent(path) -> None:
+    """Refuse a store path below a regular file (``--out file.txt/s.zarr``) or inside another Zarr store, as a
+    :class:`~sketcharray.storage.layout.StoreError`."""
+    from .layout import StoreError
+
+    try:
+        refuse_inside_store(path, "cannot create store")
+    except OutputError as exc:
+        raise StoreError(str(exc)) from None
+
+
 def result_kind(path) -> str | None:
     """The kind of result this package wrote at ``path`` (its :data:`RESULT_ATTR`), or None when it wrote none."""
     loc = _remote(path)

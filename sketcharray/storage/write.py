@@ -21,19 +21,10 @@ from .. import __version__
 from .layout import (DIGEST, PROGRESS, STORE_FORMAT, StoreError, _ids_digest, _jsonable, _numpy_dtype,
                      _rows_digest, chunk_codecs, digest_key, encode, ids_array)
 from .location import locate
+from .outputs import check_store_parent
 
 
 # ----------------------------------------------------------------- creation
-def _check_parent(path) -> None:
-    """Refuse a store path below a regular file (``--out file.txt/s.zarr``) or inside another Zarr store."""
-    from .outputs import OutputError, refuse_inside_store
-
-    try:
-        refuse_inside_store(path, "cannot create store")
-    except OutputError as exc:
-        raise StoreError(str(exc)) from None
-
-
 def _write_skeleton(path, *, variable: str, row_dim: str, n_rows: int, n_out: int, chunk: int, ids,
                     has_label: bool, label_dtype=None, storage_dtype: str = "float32", attrs: dict[str, Any],
                     compressors="default") -> None:
@@ -83,7 +74,7 @@ def create_store(path, **skeleton) -> None:
         lies below a file.
     """
     loc = locate(path)
-    _check_parent(loc)
+    check_store_parent(loc)
     if not loc.is_local:
         return _create_remote(loc, skeleton)
     path = loc.path

@@ -39,8 +39,8 @@ def _with_seed(sketch, seed: int):
 
 @moved_options(solver=SolverSettings, model_settings=ModelSettings, execution=Execution)
 def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: SolverSettings | dict | None = None,
-                     checkpoints=None, seeds=None, store=None, storage_options: dict | None = None,
-                     batch_size: int | None = None, model_settings: ModelSettings | dict | None = None,
+                     checkpoints=None, seeds=None, store=None, batch_size: int | None = None,
+                     model_settings: ModelSettings | dict | None = None,
                      execution: Execution | dict | None = None) -> xr.Dataset:
     """Top-k positive and k most negative eigenvalues of K = Phi H Phi^T (computes now).
 
@@ -59,9 +59,10 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: Solve
         documented there.
     checkpoints : dict name -> state_dict (or path to a ``torch.save``d one), optional
         Compute the spectrum at each; results gain a ``checkpoint`` dimension.
-    store : path or URL, optional
-        A folder (or an object-storage prefix, ``s3://bucket/spectra``, with
-        ``storage_options``): each checkpoint's result is saved there as it completes
+    store : path, URL or Location, optional
+        A folder (or an object-storage prefix, ``s3://bucket/spectra``;
+        ``Location(url, storage_options)`` to give fsspec's options): each
+        checkpoint's result is saved there as it completes
         (Zarr, ``checkpoint-NAME.zarr``; ``checkpoint-current.zarr`` for the
         model's own weights), and a rerun loads finished checkpoints instead
         of recomputing (only for the same weights, data, sketch and solver
@@ -106,13 +107,13 @@ def hessian_spectrum(model, loss_fn, data, sketch, *, k: int = 10, solver: Solve
         return _over_seeds(seeds, lambda s, folder: hessian_spectrum(
             model, loss_fn, data, _with_seed(sketch, s), k=k, solver=solver, checkpoints=checkpoints, store=folder,
             batch_size=batch_size, model_settings=model_settings, execution=execution),
-            None if store is None else place(store, storage_options))
+            None if store is None else place(store))
     from ...torch.params import as_module, load_weights
 
     # the caller's module is never loaded into or moved: checkpoints go into a copy
     base = as_module(model, copy=True)
     job = _SpectrumJob(base, loss_fn, data, sketch, k, solver, batch_size, model_settings, execution)
-    folder = None if store is None else check_folder(place(store, storage_options), "store")
+    folder = None if store is None else check_folder(place(store), "store")
     if checkpoints is None:  # the model's own weights, stored as the checkpoint "current"
         out = job.at("current", folder, checkpoint=False)
     else:

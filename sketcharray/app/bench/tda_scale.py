@@ -167,8 +167,7 @@ def _local_s3(url: str) -> tuple[object, dict, dict]:
 
 def main_url(args) -> int:
     """The benchmark on object storage: the same top-k against fetching the same objects once."""
-    from ...storage.location import locate
-    from ..cli import storage_options
+    from ...storage.location import locate, storage_options
 
     options = storage_options(args.storage_option)
     server, env, local = _local_s3(args.url) if args.local_s3 else (None, {}, {})

@@ -445,6 +445,23 @@ def test_attribute_and_spectrum_read_and_write_on_s3_as_on_disk(s3_server, tmp_p
     assert result_kind(str(tmp_path / "scores.zarr")) == "attribution"
 
 
+def test_hvp_sketches_stream_to_s3_as_to_disk_and_feed_the_single_pass_spectrum(s3_server, tmp_path, capsys):
+    opts = ["--storage-option", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}",
+            "--storage-option", f"client_kwargs.endpoint_url={s3_server.endpoint}"]
+    args = ["--workload", "tests.workload_fixture:tiny", "--hvps", "8", "--hvp-space", "sketch", "--n-out", "16",
+            "--quiet"]
+    url = s3_server.url("hvps.zarr")
+    assert main(["sketch", "--out", str(tmp_path / "hvps.zarr"), *args]) == 0
+    assert main(["sketch", "--out", url, *args, *opts]) == 0
+    local, remote = open_sketches(tmp_path / "hvps.zarr"), open_sketches(url, storage_options=s3_server.options)
+    np.testing.assert_array_equal(remote.hvp.values, local.hvp.values)
+    capsys.readouterr()
+    assert main(["spectrum", "--from-hvps", str(tmp_path / "hvps.zarr"), "--k", "2"]) == 0
+    on_disk = capsys.readouterr().out
+    assert main(["spectrum", "--from-hvps", url, "--k", "2", *opts]) == 0
+    assert capsys.readouterr().out == on_disk
+
+
 # ----------------------------------------------------------------- a cluster of processes
 @pytest.mark.slow
 def test_workers_of_a_local_cluster_write_their_own_batches(s3_server, tmp_path, monkeypatch, capsys):

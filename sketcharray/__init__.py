@@ -50,7 +50,7 @@ import importlib
 import os
 import sys
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 
 # Per-example gradients allocate a (batch, N) block per batch; without transparent huge pages each
 # allocation pays a page fault per 4 KiB (MiniLM, batch 8: 1.45 s -> 0.66 s for 32 examples).  torch

@@ -328,35 +328,49 @@ def _put(loc, data: bytes) -> None:
 
 
 def _save(folder, state: SearchState, trainer: SubspaceTrainer, settings: dict) -> None:
-    """The search's state after an evaluation: its weights (``weights.npz``, arrays only: nothing in it can run code
-    when read), then ``state.json``."""
+    """The search's state after an evaluation, as one object written whole: ``weights.npz`` holds the weights
+    and the state beside them (arrays only: nothing in it can run code when read), so a kill at any point leaves
+    the previous evaluation's weights and state or this one's, never a mix; ``state.json`` repeats the state for
+    people and ``sketcharray info``."""
     if folder is None:
         return
     arrays, groups = trainer.arrays()
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    _put(folder.child("weights.npz"), buffer.getvalue())
     payload = {"d": state.d, "step": state.step, "last": state.last, "trajectory": state.trajectory,
                "done": state.done, "d_star": state.d_star, "theta0": state.theta0, "best": state.best,
                "halvings": state.halvings, "settings": settings, "optimizer": groups}
-    _put(folder.child("state.json"), json.dumps(payload).encode())
+    text = json.dumps(payload).encode()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, **{_STATE_KEY: np.frombuffer(text, dtype=np.uint8)})
+    _put(folder.child("weights.npz"), buffer.getvalue())
+    _put(folder.child("state.json"), text)
+
+
+#: the entry of ``weights.npz`` that holds the search state (JSON bytes) written with those weights
+_STATE_KEY = "__search_state__"
 
 
 def _load(folder, trainer: SubspaceTrainer, settings: dict) -> SearchState | None:
-    if folder is None or not folder.child("state.json").exists():
+    if folder is None:
         return None
-    payload = json.loads(folder.child("state.json").read_bytes())
+    has_state, has_weights = folder.child("state.json").exists(), folder.child("weights.npz").exists()
+    if not has_state and not has_weights:
+        return None
+    payload = json.loads(folder.child("state.json").read_bytes()) if has_state else {}
+    legacy = f"the search saved in {folder} has no weights.npz (a folder from sketcharray < 0.3 keeps a pickle, " \
+             "weights.pt, which is never loaded: it could run code); remove the folder to start the search over"
+    if not has_weights:
+        raise ValueError(legacy)
+    with np.load(io.BytesIO(folder.child("weights.npz").read_bytes()), allow_pickle=False) as weights:
+        arrays = {k: weights[k] for k in weights.files if k != _STATE_KEY}
+        if _STATE_KEY in weights.files:  # the state written with these weights (sketcharray >= 0.6.1)
+            payload = json.loads(weights[_STATE_KEY].tobytes())
+    if "optimizer" not in payload:
+        raise ValueError(legacy)
     saved = payload.pop("settings", None)
     if saved != json.loads(json.dumps(settings)):
         raise ValueError(f"the search saved in {folder} ran with settings {saved}, but this run has {settings}; "
                          "use a new store folder, or the same settings to resume")
-    if not folder.child("weights.npz").exists() or "optimizer" not in payload:
-        raise ValueError(f"the search saved in {folder} has no weights.npz (a folder from sketcharray < 0.3 keeps a "
-                         "pickle, weights.pt, which is never loaded: it could run code); remove the folder to "
-                         "start the search over")
     groups = payload.pop("optimizer")
-    with np.load(io.BytesIO(folder.child("weights.npz").read_bytes()), allow_pickle=False) as weights:
-        arrays = {k: weights[k] for k in weights.files}
     trainer.restore(arrays, groups)
     payload["trajectory"] = [tuple(t) for t in payload["trajectory"]]
     return SearchState(**payload)

@@ -141,6 +141,40 @@ def test_search_resumes_after_an_interruption(tmp_path):
     assert resumed.d_star.values.tolist() == full.d_star.values.tolist()
 
 
+def test_a_search_killed_between_its_weights_and_its_state_file_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    """The weights and the state are saved as one object (``weights.npz`` holds both): a kill after it and before
+    ``state.json`` leaves a consistent pair, and the resumed search equals an uninterrupted one."""
+    import sketcharray.analysis.intrinsic as intrinsic
+
+    kwargs = dict(search={"reference": 1.0, "d0": 4, "d_max": 256, "seeds": (0,), "check": False},
+                  training={"steps_per_eval": 50, "min_improvement": 0.01, "lr": 0.05, "batch_size": 8},
+                  execution={"progress": False})
+    full = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", **kwargs)
+    real, states = intrinsic._put, []
+
+    def killed_before_the_fourth_state(loc, data):
+        if loc.name == "state.json":
+            states.append(1)
+            if len(states) == 4:
+                raise KeyboardInterrupt
+        return real(loc, data)
+
+    monkeypatch.setattr(intrinsic, "_put", killed_before_the_fourth_state)
+    with pytest.raises(KeyboardInterrupt):
+        intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", store=tmp_path, **kwargs)
+    monkeypatch.setattr(intrinsic, "_put", real)
+    import json
+
+    on_disk = json.loads((tmp_path / "affd-seed0" / "state.json").read_text())
+    with np.load(tmp_path / "affd-seed0" / "weights.npz") as saved:
+        with_weights = json.loads(saved[intrinsic._STATE_KEY].tobytes())
+    assert with_weights["step"] > on_disk["step"]  # the kill fell between the two files
+    resumed = intrinsic_dimension(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", store=tmp_path, **kwargs)
+    np.testing.assert_array_equal(resumed.d.values, full.d.values)
+    np.testing.assert_allclose(resumed.metric.values, full.metric.values, rtol=1e-12)
+    assert resumed.d_star.values.tolist() == full.d_star.values.tolist()
+
+
 def test_grid_mode_and_plot(tmp_path):
     grid = intrinsic_dimension_grid(Projected(), _toy_loss, TOY_DATA, _toy_metric, "affd", dims=[8, 32, 128],
                                     training={"steps_per_eval": 60, "lr": 0.1, "batch_size": 8})

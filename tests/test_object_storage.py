@@ -284,14 +284,15 @@ def test_a_writer_whose_lease_was_taken_over_writes_nothing(w, s3_server):
 
 
 def test_the_lease_is_renewed_while_the_writer_runs(s3_server, monkeypatch):
-    monkeypatch.setattr(storage_lock, "LEASE_SECONDS", 1.2)  # renewed every 0.3 s
+    # renewed every 1 s; the check needs 1 s left, so it fails only if the renewing thread starves for 2 s
+    monkeypatch.setattr(storage_lock, "LEASE_SECONDS", 4.0)
     url, options = s3_server.url(), s3_server.options
     lease = locate(url, options).sibling(".lease.json")
     with writer_lock(locate(url, options)) as held:
         first = json.loads(lease.read_bytes())["expires"]
-        time.sleep(2.0)  # longer than the lease: it must have been renewed to still hold
+        time.sleep(5.0)  # longer than the lease: it must have been renewed to still hold
         storage_lock.check_lease(held)
-        assert json.loads(lease.read_bytes())["expires"] > first + 1.0
+        assert json.loads(lease.read_bytes())["expires"] > first + 3.0
     assert not lease.exists()
 
 

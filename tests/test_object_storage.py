@@ -192,28 +192,35 @@ def test_objects_that_are_not_a_store_are_never_replaced(w, s3_server):
         write(w, f"{inside}/nested.zarr", options)
 
 
-def test_two_writers_starting_at_once_exactly_one_proceeds(s3_server):
-    url, options = s3_server.url(), s3_server.options
-    barrier, outcomes, release = threading.Barrier(4), [], threading.Event()
+def _writers_at_once(url, options, n: int, *, quiet: bool = False) -> list[str]:
+    """``n`` threads take the writer lock of ``url`` at the same moment; each outcome: "held" (kept until all have
+    answered) or the StoreLocked message."""
+    barrier, outcomes, release = threading.Barrier(n), [], threading.Event()
 
     def writer():
         barrier.wait()
         try:
-            with writer_lock(locate(url, options)):
+            with writer_lock(locate(url, options), quiet=quiet):
                 outcomes.append("held")
                 release.wait(10)
         except StoreLocked as exc:
             outcomes.append(str(exc))
 
-    threads = [threading.Thread(target=writer) for _ in range(4)]
+    threads = [threading.Thread(target=writer) for _ in range(n)]
     for t in threads:
         t.start()
     deadline = time.time() + 20
-    while len(outcomes) < 4 and time.time() < deadline:
+    while len(outcomes) < n and time.time() < deadline:
         time.sleep(0.05)
     release.set()
     for t in threads:
         t.join()
+    return outcomes
+
+
+def test_two_writers_starting_at_once_exactly_one_proceeds(s3_server):
+    url, options = s3_server.url(), s3_server.options
+    outcomes = _writers_at_once(url, options, 4)
     assert outcomes.count("held") == 1, outcomes
     assert all("being written by" in o or "took over" in o for o in outcomes if o != "held")
 
@@ -246,26 +253,7 @@ def test_a_stale_lease_is_taken_over_with_a_message(s3_server, caplog, holder, w
 def test_two_writers_taking_over_a_stale_lease_at_once_exactly_one_wins(s3_server):
     url, options = s3_server.url(), s3_server.options
     _lease_of(url, options, expires=time.time() - 3600)
-    barrier, outcomes, release = threading.Barrier(3), [], threading.Event()
-
-    def writer():
-        barrier.wait()
-        try:
-            with writer_lock(locate(url, options), quiet=True):
-                outcomes.append("held")
-                release.wait(10)
-        except StoreLocked as exc:
-            outcomes.append(str(exc))
-
-    threads = [threading.Thread(target=writer) for _ in range(3)]
-    for t in threads:
-        t.start()
-    deadline = time.time() + 20
-    while len(outcomes) < 3 and time.time() < deadline:
-        time.sleep(0.05)
-    release.set()
-    for t in threads:
-        t.join()
+    outcomes = _writers_at_once(url, options, 3, quiet=True)
     assert outcomes.count("held") == 1, outcomes
 
 

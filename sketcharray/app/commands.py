@@ -288,11 +288,11 @@ def store_info(path) -> dict:
 
     Raises ``ValueError`` when ``path`` is none of these.
     """
-    from ..storage.location import Location, locate
+    from ..storage.location import locate
     from ..storage.store import open_sketches, read_attrs
 
     loc = locate(path)
-    path = loc if isinstance(path, Location) and not loc.is_local else loc.path
+    path = loc.path if loc.is_local else loc
     attrs = read_attrs(loc)
     if attrs is not None:
         ds = open_sketches(path, allow_incomplete=True)
@@ -326,9 +326,7 @@ def store_info(path) -> dict:
     if loc.is_local:
         spectra = sorted(path.glob("checkpoint-*.zarr"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
     else:
-        from ..storage.read import _children
-
-        spectra = [loc.child(n) for n in _children(loc) if n.startswith("checkpoint-") and n.endswith(".zarr")]
+        spectra = [loc.child(n) for n in loc.children() if n.startswith("checkpoint-") and n.endswith(".zarr")]
     if spectra:
         from ..storage.store import open_zarr_dataset
 
@@ -343,9 +341,7 @@ def store_info(path) -> dict:
     if loc.is_local:
         searches = [loc.child(p.parent.name) for p in sorted(path.glob("*/state.json"))] if path.is_dir() else []
     else:
-        from ..storage.read import _children
-
-        searches = [loc.child(n) for n in _children(loc) if loc.child(n, "state.json").is_file()]
+        searches = [loc.child(n) for n in loc.children() if loc.child(n, "state.json").is_file()]
     if searches:
         out = {"kind": "intrinsic-dimension folder", "path": str(path), "searches": {}}
         if loc.child("reference.json").is_file():

@@ -258,6 +258,17 @@ class Location:
         prefix = self.key.rstrip("/") + "/"
         return sorted(k[len(prefix):] for k in found if k.startswith(prefix))
 
+    def children(self) -> list[str]:
+        """The names of the folders (prefixes) directly below this one: one listing request on object storage."""
+        if self.is_local:
+            return sorted(p.name for p in self.path.iterdir() if p.is_dir()) if self.path.is_dir() else []
+        self.fs.invalidate_cache(self.key)
+        try:
+            entries = self.fs.ls(self.key, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     # ------------------------------------------------------ whole trees
     def upload(self, local_dir: Path, names: list[str] | None = None) -> None:
         """Copy a folder written locally to this prefix, its root ``zarr.json`` last (readers see the whole tree
@@ -307,17 +318,9 @@ class Location:
                     return None
                 self.fs.pipe_file(self.key, data)
                 return hashlib.sha256(data).hexdigest()
-        bucket, _, key = self.key.partition("/")
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
-        try:
-            response = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
-        except OSError as exc:
-            if _precondition_failed(exc):
-                return None
-            raise
-        finally:
-            self.fs.invalidate_cache(self.key)
-        return response.get("ETag") or self.version()
+        response = self._s3_conditional("put_object", Body=data, **condition)
+        return None if response is None else response.get("ETag") or self.version()
 
     def delete_if(self, version: str) -> bool:
         """Remove the object only if it is still at ``version``; False when it changed (or is gone)."""
@@ -328,18 +331,22 @@ class Location:
                     return False
                 self.fs.rm_file(self.key)
                 return True
-        bucket, _, key = self.key.partition("/")
         try:
-            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            return self._s3_conditional("delete_object", IfMatch=version) is not None
         except FileNotFoundError:
             return False
+
+    def _s3_conditional(self, method: str, **kwargs):
+        """One conditional S3 request on this object: its response, or None when its condition did not hold."""
+        bucket, _, key = self.key.partition("/")
+        try:
+            return self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
         except OSError as exc:
             if _precondition_failed(exc):
-                return False
+                return None
             raise
         finally:
             self.fs.invalidate_cache(self.key)
-        return True
 
     def _check_conditional(self) -> None:
         if self.protocol not in WRITABLE_PROTOCOLS:

@@ -118,6 +118,7 @@ class _Lease:
         self.obj = lease_location(loc)
         self.seconds = float(seconds or LEASE_SECONDS)
         self.token = uuid.uuid4().hex
+        self.since = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.version = None
         self._stop = threading.Event()
         self.lost = None
@@ -125,12 +126,11 @@ class _Lease:
     def _body(self) -> bytes:
         now = time.time()
         return json.dumps({"token": self.token, "pid": os.getpid(), "host": socket.gethostname(),
-                           "since": getattr(self, "since", time.strftime("%Y-%m-%dT%H:%M:%S")),
+                           "since": self.since,
                            "expires": now + self.seconds, "seconds": self.seconds}).encode()
 
     def __enter__(self) -> str:
         check_store_parent(self.loc)
-        self.since = time.strftime("%Y-%m-%dT%H:%M:%S")
         for _ in range(3):  # a lease deleted between our reads is simply taken again
             body = self._body()
             self.version = self.obj.put_if(body, None)

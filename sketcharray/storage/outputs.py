@@ -28,6 +28,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from .location import Location, place
+
 logger = logging.getLogger(__name__)
 
 #: the root attribute that marks a result of this package (its value says which kind)
@@ -43,14 +45,10 @@ class OutputError(ValueError):
 def enclosing_store(path) -> Path | None:
     """The Zarr store (or group) that ``path`` lies inside, or None: the nearest folder above ``path`` that holds
     ``zarr.json`` (for a URL, the nearest prefix, as a Location)."""
-    from .location import is_url, locate
-
-    if is_url(str(path)) or not isinstance(path, (str, os.PathLike)):
-        loc = locate(path)
-        if not loc.is_local:
-            return next((p for p in loc.parents() if p.child("zarr.json").is_file()), None)
-        path = loc.path
-    for parent in Path(path).absolute().parents:
+    path = place(path)
+    if isinstance(path, Location):
+        return next((p for p in path.parents() if p.child("zarr.json").is_file()), None)
+    for parent in path.absolute().parents:
         if (parent / "zarr.json").is_file():
             return parent
     return None
@@ -62,34 +60,14 @@ def refuse_inside_store(path, what: str) -> None:
     if store is not None:
         raise OutputError(f"{what} {path} lies inside the Zarr store {store}; writing there would replace part of "
                           "that store: choose a path outside it")
-    from .location import Location
-
+    path = place(path)
     if isinstance(path, Location):
-        if not path.is_local:
-            return
-        path = path.path
-    elif "://" in str(path):
-        return
-    for parent in Path(path).absolute().parents:
+        return  # object storage has no files that folders could lie below
+    for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"{what} {path}: {parent} is a file, not a folder")
             break
-
-
-def _remote(path):
-    """``path`` as a Location when it is a URL (or a Location on object storage), else None."""
-    from .location import Location, is_url, locate
-
-    if isinstance(path, Location):
-        return None if path.is_local else path
-    return locate(path) if is_url(str(path)) else None
-
-
-def _local(path) -> Path:
-    from .location import Location
-
-    return path.path if isinstance(path, Location) else Path(path)
 
 
 def check_store_parent(path) -> None:
@@ -105,13 +83,12 @@ def check_store_parent(path) -> None:
 
 def result_kind(path) -> str | None:
     """The kind of result this package wrote at ``path`` (its :data:`RESULT_ATTR`), or None when it wrote none."""
-    loc = _remote(path)
-    if loc is not None:
+    path = place(path)
+    if isinstance(path, Location):
         try:
-            return (json.loads(loc.child("zarr.json").read_bytes()).get("attributes") or {}).get(RESULT_ATTR)
+            return (json.loads(path.child("zarr.json").read_bytes()).get("attributes") or {}).get(RESULT_ATTR)
         except Exception:  # unreadable or absent: not a result this package can vouch for
             return None
-    path = _local(path)
     try:
         if path.is_dir():
             attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
@@ -131,10 +108,9 @@ def result_kind(path) -> str | None:
 def check_result_path(path, kind: str, *, overwrite: bool = False, what: str = "--out") -> Path:
     """Refuse ``path`` as the place of a new result of ``kind`` unless it is free, or (with ``overwrite``) a
     result of this package.  Call it before the work that produces the result."""
-    loc = _remote(path)
-    if loc is not None:
-        return _check_remote_result(loc, overwrite=overwrite, what=what)
-    path = _local(path)
+    path = place(path)
+    if isinstance(path, Location):
+        return _check_remote_result(path, overwrite=overwrite, what=what)
     refuse_inside_store(path, what)
     if not path.exists() and not path.is_symlink():
         return path
@@ -196,8 +172,8 @@ def write_result(ds, path, kind: str | None = None, *, overwrite: bool = False) 
     check_result_path(path, kind, overwrite=overwrite)
     ds = ds.copy(deep=False)
     ds.attrs[RESULT_ATTR] = kind
-    loc = _remote(path)
-    if loc is not None:
+    loc = place(path)
+    if isinstance(loc, Location):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="sketcharray-result-") as tmp:
@@ -209,7 +185,7 @@ def write_result(ds, path, kind: str | None = None, *, overwrite: bool = False) 
                 loc.remove_tree()
             loc.upload(local)
         return loc
-    path = _local(path)
+    path = loc
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -258,14 +234,13 @@ def _remove(p: Path) -> None:
 def check_folder(path, what: str = "--out") -> Path:
     """A folder that a run fills and resumes (spectra, searches, the demo): not inside a store, not a file; what
     it holds is kept (the run adds its own entries and never removes others).  A URL comes back as a Location."""
-    loc = _remote(path)
-    if loc is not None:
-        refuse_inside_store(loc, what)
-        if loc.child("zarr.json").is_file():
-            raise OutputError(f"{what} {loc} is a Zarr store; expected a prefix of results (new, or one this "
+    path = place(path)
+    if isinstance(path, Location):
+        refuse_inside_store(path, what)
+        if path.child("zarr.json").is_file():
+            raise OutputError(f"{what} {path} is a Zarr store; expected a prefix of results (new, or one this "
                               "command wrote before)")
-        return loc
-    path = _local(path)
+        return path
     refuse_inside_store(path, what)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file; expected a folder (new, or one this command wrote before)")
@@ -278,11 +253,11 @@ def check_folder(path, what: str = "--out") -> Path:
 def remove_folder(path) -> None:
     """Remove a folder this package wrote (a solver state once its result is stored): a local tree, or every
     object below a prefix, root metadata first."""
-    loc = _remote(path)
-    if loc is not None:
-        loc.remove_tree()
+    path = place(path)
+    if isinstance(path, Location):
+        path.remove_tree()
     else:
-        shutil.rmtree(_local(path), ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_file(path, *, suffixes: tuple[str, ...], marker: bytes, what: str) -> Path:

@@ -42,7 +42,7 @@ def check_codecs(path) -> None:
                 yield from names((c.get("configuration") or {}).get("index_codecs"))
 
     loc = locate(path)
-    for name, meta in [("", loc.child("zarr.json")), *((n, loc.child(n, "zarr.json")) for n in _children(loc))]:
+    for name, meta in [("", loc.child("zarr.json")), *((n, loc.child(n, "zarr.json")) for n in loc.children())]:
         try:  # the only arrays ever opened: the root's children
             doc = json.loads(meta.read_bytes())
         except (OSError, ValueError):
@@ -53,18 +53,6 @@ def check_codecs(path) -> None:
         if unsafe:
             raise StoreError(f"store {loc}: {name or loc.name} uses codec(s) {unsafe}, which this package never "
                              f"writes and will not decode (allowed: {sorted(SAFE_CODECS)})")
-
-
-def _children(loc) -> list[str]:
-    """The names of the entries directly below a store (one listing request on object storage)."""
-    if loc.is_local:
-        return sorted(p.name for p in loc.path.iterdir() if p.is_dir()) if loc.path.is_dir() else []
-    try:
-        loc.fs.invalidate_cache(loc.key)
-        entries = loc.fs.ls(loc.key, detail=True)
-    except FileNotFoundError:
-        return []
-    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
 
 
 def open_zarr_dataset(path, storage_options: dict | None = None) -> xr.Dataset:
